@@ -1,0 +1,65 @@
+"""Backend contract: the few row-level primitives every backend (torch, triton, cuda) implements.
+
+The public ops (``opd_kernels.ops``) do validation, flattening, masking, reductions, autograd
+and vocab-parallel communication once, in Python. A backend only supplies these primitives on
+2-D inputs. Everything below is per row ``i`` (a token position), over the *local* vocabulary
+columns ``0..V-1`` of the tensors given (one vocabulary shard when running vocab-parallel).
+
+Notation: ``a = s * inv_temp`` (student), ``b = t * inv_temp`` (teacher) or, when a reference
+``r`` is given, ``b = (lam * t + (1 - lam) * r) * inv_temp`` (G-OPD target). Inputs may be
+fp32/bf16/fp16 (student and teacher may differ); all math is fp32; the last dim is contiguous,
+the row stride is arbitrary (``vocab_size=`` slices are views); offsets must be int64-safe.
+Terms whose weight ``e^(x - m)`` is exactly 0 (``-inf`` logits) contribute 0, never NaN.
+
+Logits level (required)::
+
+    row_stats(s, t, r, targets, *, inv_temp, lam, vocab_start) -> Tensor[N, 8] float32
+        t, r, targets may be None (t None => columns 3..6 are 0; r requires t).
+        columns (STAT_* below):
+          0 m_a  = max_v a                      1 S_a = sum e^(a-m_a)
+          2 U_a  = sum e^(a-m_a) * a            3 m_b = max_v b
+          4 S_b  = sum e^(b-m_b)                5 D_q = sum e^(a-m_a) * (a-b)
+          6 D_p  = sum e^(b-m_b) * (b-a)        7 a_y = a[targets-vocab_start] if that
+                                                    index is in [0, V) else 0
+        (one streaming pass with the online max/rescale recurrence.) Rows are combined
+        across shards by ``opd_kernels._stats.combine`` which gives A = logsumexp(a),
+        B = logsumexp(b), entropy = A - U_a/S_a, reverse_kl = D_q/S_a - A + B,
+        forward_kl = D_p/S_b - B + A, logprob = a_y - A.
+
+    jsd_sums(s, t, AB, *, inv_temp, beta) -> Tensor[N, 2] float32
+        with A = AB[:, 0], B = AB[:, 1] the *global* log-normalizers, p = e^(b-B),
+        q = e^(a-A), M = beta*p + (1-beta)*q:
+          col 0 = sum p * (log p - log M),   col 1 = sum q * (log q - log M)
+        (only called with 0 < beta < 1; beta=0/1 are mapped to forward/reverse KL.)
+
+    grad_logits(s, t, r, targets, rs, g, *, kind, inv_temp, lam, beta, vocab_start, out=None,
+                with_entropy=False)
+        -> Tensor[N, V] in s.dtype (written into ``out`` when given; ``out`` may be ``s`` itself)
+        rs: [N, 4] float32 = (A, B, C, H): log-normalizers, the row constant C
+            (reverse_kl value for "reverse_kl", KL(q||M) for "jsd", else unused) and entropy H.
+        g:  [N, 2] float32 = (g_main, g_ent) upstream coefficients per row (0 for masked rows).
+        returns inv_temp * (g_main * d(main)/da + g_ent * dH/da), where main is:
+          "logprob":    d/da = onehot(y) - q          (y = targets - vocab_start, may be off-shard)
+          "forward_kl": d/da = q - p
+          "reverse_kl": d/da = q * (log q - log p - C)      (G-OPD: p from the combined target)
+          "jsd":        d/da = (1-beta) * q * (log q - log M - C)
+        and dH/da = -q * (log q + H). Terms with q == 0 give 0. With ``with_entropy=False``
+        the g_ent column is ignored (the entropy term is skipped entirely).
+
+Fused with the lm_head (optional; ``opd_kernels.ops`` falls back to chunked matmuls feeding
+the logits-level primitives when a backend lacks them)::
+
+    fused_row_stats(hs, ws, bs, ht, wt, bt, hr, wr, br, targets, *, inv_temp, lam, vocab_start)
+        -> [N, 8] as row_stats with s = hs @ ws.T + bs, t = ht @ wt.T + bt, r = hr @ wr.T + br
+    fused_jsd_sums(hs, ws, bs, ht, wt, bt, AB, *, inv_temp, beta) -> [N, 2]
+    fused_grad(hs, ws, bs, ht, wt, bt, hr, wr, br, targets, rs, g, *, kind, inv_temp, lam, beta,
+               vocab_start, need_dw, need_db, with_entropy=False) -> (dh [N, d] float32, dw [V, d] float32 or None,
+                                                   db [V] float32 or None)
+        gradients of sum_i (g_main_i * main_i + g_ent_i * H_i) w.r.t. hs, ws, bs.
+
+A backend is a module exposing these names plus ``NAME`` and ``available() -> (bool, reason)``.
+"""
+
+STAT_M_A, STAT_S_A, STAT_U_A, STAT_M_B, STAT_S_B, STAT_D_Q, STAT_D_P, STAT_A_Y = range(8)
+N_STATS = 8
+KINDS = ("logprob", "forward_kl", "reverse_kl", "jsd")

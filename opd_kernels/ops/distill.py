@@ -1,0 +1,129 @@
+"""Full-vocabulary distillation losses: forward KL, reverse KL and beta-skewed JSD.
+
+Per row, with ``a = s/T``, ``b = t/T``, ``q = softmax(a)``, ``p = softmax(b)``:
+``forward_kl = KL(p||q)``, ``reverse_kl = KL(q||p)``, ``jsd = beta KL(p||M) + (1-beta) KL(q||M)``
+with ``M = beta p + (1-beta) q`` (beta=0 / 1 are forward / reverse KL, TRL's convention).
+The teacher is a constant. G-OPD (``gopd.py``) reuses this path with a reference model.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import _validate as V
+from . import _engine
+from ._common import backend_name, flat_mask, jsd_kind, reduce_rows, row_weights, rows2d, shard_start
+from .logprobs import check_linear, linear_args
+
+
+def logits_loss(s, t, r, *, kind, beta, lam, temperature, mask, reduction, vocab_size, impl, group):
+    """Shared body of ``distill_loss`` and ``gopd_loss`` (``r``: reference logits or None)."""
+    vocab = V.check_pair("student_logits", s, "teacher_logits", t, vocab_size)
+    if r is not None:
+        vocab = V.check_pair("student_logits", s, "ref_logits", r, vocab_size or vocab)
+    if group is not None and vocab_size is not None:
+        raise ValueError("vocab_size is not supported with process_group: pass the unpadded shard instead")
+    lead = s.shape[:-1]
+    m = flat_mask(mask, lead, s.device)
+    rows = [None if x is None else rows2d(x.detach() if x is not s else x, vocab) for x in (s, t, r)]
+    main, _ = _engine.rows(*rows, None, kind=kind, inv_temp=1.0 / temperature, lam=lam, beta=beta,
+                           vocab_start=shard_start(vocab, group), impl=backend_name(impl, s.device), group=group)
+    return reduce_rows(main, m, reduction, lead)
+
+
+def distill_loss(student_logits, teacher_logits, *, divergence="reverse_kl", beta=0.5, temperature=1.0, mask=None,
+                 reduction="mean", vocab_size=None, impl="auto", process_group=None):
+    """Divergence between student and teacher token distributions, over the full vocabulary.
+
+    ``student_logits, teacher_logits [..., V]``; ``mask`` bool over the leading dims;
+    ``reduction`` mean (over unmasked tokens) | sum | none. Differentiable w.r.t. the student.
+    With ``process_group`` the inputs are this rank's vocabulary shard: 2 all-reduces (2 + 6
+    floats per row), plus one of 2 floats per row for ``jsd``.
+    """
+    for name, x in (("student_logits", student_logits), ("teacher_logits", teacher_logits)):
+        V.check_logits(name, x)
+    V.check_same_device(student_logits=student_logits, teacher_logits=teacher_logits, mask=mask)
+    V.check_options(temperature=temperature, divergence=divergence, beta=beta, reduction=reduction)
+    return logits_loss(student_logits, teacher_logits, None, kind=jsd_kind(divergence, beta), beta=beta, lam=1.0,
+                       temperature=temperature, mask=mask, reduction=reduction, vocab_size=vocab_size,
+                       impl=impl, group=process_group)
+
+
+def linear_loss(models, *, kind, beta, lam, temperature, mask, reduction, vocab_size, chunk_size, impl, group):
+    """Shared body of the fused-linear distillation and G-OPD losses.
+
+    ``models``: [(name, hidden, weight, bias) for student, teacher (, reference)].
+    """
+    (sn, hs, ws, bs) = models[0]
+    lead = hs.shape[:-1]
+    vocab = ws.shape[0]
+    for name, h, w, b in models:
+        check_linear(f"{name}_hidden", h, f"{name}_weight", w, f"{name}_bias", b)
+        if h.shape[:-1] != lead:
+            raise ValueError(f"{name}_hidden must have the leading dims of student_hidden {tuple(lead)}, "
+                             f"got {tuple(h.shape[:-1])}")
+        if name != sn:
+            vocab = V.check_vocab("student_weight", ws.shape[0], f"{name}_weight", w.shape[0], vocab_size)
+    if group is not None and vocab_size is not None:
+        raise ValueError("vocab_size is not supported with process_group: pass the unpadded shard instead")
+    V.check_same_device(mask=mask, **{f"{n}_{k}": x for n, h, w, b in models
+                                      for k, x in (("hidden", h), ("weight", w), ("bias", b))})
+    m = flat_mask(mask, lead, hs.device)
+    args = list(linear_args(hs, ws, bs, vocab))
+    for _, h, w, b in models[1:]:
+        args += [None if x is None else x.detach() for x in linear_args(h, w, b, vocab)]
+    args += [None] * (9 - len(args))
+    kw = dict(kind=kind, inv_temp=1.0 / temperature, lam=lam, beta=beta, chunk=chunk_size or 0,
+              impl=backend_name(impl, hs.device))
+    if reduction != "none" and group is None:
+        loss, _ = _engine.fl_loss(tuple(args), None, row_weights(m, reduction, _engine._acc(ws)), **kw)
+        return loss
+    main, _ = _engine.fl_rows(tuple(args), None, vocab_start=shard_start(vocab, group), group=group, **kw)
+    return reduce_rows(main, m, reduction, lead)
+
+
+def fused_linear_distill_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, *, student_bias=None,
+                              teacher_bias=None, divergence="reverse_kl", beta=0.5, temperature=1.0, mask=None,
+                              reduction="mean", vocab_size=None, chunk_size=None, impl="auto", process_group=None):
+    """``distill_loss(student_hidden @ student_weight.T, teacher_hidden @ teacher_weight.T)`` fused:
+    the ``[N, V]`` logits are never materialized (row chunks or fused kernels).
+
+    Teacher hidden size may differ from the student's. Differentiable w.r.t. the student's
+    hidden, weight and bias; the teacher gets no gradient. For scalar reductions the torch
+    backend computes gradients during forward (4 GEMM passes in all).
+    """
+    V.check_options(temperature=temperature, divergence=divergence, beta=beta, reduction=reduction)
+    return linear_loss([("student", student_hidden, student_weight, student_bias),
+                        ("teacher", teacher_hidden, teacher_weight, teacher_bias)],
+                       kind=jsd_kind(divergence, beta), beta=beta, lam=1.0, temperature=temperature, mask=mask,
+                       reduction=reduction, vocab_size=vocab_size, chunk_size=chunk_size, impl=impl,
+                       group=process_group)
+
+
+class DistillLoss(torch.nn.Module):
+    """``nn.Module`` form of :func:`distill_loss` (options fixed at construction)."""
+
+    def __init__(self, divergence="reverse_kl", beta=0.5, temperature=1.0, reduction="mean", vocab_size=None,
+                 impl="auto", process_group=None):
+        super().__init__()
+        V.check_options(temperature=temperature, divergence=divergence, beta=beta, reduction=reduction)
+        self.kw = dict(divergence=divergence, beta=beta, temperature=temperature, reduction=reduction,
+                       vocab_size=vocab_size, impl=impl, process_group=process_group)
+
+    def forward(self, student_logits, teacher_logits, mask=None):
+        return distill_loss(student_logits, teacher_logits, mask=mask, **self.kw)
+
+    def extra_repr(self):
+        return ", ".join(f"{k}={v!r}" for k, v in self.kw.items() if k != "process_group")
+
+
+class FusedLinearDistillLoss(DistillLoss):
+    """``nn.Module`` form of :func:`fused_linear_distill_loss`."""
+
+    def __init__(self, *args, chunk_size=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.kw["chunk_size"] = chunk_size
+
+    def forward(self, student_hidden, student_weight, teacher_hidden, teacher_weight, mask=None, student_bias=None,
+                teacher_bias=None):
+        return fused_linear_distill_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, mask=mask,
+                                         student_bias=student_bias, teacher_bias=teacher_bias, **self.kw)

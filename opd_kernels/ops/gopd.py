@@ -1,0 +1,65 @@
+"""G-OPD: on-policy distillation with reward extrapolation (ExOPD for reward_scale > 1).
+
+Objective ``E_q[lam log(p_T / p_ref)] - KL(q || p_ref) = -KL(q || p*) + const`` with
+``p* = softmax(lam b_T + (1 - lam) b_ref)``; so the full-vocabulary loss is reverse KL to that
+combined target, computed by the same kernels (the backends combine teacher and reference
+logits tile by tile). ``lam = 1`` is plain OPD. The sampled-token form is
+:func:`gopd_advantages`.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import _validate as V
+from .distill import linear_loss, logits_loss
+
+
+def gopd_loss(student_logits, teacher_logits, ref_logits, *, reward_scale=1.0, temperature=1.0, mask=None,
+              reduction="mean", vocab_size=None, impl="auto", process_group=None):
+    """``KL(q || softmax(reward_scale * b_T + (1 - reward_scale) * b_ref))`` per token, reduced.
+
+    Teacher and reference get no gradient. Same options as :func:`opd_kernels.distill_loss`.
+    """
+    for name, x in (("student_logits", student_logits), ("teacher_logits", teacher_logits),
+                    ("ref_logits", ref_logits)):
+        V.check_logits(name, x)
+    V.check_same_device(student_logits=student_logits, teacher_logits=teacher_logits, ref_logits=ref_logits,
+                        mask=mask)
+    V.check_options(temperature=temperature, reduction=reduction, reward_scale=reward_scale)
+    return logits_loss(student_logits, teacher_logits, ref_logits, kind="reverse_kl", beta=0.5,
+                       lam=float(reward_scale), temperature=temperature, mask=mask, reduction=reduction,
+                       vocab_size=vocab_size, impl=impl, group=process_group)
+
+
+def fused_linear_gopd_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, ref_hidden, ref_weight, *,
+                           student_bias=None, teacher_bias=None, ref_bias=None, reward_scale=1.0, temperature=1.0,
+                           mask=None, reduction="mean", vocab_size=None, chunk_size=None, impl="auto",
+                           process_group=None):
+    """:func:`gopd_loss` on ``hidden @ weight.T + bias`` of the three models, without their logits."""
+    V.check_options(temperature=temperature, reduction=reduction, reward_scale=reward_scale)
+    return linear_loss([("student", student_hidden, student_weight, student_bias),
+                        ("teacher", teacher_hidden, teacher_weight, teacher_bias),
+                        ("ref", ref_hidden, ref_weight, ref_bias)],
+                       kind="reverse_kl", beta=0.5, lam=float(reward_scale), temperature=temperature, mask=mask,
+                       reduction=reduction, vocab_size=vocab_size, chunk_size=chunk_size, impl=impl,
+                       group=process_group)
+
+
+def gopd_advantages(teacher_logprobs, ref_logprobs, old_logprobs, *, reward_scale=1.0):
+    """Sampled-token G-OPD advantage ``lam (log p_T - log p_ref) - (log pi_old - log p_ref)``.
+
+    All inputs are per-token logprobs of the sampled tokens, same shape; no gradient flows.
+    With ``reward_scale=1`` this is OPD's ``log p_T - log pi_old``.
+    """
+    names = ("teacher_logprobs", "ref_logprobs", "old_logprobs")
+    xs = (teacher_logprobs, ref_logprobs, old_logprobs)
+    for name, x in zip(names, xs):
+        V.check_logits(name, x, ndim_min=0)
+        if x.shape != teacher_logprobs.shape:
+            raise ValueError(f"{name} must have the shape of teacher_logprobs {tuple(teacher_logprobs.shape)}, "
+                             f"got {tuple(x.shape)}")
+    V.check_same_device(**dict(zip(names, xs)))
+    V.check_options(reward_scale=reward_scale)
+    t, r, o = (x.detach().float() for x in xs)
+    with torch.no_grad():
+        return reward_scale * (t - r) - (o - r)
