@@ -1,0 +1,246 @@
+"""The same row statistics and gradients, fused with the lm_head projection.
+
+What it computes -- the contract's ``fused_row_stats``, ``fused_jsd_sums`` and ``fused_grad``
+for ``s = hs ws^T + bs`` (student, ``[N, d_s] x [V, d_s]``), ``t = ht wt^T + bt`` (teacher,
+its own hidden size ``d_t`` and dtype) and, for G-OPD, ``r = hr wr^T + br`` (reference).
+
+Forward: a program owns ``BLOCK_N`` rows and streams over its vocabulary tiles. Each logits
+tile ``hs[rows, :] @ ws[cols, :]^T`` is accumulated in fp32 registers by ``tl.dot`` over
+``BLOCK_K``-wide slices of the hidden dimension (for the teacher and the reference likewise),
+scaled by ``1/tau`` and folded straight into the online max/rescale recurrence of
+``stats.py`` (or the JSD sums of ``jsd.py``); the logits never reach global memory.
+
+Backward (``fused_grad``): recompute each logits tile the same way, turn it into
+``ds = d loss / d s`` with ``grad.py``'s ``grad_tile`` (it needs only the saved per-row
+``A, B, C, H`` and ``g``), and consume it at once::
+
+    dh[rows, :] += ds @ ws[cols, :]      dw[cols, :] += ds^T @ hs[rows, :]      db[cols] += sum_rows ds
+
+``ds`` of one tile feeds both a row block of ``dh`` and a vocabulary block of ``dw``, so one of
+the two would have to be reduced across programs. Two kernels avoid that without any ``[N, V]``
+buffer and without atomics: ``fused_grad_dh_kernel`` (grid over row blocks, loop over vocab
+tiles; each program owns its ``dh`` rows) and ``fused_grad_dw_kernel`` (grid over vocab blocks,
+loop over row blocks; each program owns its ``dw``/``db`` rows). The price is recomputing the
+logits tiles twice (one extra ``2 N V d`` GEMM pass per model) instead of contended fp32 atomics
+(``N/BLOCK_N`` or ``V/BLOCK_V`` adds per element of ``dw`` or ``dh``), and the result is
+deterministic. The fp32 ``dh``/``dw`` accumulators live in global memory (a ``[BLOCK_N, d]``
+slab does not fit registers for d = 4096) and are read-modify-written per tile; their
+extra memory is the O(N d + V d) outputs themselves. ``ds`` is cast to the weight dtype for the
+tensor-core ``tl.dot`` (as autograd through a bf16 matmul would).
+
+Memory: nothing in this file allocates or writes anything of size ``N x V``: the only global
+writes are ``out`` ([splits, N, 8] or [splits, N, 2]), ``dh`` [N, d], ``dw`` [V, d], ``db`` [V].
+"""
+import triton
+import triton.language as tl
+
+from .grad import grad_tile, load_row_grad_inputs
+from .jsd import jsd_terms
+from .stats import split_range, stats_update, store_stats
+
+
+@triton.jit
+def scaled_logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_ok, col_ok, D, stride_h, stride_w,
+                       inv_temp, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
+    """fp32 ``(h[rows] @ w[cols]^T + bias[cols]) * inv_temp``, ``-inf`` in padded columns.
+
+    ``rows`` and ``cols`` are int64. The hidden tile is cast to the weight's dtype for tl.dot.
+    """
+    acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < D
+        h = tl.load(h_ptr + rows[:, None] * stride_h + ks[None, :],
+                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_ptr + cols[:, None] * stride_w + ks[None, :],
+                    mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+        acc = tl.dot(h.to(w.dtype), tl.trans(w), acc, input_precision=PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    return tl.where(col_ok[None, :], acc * inv_temp, float("-inf"))
+
+
+@triton.jit
+def target_logits_tile(ht, wt, bt, hr, wr, br, rows, cols, row_ok, col_ok, DT, DR,
+                       stride_ht, stride_wt, stride_hr, stride_wr, inv_temp, lam,
+                       HAS_R: tl.constexpr, HAS_BT: tl.constexpr, HAS_BR: tl.constexpr,
+                       PRECISION: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Target scaled logits ``b = t / tau`` or ``(lam t + (1 - lam) r) / tau`` for one tile."""
+    b = scaled_logits_tile(ht, wt, bt, rows, cols, row_ok, col_ok, DT, stride_ht, stride_wt,
+                           inv_temp, HAS_BT, PRECISION, BLOCK_N, BLOCK_V, BLOCK_K)
+    if HAS_R:
+        r = scaled_logits_tile(hr, wr, br, rows, cols, row_ok, col_ok, DR, stride_hr, stride_wr,
+                               inv_temp, HAS_BR, PRECISION, BLOCK_N, BLOCK_V, BLOCK_K)
+        b = tl.where(col_ok[None, :], lam * b + (1.0 - lam) * r, float("-inf"))
+    return b
+
+
+@triton.jit
+def fused_row_stats_kernel(hs, ws, bs, ht, wt, bt, hr, wr, br, y_ptr, out_ptr,
+                           N, V, DS, DT, DR, stride_hs, stride_ws, stride_ht, stride_wt,
+                           stride_hr, stride_wr, inv_temp, lam, vocab_start, n_splits,
+                           HAS_T: tl.constexpr, HAS_R: tl.constexpr, HAS_Y: tl.constexpr,
+                           HAS_BS: tl.constexpr, HAS_BT: tl.constexpr, HAS_BR: tl.constexpr,
+                           PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
+                           BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
+    """out[split, rows, :] = row stats (stats.py) of the projected logits over one vocab split."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    rows = rows.to(tl.int64)
+    lo, hi = split_range(V, n_splits, BLOCK_V)
+    y = tl.full([BLOCK_N], -1, tl.int64)
+    if HAS_Y:
+        y = tl.load(y_ptr + rows, mask=row_ok, other=-1).to(tl.int64) - vocab_start
+
+    m_a = tl.full([BLOCK_N], float("-inf"), tl.float32)
+    m_b = tl.full([BLOCK_N], float("-inf"), tl.float32)
+    s_a = tl.zeros([BLOCK_N], tl.float32)
+    u_a, s_b, d_q, d_p, a_y = s_a, s_a, s_a, s_a, s_a
+    for v0 in range(lo, hi, BLOCK_V):
+        cols = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)
+        col_ok = cols < hi
+        a = scaled_logits_tile(hs, ws, bs, rows, cols, row_ok, col_ok, DS, stride_hs, stride_ws,
+                               inv_temp, HAS_BS, PRECISION, BLOCK_N, BLOCK_V, BLOCK_K)
+        if HAS_Y:  # only the tile holding the target matches (y outside [lo, hi) never does)
+            a_y += tl.sum(tl.where(cols[None, :] == y[:, None], a, 0.0), 1)
+        b = a
+        if HAS_T:
+            b = target_logits_tile(ht, wt, bt, hr, wr, br, rows, cols, row_ok, col_ok, DT, DR,
+                                   stride_ht, stride_wt, stride_hr, stride_wr, inv_temp, lam,
+                                   HAS_R, HAS_BT, HAS_BR, PRECISION, BLOCK_N, BLOCK_V, BLOCK_K)
+        m_a, s_a, u_a, m_b, s_b, d_q, d_p = stats_update(a, b, m_a, s_a, u_a, m_b, s_b, d_q, d_p,
+                                                         HAS_T)
+    out_rows = tl.program_id(1).to(tl.int64) * N + rows
+    store_stats(out_ptr, out_rows, row_ok, m_a, s_a, u_a, m_b, s_b, d_q, d_p, a_y, HAS_T)
+
+
+@triton.jit
+def fused_jsd_sums_kernel(hs, ws, bs, ht, wt, bt, ab_ptr, out_ptr,
+                          N, V, DS, DT, stride_hs, stride_ws, stride_ht, stride_wt,
+                          inv_temp, log_beta, log_1m_beta, n_splits,
+                          HAS_BS: tl.constexpr, HAS_BT: tl.constexpr, PRECISION: tl.constexpr,
+                          BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
+    """out[split, rows, 0:2] = (KL(p||M), KL(q||M)) (jsd.py) of the projected logits."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    rows = rows.to(tl.int64)
+    lo, hi = split_range(V, n_splits, BLOCK_V)
+    A = tl.load(ab_ptr + rows * 2, mask=row_ok, other=0.0)
+    B = tl.load(ab_ptr + rows * 2 + 1, mask=row_ok, other=0.0)
+    acc_p = tl.zeros([BLOCK_N], tl.float32)
+    acc_q = tl.zeros([BLOCK_N], tl.float32)
+    for v0 in range(lo, hi, BLOCK_V):
+        cols = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)
+        col_ok = cols < hi
+        a = scaled_logits_tile(hs, ws, bs, rows, cols, row_ok, col_ok, DS, stride_hs, stride_ws,
+                               inv_temp, HAS_BS, PRECISION, BLOCK_N, BLOCK_V, BLOCK_K)
+        b = scaled_logits_tile(ht, wt, bt, rows, cols, row_ok, col_ok, DT, stride_ht, stride_wt,
+                               inv_temp, HAS_BT, PRECISION, BLOCK_N, BLOCK_V, BLOCK_K)
+        kl_p, kl_q = jsd_terms(a, b, A, B, log_beta, log_1m_beta)
+        acc_p += tl.sum(kl_p, 1)
+        acc_q += tl.sum(kl_q, 1)
+    o = out_ptr + (tl.program_id(1).to(tl.int64) * N + rows) * 2
+    tl.store(o, acc_p, mask=row_ok)
+    tl.store(o + 1, acc_q, mask=row_ok)
+
+
+@triton.jit
+def fused_ds_tile(hs, ws, bs, ht, wt, bt, hr, wr, br, rows, cols, row_ok, col_ok, DS, DT, DR,
+                  stride_hs, stride_ws, stride_ht, stride_wt, stride_hr, stride_wr,
+                  y, A, B, C, H, g_main, g_ent, inv_temp, lam, beta, log_beta, log_1m_beta,
+                  KIND: tl.constexpr, HAS_T: tl.constexpr, HAS_R: tl.constexpr,
+                  HAS_ENT: tl.constexpr, HAS_BS: tl.constexpr, HAS_BT: tl.constexpr,
+                  HAS_BR: tl.constexpr, PRECISION: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Recompute one logits tile and return fp32 ``ds`` (exactly 0 in padded rows/columns)."""
+    a = scaled_logits_tile(hs, ws, bs, rows, cols, row_ok, col_ok, DS, stride_hs, stride_ws,
+                           inv_temp, HAS_BS, PRECISION, BLOCK_N, BLOCK_V, BLOCK_K)
+    b = a
+    if HAS_T:
+        b = target_logits_tile(ht, wt, bt, hr, wr, br, rows, cols, row_ok, col_ok, DT, DR,
+                               stride_ht, stride_wt, stride_hr, stride_wr, inv_temp, lam,
+                               HAS_R, HAS_BT, HAS_BR, PRECISION, BLOCK_N, BLOCK_V, BLOCK_K)
+    ds = grad_tile(a, b, cols, y, A, B, C, H, g_main, g_ent, inv_temp, beta, log_beta,
+                   log_1m_beta, KIND, HAS_ENT)
+    return tl.where(row_ok[:, None] & col_ok[None, :], ds, 0.0)
+
+
+@triton.jit
+def fused_grad_dh_kernel(hs, ws, bs, ht, wt, bt, hr, wr, br, y_ptr, rs_ptr, g_ptr, dh_ptr,
+                         N, V, DS, DT, DR, stride_hs, stride_ws, stride_ht, stride_wt,
+                         stride_hr, stride_wr, inv_temp, lam, beta, log_beta, log_1m_beta,
+                         vocab_start,
+                         KIND: tl.constexpr, HAS_T: tl.constexpr, HAS_R: tl.constexpr,
+                         HAS_Y: tl.constexpr, HAS_ENT: tl.constexpr, HAS_BS: tl.constexpr,
+                         HAS_BT: tl.constexpr, HAS_BR: tl.constexpr, PRECISION: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
+    """dh[rows, :] (fp32, zero-initialised, [N, DS] contiguous) += sum over V of ds @ ws."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    rows = rows.to(tl.int64)
+    A, B, C, H, g_main, g_ent, y = load_row_grad_inputs(rs_ptr, g_ptr, y_ptr, rows, row_ok, V,
+                                                        vocab_start, HAS_Y)
+    for v0 in range(0, V, BLOCK_V):
+        cols = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)
+        col_ok = cols < V
+        ds = fused_ds_tile(hs, ws, bs, ht, wt, bt, hr, wr, br, rows, cols, row_ok, col_ok,
+                           DS, DT, DR, stride_hs, stride_ws, stride_ht, stride_wt, stride_hr,
+                           stride_wr, y, A, B, C, H, g_main, g_ent, inv_temp, lam, beta,
+                           log_beta, log_1m_beta, KIND, HAS_T, HAS_R, HAS_ENT, HAS_BS, HAS_BT,
+                           HAS_BR, PRECISION, BLOCK_N, BLOCK_V, BLOCK_K)
+        ds = ds.to(ws.dtype.element_ty)
+        for k0 in range(0, DS, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            k_ok = ks < DS
+            w = tl.load(ws + cols[:, None] * stride_ws + ks[None, :],
+                        mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+            ptrs = dh_ptr + rows[:, None] * DS + ks[None, :]
+            mask = row_ok[:, None] & k_ok[None, :]
+            acc = tl.load(ptrs, mask=mask, other=0.0)
+            acc = tl.dot(ds, w, acc, input_precision=PRECISION)
+            tl.store(ptrs, acc, mask=mask)
+
+
+@triton.jit
+def fused_grad_dw_kernel(hs, ws, bs, ht, wt, bt, hr, wr, br, y_ptr, rs_ptr, g_ptr, dw_ptr, db_ptr,
+                         N, V, DS, DT, DR, stride_hs, stride_ws, stride_ht, stride_wt,
+                         stride_hr, stride_wr, inv_temp, lam, beta, log_beta, log_1m_beta,
+                         vocab_start,
+                         KIND: tl.constexpr, HAS_T: tl.constexpr, HAS_R: tl.constexpr,
+                         HAS_Y: tl.constexpr, HAS_ENT: tl.constexpr, HAS_BS: tl.constexpr,
+                         HAS_BT: tl.constexpr, HAS_BR: tl.constexpr, NEED_DW: tl.constexpr,
+                         NEED_DB: tl.constexpr, PRECISION: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
+    """dw[cols, :] (fp32, zero-initialised, [V, DS]) += sum over N of ds^T @ hs; db[cols] too."""
+    cols = (tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
+    col_ok = cols < V
+    db = tl.zeros([BLOCK_V], tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        rows = n0 + tl.arange(0, BLOCK_N)
+        row_ok = rows < N
+        rows = rows.to(tl.int64)
+        A, B, C, H, g_main, g_ent, y = load_row_grad_inputs(rs_ptr, g_ptr, y_ptr, rows, row_ok, V,
+                                                            vocab_start, HAS_Y)
+        ds = fused_ds_tile(hs, ws, bs, ht, wt, bt, hr, wr, br, rows, cols, row_ok, col_ok,
+                           DS, DT, DR, stride_hs, stride_ws, stride_ht, stride_wt, stride_hr,
+                           stride_wr, y, A, B, C, H, g_main, g_ent, inv_temp, lam, beta,
+                           log_beta, log_1m_beta, KIND, HAS_T, HAS_R, HAS_ENT, HAS_BS, HAS_BT,
+                           HAS_BR, PRECISION, BLOCK_N, BLOCK_V, BLOCK_K)
+        if NEED_DB:
+            db += tl.sum(ds, 0)
+        if NEED_DW:
+            ds_t = tl.trans(ds.to(ws.dtype.element_ty))
+            for k0 in range(0, DS, BLOCK_K):
+                ks = k0 + tl.arange(0, BLOCK_K)
+                k_ok = ks < DS
+                h = tl.load(hs + rows[:, None] * stride_hs + ks[None, :],
+                            mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+                ptrs = dw_ptr + cols[:, None] * DS + ks[None, :]
+                mask = col_ok[:, None] & k_ok[None, :]
+                acc = tl.load(ptrs, mask=mask, other=0.0)
+                acc = tl.dot(ds_t, h.to(ws.dtype.element_ty), acc, input_precision=PRECISION)
+                tl.store(ptrs, acc, mask=mask)
+    if NEED_DB:
+        tl.store(db_ptr + cols, db, mask=col_ok)

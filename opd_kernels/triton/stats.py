@@ -1,0 +1,141 @@
+"""Row statistics of the student softmax (and a target softmax) in one streaming pass.
+
+What it computes -- the backend contract's ``row_stats`` columns, per row ``i`` over the
+vocabulary columns a program owns (``a = s / tau`` student, ``b`` the target's scaled logits,
+``b = (lam t + (1 - lam) r) / tau`` for G-OPD)::
+
+    m_a = max a   S_a = sum e^(a-m_a)   U_a = sum e^(a-m_a) a
+    m_b = max b   S_b = sum e^(b-m_b)   D_q = sum e^(a-m_a) (a-b)   D_p = sum e^(b-m_b) (b-a)
+    a_y = a[y]  (the target's scaled logit, 0 when y is not in this program's columns)
+
+Online max/rescale recurrence, one tile ``x[:, j0:j0+BLOCK_V]`` at a time (the softmax of
+flash-attention / Milakov & Gimelshein 2018)::
+
+    m' = max(m, max_j x_j),   alpha = e^(m - m')
+    S' = alpha * S + sum_j e^(x_j - m')      (and likewise every weighted sum sum e^(x - m) f)
+
+``-inf`` logits and the padded columns of the last tile (loaded as ``-inf``) have weight exactly
+0; their terms are dropped with ``tl.where`` so ``0 * inf`` never makes NaN. While a row has
+seen only ``-inf``, ``m`` stays ``-inf``, ``alpha`` is 1 and the sums stay 0. A rescale factor
+that underflows to 0 drops the old sum even if it is ``+inf`` (as the reference does: a term
+whose weight underflows contributes 0). Nothing here is saved for backward: the backward
+kernels (``grad.py``) recompute tiles from ``A = m_a + log S_a`` and ``B = m_b + log S_b``.
+
+The vocabulary may be split across the second grid axis (``n_splits`` ranges of whole tiles) to
+fill the GPU when N is small; the launcher merges the per-split rows exactly like vocab shards.
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def rescale(x, alpha):
+    """``x * alpha`` where an underflowed factor (0) drops ``x`` even when ``x`` is ``+inf``."""
+    return tl.where(alpha > 0, x * alpha, 0.0)
+
+
+@triton.jit
+def softmax_weights(x, m_old):
+    """New running max ``m``, the factor ``e^(m_old - m)`` for old sums, weights ``e^(x - m)``."""
+    m_new = tl.maximum(m_old, tl.max(x, 1))
+    alpha = tl.where(m_new > float("-inf"), tl.exp(m_old - m_new), 1.0)
+    w = tl.where(x > float("-inf"), tl.exp(x - m_new[:, None]), 0.0)
+    return m_new, alpha, w
+
+
+@triton.jit
+def stats_update(a, b, m_a, s_a, u_a, m_b, s_b, d_q, d_p, HAS_T: tl.constexpr):
+    """Fold one ``[BLOCK_N, BLOCK_V]`` tile of fp32 scaled logits into the running row stats."""
+    m_a, alpha, w_a = softmax_weights(a, m_a)
+    s_a = rescale(s_a, alpha) + tl.sum(w_a, 1)
+    u_a = rescale(u_a, alpha) + tl.sum(tl.where(w_a > 0, w_a * a, 0.0), 1)
+    if HAS_T:
+        d_q = rescale(d_q, alpha) + tl.sum(tl.where(w_a > 0, w_a * (a - b), 0.0), 1)
+        m_b, alpha_b, w_b = softmax_weights(b, m_b)
+        s_b = rescale(s_b, alpha_b) + tl.sum(w_b, 1)
+        d_p = rescale(d_p, alpha_b) + tl.sum(tl.where(w_b > 0, w_b * (b - a), 0.0), 1)
+    return m_a, s_a, u_a, m_b, s_b, d_q, d_p
+
+
+@triton.jit
+def store_stats(out_ptr, rows, row_ok, m_a, s_a, u_a, m_b, s_b, d_q, d_p, a_y,
+                HAS_T: tl.constexpr):
+    """Write the 8 contract columns of ``out[rows, :]`` (teacher columns 0 without a teacher)."""
+    o = out_ptr + rows * 8
+    tl.store(o + 0, m_a, mask=row_ok)
+    tl.store(o + 1, s_a, mask=row_ok)
+    tl.store(o + 2, u_a, mask=row_ok)
+    if HAS_T:
+        tl.store(o + 3, m_b, mask=row_ok)
+        tl.store(o + 4, s_b, mask=row_ok)
+        tl.store(o + 5, d_q, mask=row_ok)
+        tl.store(o + 6, d_p, mask=row_ok)
+    else:
+        zero = tl.zeros_like(m_a)
+        tl.store(o + 3, zero, mask=row_ok)
+        tl.store(o + 4, zero, mask=row_ok)
+        tl.store(o + 5, zero, mask=row_ok)
+        tl.store(o + 6, zero, mask=row_ok)
+    tl.store(o + 7, a_y, mask=row_ok)
+
+
+@triton.jit
+def split_range(V, n_splits, BLOCK_V: tl.constexpr):
+    """Vocabulary columns ``[lo, hi)`` owned by this program (grid axis 1 = vocab split)."""
+    tiles_per_split = tl.cdiv(tl.cdiv(V, BLOCK_V), n_splits)
+    lo = tl.program_id(1) * tiles_per_split * BLOCK_V
+    hi = tl.minimum(V, lo + tiles_per_split * BLOCK_V)
+    return lo, hi
+
+
+@triton.jit
+def load_scaled(ptr, rows, cols, stride, mask, inv_temp):
+    """fp32 ``x[rows, cols] * inv_temp`` with ``-inf`` outside ``mask`` (rows are int64)."""
+    x = tl.load(ptr + rows[:, None] * stride + cols[None, :], mask=mask, other=float("-inf"))
+    return x.to(tl.float32) * inv_temp
+
+
+@triton.jit
+def load_target(t_ptr, r_ptr, rows, cols, stride_t, stride_r, mask, inv_temp, lam,
+                HAS_R: tl.constexpr):
+    """Target scaled logits ``b``: ``t / tau``, or ``(lam t + (1 - lam) r) / tau`` with a ref."""
+    b = load_scaled(t_ptr, rows, cols, stride_t, mask, inv_temp)
+    if HAS_R:
+        b = lam * b + (1.0 - lam) * load_scaled(r_ptr, rows, cols, stride_r, mask, inv_temp)
+        b = tl.where(mask, b, float("-inf"))  # padding: lam*(-inf) + (1-lam)*(-inf) is NaN
+    return b
+
+
+@triton.jit
+def row_stats_kernel(s_ptr, t_ptr, r_ptr, y_ptr, out_ptr,
+                     N, V, stride_s, stride_t, stride_r,
+                     inv_temp, lam, vocab_start, n_splits,
+                     HAS_T: tl.constexpr, HAS_R: tl.constexpr, HAS_Y: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr):
+    """out[split, rows, :] = row stats of s (and t / r) over this program's vocabulary split."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    rows = rows.to(tl.int64)  # int64 before multiplying strides: N * stride may exceed 2^31
+    lo, hi = split_range(V, n_splits, BLOCK_V)
+
+    m_a = tl.full([BLOCK_N], float("-inf"), tl.float32)
+    m_b = tl.full([BLOCK_N], float("-inf"), tl.float32)
+    s_a = tl.zeros([BLOCK_N], tl.float32)
+    u_a, s_b, d_q, d_p = s_a, s_a, s_a, s_a
+    for v0 in range(lo, hi, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        mask = row_ok[:, None] & (cols < hi)[None, :]
+        a = load_scaled(s_ptr, rows, cols, stride_s, mask, inv_temp)
+        b = a
+        if HAS_T:
+            b = load_target(t_ptr, r_ptr, rows, cols, stride_t, stride_r, mask, inv_temp, lam, HAS_R)
+        m_a, s_a, u_a, m_b, s_b, d_q, d_p = stats_update(a, b, m_a, s_a, u_a, m_b, s_b, d_q, d_p,
+                                                         HAS_T)
+
+    a_y = tl.zeros([BLOCK_N], tl.float32)
+    if HAS_Y:  # gather the target logit directly (the split that owns it adds it, others add 0)
+        y = tl.load(y_ptr + rows, mask=row_ok, other=-1).to(tl.int64) - vocab_start
+        inside = row_ok & (y >= lo) & (y < hi)
+        a_y = tl.load(s_ptr + rows * stride_s + y, mask=inside, other=0.0).to(tl.float32) * inv_temp
+    out_rows = tl.program_id(1).to(tl.int64) * N + rows
+    store_stats(out_ptr, out_rows, row_ok, m_a, s_a, u_a, m_b, s_b, d_q, d_p, a_y, HAS_T)
