@@ -18,9 +18,12 @@ from ._common import backend_name, flat_mask, jsd_kind, reduce_rows, rows2d, sha
 from ..parallel import sum_across_shards
 
 
-def _safe_log(x):
-    """log x with log 0 = -inf and a finite gradient path (no 0 * inf in backward)."""
-    pos = x > 0
+def _tail_log(logp_k):
+    """log(1 - sum e^logp_k): the tail bucket. Tails within rounding of 0 (below
+    (k+1) * machine-eps of the compute dtype) are exactly 0, so a top-k that covers the whole
+    vocabulary gives no spurious inf; the gradient path stays finite (no 0 * inf)."""
+    x = 1.0 - logp_k.exp().sum(-1, keepdim=True)
+    pos = x > torch.finfo(x.dtype).eps * (logp_k.shape[-1] + 1)
     return torch.where(pos, torch.log(torch.where(pos, x, torch.ones_like(x))), torch.full_like(x, -float("inf")))
 
 
@@ -36,7 +39,8 @@ def _bucket_divergence(lq, lp, kind, beta):
         return kl(lp, lq)
     if kind == "reverse_kl":
         return kl(lq, lp)
-    lm = torch.logaddexp(lp + torch.log(torch.tensor(beta)), lq + torch.log(torch.tensor(1.0 - beta)))
+    lm = torch.logaddexp(lp + torch.log(torch.tensor(beta, dtype=lp.dtype)),
+                         lq + torch.log(torch.tensor(1.0 - beta, dtype=lp.dtype)))
     return beta * kl(lp, lm) + (1.0 - beta) * kl(lq, lm)
 
 
@@ -64,11 +68,12 @@ def sparse_distill_loss(student_logits, teacher_topk_ids, teacher_topk_logprobs,
                             group=process_group)
     local = ids.long() - start
     inside = (local >= 0) & (local < vocab)
-    a_k = torch.where(inside, s.gather(1, local.clamp(0, vocab - 1)).float() * inv_temp, 0.0)
+    acc = _engine._acc(s)
+    a_k = torch.where(inside, s.gather(1, local.clamp(0, vocab - 1)).to(acc) * inv_temp, 0.0)
     a_k = sum_across_shards(a_k, process_group)
     lq_k = a_k + neg_A[:, None]
-    lp_k = teacher_topk_logprobs.reshape(-1, k).detach().float()
-    lq = torch.cat([lq_k, _safe_log(1.0 - lq_k.exp().sum(-1, keepdim=True))], -1)
-    lp = torch.cat([lp_k, _safe_log(1.0 - lp_k.exp().sum(-1, keepdim=True))], -1)
+    lp_k = teacher_topk_logprobs.reshape(-1, k).detach().to(acc)
+    lq = torch.cat([lq_k, _tail_log(lq_k)], -1)
+    lp = torch.cat([lp_k, _tail_log(lp_k)], -1)
     rows = _bucket_divergence(lq, lp, jsd_kind(divergence, beta), beta)
     return reduce_rows(rows, m, reduction, lead)

@@ -1,0 +1,215 @@
+"""Every op x divergence x temperature x reduction x dtype against the float64 reference."""
+import pytest
+import torch
+
+import opd_kernels as ok
+import reference as ref
+
+GPU = torch.cuda.is_available()
+BACKENDS = ["torch"] + (["triton", "cuda"] if GPU else [])
+DEVICE = "cuda" if GPU else "cpu"
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+DIVS = [("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.5), ("jsd", 0.1), ("jsd", 0.0), ("jsd", 1.0)]
+
+
+def _impl(impl):
+    try:
+        ok.distill_loss(torch.zeros(1, 2, device=DEVICE), torch.zeros(1, 2, device=DEVICE), impl=impl)
+    except ValueError as e:
+        pytest.skip(str(e))
+    return impl
+
+
+def rand(*shape, dtype=torch.float32, scale=2.0, grad=False):
+    x = (torch.randn(*shape, device=DEVICE) * scale).to(dtype)
+    return x.requires_grad_(grad)
+
+
+@pytest.mark.parametrize("impl", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T", [1.0, 0.7])
+@pytest.mark.parametrize("shape", [(41, 1271), (3, 5, 507)])
+def test_token_logprobs(impl, dtype, T, shape):
+    _impl(impl)
+    logits = rand(*shape, dtype=dtype, grad=True)
+    V = shape[-1]
+    targets = torch.randint(0, V, shape[:-1], device=DEVICE)
+    targets.view(-1)[::7] = -100
+    lp, ent = ok.token_logprobs(logits, targets, temperature=T, return_entropy=True, impl=impl)
+    rlp, rent = ref.token_logprobs(logits.detach(), targets, T)
+    ref.close(lp, rlp, dtype)
+    ref.close(ent, rent, dtype)
+    g1, g2 = torch.randn_like(rlp), torch.randn_like(rent)
+    (grad,) = torch.autograd.grad((lp * g1).sum() + (ent * g2).sum(), logits)
+    x = logits.detach().double().requires_grad_()
+    a, b = ref.token_logprobs(x, targets, T)
+    (rgrad,) = torch.autograd.grad((a * g1).sum() + (b * g2).sum(), x)
+    assert grad.dtype == dtype
+    ref.close(grad, rgrad, dtype, "grad")
+    assert ok.token_logprobs(logits, targets, impl=impl).shape == targets.shape
+
+
+@pytest.mark.parametrize("impl", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("divergence,beta", DIVS)
+@pytest.mark.parametrize("T", [1.0, 1.7])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_distill_loss(impl, dtype, divergence, beta, T, reduction):
+    _impl(impl)
+    N, V = 41, 1271
+    s, t = rand(N, V, dtype=dtype, grad=True), rand(N, V, dtype=dtype)
+    mask = torch.rand(N, device=DEVICE) > 0.25
+    loss = ok.distill_loss(s, t, divergence=divergence, beta=beta, temperature=T, mask=mask,
+                           reduction=reduction, impl=impl)
+    x = s.detach().double().requires_grad_()
+    expected = ref.reduce(ref.divergence_rows(x, t, divergence, beta, T), mask, reduction)
+    ref.close(loss, expected, dtype)
+    up = torch.randn_like(expected) * 3  # non-unit upstream gradient
+    (grad,) = torch.autograd.grad((loss * up).sum(), s)
+    (rgrad,) = torch.autograd.grad((expected * up).sum(), x)
+    ref.close(grad, rgrad, dtype, "grad")
+
+
+@pytest.mark.parametrize("impl", BACKENDS)
+@pytest.mark.parametrize("lam", [1.0, 1.25, 2.5, 0.5])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_gopd_loss(impl, lam, reduction):
+    _impl(impl)
+    N, V = 33, 509
+    s, t, r = rand(N, V, grad=True), rand(N, V), rand(N, V)
+    loss = ok.gopd_loss(s, t, r, reward_scale=lam, temperature=0.9, reduction=reduction, impl=impl)
+    x = s.detach().double().requires_grad_()
+    expected = ref.reduce(ref.divergence_rows(x, t, "reverse_kl", T=0.9, r=r, lam=lam), None, reduction)
+    ref.close(loss, expected, torch.float32)
+    up = torch.randn_like(expected)
+    ref.close(torch.autograd.grad((loss * up).sum(), s)[0], torch.autograd.grad((expected * up).sum(), x)[0],
+              torch.float32, "grad")
+    if lam == 1.0:  # plain OPD is reverse KL to the teacher
+        ref.close(loss, ok.distill_loss(s, t, divergence="reverse_kl", temperature=0.9, reduction=reduction,
+                                        impl=impl), torch.float32)
+
+
+def test_gopd_advantages():
+    t, r, o = torch.randn(3, 4), torch.randn(3, 4), torch.randn(3, 4)
+    adv = ok.gopd_advantages(t, r, o, reward_scale=1.25)
+    torch.testing.assert_close(adv, 1.25 * (t - r) - (o - r))
+    torch.testing.assert_close(ok.gopd_advantages(t, r, o), t - o)  # lam = 1: OPD's log p_T - log pi_old
+
+
+@pytest.mark.parametrize("impl", BACKENDS)
+@pytest.mark.parametrize("divergence,beta", DIVS)
+@pytest.mark.parametrize("k", [1, 16])
+def test_sparse_distill_loss(impl, divergence, beta, k):
+    _impl(impl)
+    N, V = 29, 301
+    s = rand(N, V, grad=True)
+    tlp, ids = torch.log_softmax(rand(N, V), -1).topk(k, -1)
+    mask = torch.rand(N, device=DEVICE) > 0.2
+    loss = ok.sparse_distill_loss(s, ids, tlp, divergence=divergence, beta=beta, temperature=1.3, mask=mask,
+                                  impl=impl)
+    x = s.detach().double().requires_grad_()
+    expected = ref.reduce(ref.sparse_rows(x, ids, tlp, divergence, beta, 1.3), mask, "mean")
+    ref.close(loss, expected, torch.float32)
+    ref.close(torch.autograd.grad(loss, s)[0], torch.autograd.grad(expected, x)[0], torch.float32, "grad")
+
+
+def test_sparse_full_topk_equals_dense():
+    """With k = V the tail is empty and the sparse loss is the dense one."""
+    s, t = rand(7, 50, dtype=torch.float64), rand(7, 50, dtype=torch.float64)
+    tlp, ids = torch.log_softmax(t, -1).topk(50, -1)
+    for div in ("forward_kl", "reverse_kl", "jsd"):
+        torch.testing.assert_close(ok.sparse_distill_loss(s, ids, tlp, divergence=div),
+                                   ok.distill_loss(s, t, divergence=div))
+
+
+@pytest.mark.parametrize("impl", BACKENDS)
+def test_low_precision_not_worse_than_naive(impl):
+    """bf16/fp16 error (vs float64 on the same rounded inputs) must not exceed the naive
+    same-dtype PyTorch loss's error by more than a small margin."""
+    _impl(impl)
+    for dtype in (torch.bfloat16, torch.float16):
+        s, t = rand(64, 2003, dtype=dtype), rand(64, 2003, dtype=dtype)
+        exact = ref.divergence_rows(s, t, "reverse_kl").mean()
+        ours = ok.distill_loss(s, t, divergence="reverse_kl", impl=impl)
+        if s.device.type == "cpu" and dtype == torch.float16:
+            naive_s, naive_t = s.float(), t.float()  # CPU has no fp16 log_softmax of note; naive upcasts
+        else:
+            naive_s, naive_t = s, t
+        lq, lp = torch.log_softmax(naive_s, -1), torch.log_softmax(naive_t, -1)
+        naive = (lq.exp() * (lq - lp)).sum(-1).float().mean()
+        assert (ours.double() - exact).abs() <= (naive.double() - exact).abs() + 1e-4
+
+
+@pytest.mark.parametrize("impl", BACKENDS)
+def test_neg_inf_logits(impl):
+    """Banned tokens (-inf) contribute 0; teacher support where the student has none -> forward_kl = inf."""
+    _impl(impl)
+    s, t = rand(6, 40, grad=True), rand(6, 40)
+    with torch.no_grad():
+        s[:, :5] = -float("inf")
+        t[:, :5] = -float("inf")
+    x = s.detach().double().requires_grad_()
+    for div in ("forward_kl", "reverse_kl", "jsd"):
+        loss = ok.distill_loss(s, t, divergence=div, impl=impl)
+        expected = ref.divergence_rows(x, t, div).mean()
+        assert torch.isfinite(loss)
+        ref.close(loss, expected, torch.float32)
+        (g,) = torch.autograd.grad(loss, s)
+        assert torch.isfinite(g).all() and (g[:, :5] == 0).all()
+        ref.close(g, torch.autograd.grad(expected, x)[0], torch.float32, "grad")
+    lp, ent = ok.token_logprobs(s, torch.full((6,), 7, device=DEVICE), return_entropy=True, impl=impl)
+    assert torch.isfinite(lp).all() and torch.isfinite(ent).all()
+    t2 = t.clone()
+    s2 = s.detach().clone()
+    s2[:, 10] = -float("inf")  # teacher supports token 10, the student bans it
+    assert torch.isinf(ok.distill_loss(s2, t2, divergence="forward_kl", impl=impl))
+    assert torch.isfinite(ok.distill_loss(s2, t2, divergence="reverse_kl", impl=impl))
+
+
+@pytest.mark.parametrize("impl", BACKENDS)
+@pytest.mark.parametrize("fused", [False, True])
+def test_fully_masked_is_zero(impl, fused):
+    _impl(impl)
+    N, V, d = 9, 77, 16
+    mask = torch.zeros(N, dtype=torch.bool, device=DEVICE)
+    for reduction in ("mean", "sum", "none"):
+        for div in ("forward_kl", "reverse_kl", "jsd"):
+            if fused:
+                h, w = rand(N, d, grad=True), rand(V, d, grad=True)
+                loss = ok.fused_linear_distill_loss(h, w, rand(N, d), rand(V, d), divergence=div, mask=mask,
+                                                    reduction=reduction, impl=impl)
+                grads = torch.autograd.grad(loss.sum(), (h, w))
+            else:
+                s = rand(N, V, grad=True)
+                loss = ok.distill_loss(s, rand(N, V), divergence=div, mask=mask, reduction=reduction, impl=impl)
+                grads = torch.autograd.grad(loss.sum(), s)
+            assert (loss == 0).all()
+            assert all((g == 0).all() for g in grads)
+
+
+@pytest.mark.parametrize("impl", BACKENDS)
+def test_vocab_size_padded(impl):
+    _impl(impl)
+    s, t = rand(5, 3, 100, grad=True), rand(5, 3, 112)
+    with pytest.raises(ValueError, match="100.*112|vocab_size"):
+        ok.distill_loss(s, t, impl=impl)
+    loss = ok.distill_loss(s, t, vocab_size=96, impl=impl)
+    expected = ok.distill_loss(s[..., :96], t[..., :96].contiguous(), impl=impl)
+    torch.testing.assert_close(loss, expected)
+    (g,) = torch.autograd.grad(loss, s)
+    assert (g[..., 96:] == 0).all()
+
+
+def test_modules():
+    s, t = rand(4, 6, 30, grad=True), rand(4, 6, 30)
+    m = ok.DistillLoss(divergence="jsd", beta=0.3, temperature=0.5)
+    torch.testing.assert_close(m(s, t), ok.distill_loss(s, t, divergence="jsd", beta=0.3, temperature=0.5))
+    assert "jsd" in repr(m)
+    h, w, ht, wt = rand(4, 6, 8, grad=True), rand(30, 8), rand(4, 6, 12), rand(30, 12)
+    fm = ok.FusedLinearDistillLoss(divergence="forward_kl", chunk_size=5)
+    torch.testing.assert_close(fm(h, w, ht, wt), ok.distill_loss(h @ w.T, ht @ wt.T, divergence="forward_kl"))
+
+
+def test_torch_backend_is_default_on_cpu():
+    from opd_kernels import _dispatch
+    assert _dispatch.resolve("auto", torch.device("cpu")).NAME == "torch"
