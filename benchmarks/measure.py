@@ -1,0 +1,167 @@
+"""Timing and peak-memory measurement of one case (forward, backward, forward+backward).
+
+Peak memory is the *extra* memory a pass needs beyond its inputs: the highest usage during the
+pass minus the usage with only the inputs allocated (after a warm-up, with ``.grad`` cleared).
+Gradients, saved activations and outputs count; the inputs do not.
+
+* CUDA: the caching allocator's ``max_memory_allocated`` (reset before each phase).
+* CPU: resident set size from ``/proc/self/status``. ``VmHWM`` (peak RSS) is reset before each
+  phase by writing ``5`` to ``/proc/self/clear_refs``, and the baseline ``VmRSS`` is taken after
+  ``gc.collect()`` and glibc ``malloc_trim(0)`` so that memory freed by the warm-up is not
+  counted as the inputs'. The runner executes each (op, provider) group in a fresh subprocess.
+
+A backward phase's peak includes what the forward left alive for it (saved tensors, output),
+as it does in training; the fwd+bwd peak is the larger of the two phase peaks.
+"""
+from __future__ import annotations
+
+import ctypes
+import gc
+import statistics
+import time
+
+import torch
+
+from cases import backward, grad_leaves
+
+MB = 2.0 ** 20
+
+
+def _proc_status(key: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024 / MB  # kB
+    raise RuntimeError(f"{key} not in /proc/self/status")
+
+
+def _malloc_trim():
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+class CpuMemory:
+    """Peak RSS growth over a baseline; needs Linux ``/proc`` (``clear_refs`` mode 5)."""
+
+    def baseline(self):
+        gc.collect()
+        _malloc_trim()
+        self.base = _proc_status("VmRSS")
+
+    def reset(self):
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+
+    def peak(self) -> float:
+        return _proc_status("VmHWM") - self.base
+
+
+class CudaMemory:
+    """Peak of the CUDA caching allocator over a baseline."""
+
+    def baseline(self):
+        gc.collect()
+        torch.cuda.synchronize()
+        self.base = torch.cuda.memory_allocated() / MB
+
+    def reset(self):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+
+    def peak(self) -> float:
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() / MB - self.base
+
+
+def _timed_step(fn, x, cuda: bool):
+    """One forward + backward; returns (fwd_ms, bwd_ms). CUDA events on GPU, perf_counter on CPU."""
+    if cuda:
+        e = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
+        e[0].record()
+        out = fn(x)
+        e[1].record()
+        backward(out)
+        e[2].record()
+        torch.cuda.synchronize()
+        return e[0].elapsed_time(e[1]), e[1].elapsed_time(e[2])
+    t0 = time.perf_counter()
+    out = fn(x)
+    t1 = time.perf_counter()
+    backward(out)
+    t2 = time.perf_counter()
+    return (t1 - t0) * 1e3, (t2 - t1) * 1e3
+
+
+def _quantile(xs, q):
+    xs = sorted(xs)
+    if len(xs) == 1:
+        return xs[0]
+    pos = q * (len(xs) - 1)  # linear interpolation, as numpy.percentile
+    lo = int(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def measure(fn, x, *, device, warmup: int, repeat: int) -> dict:
+    """``{pass: {median_ms, p20_ms, p80_ms, peak_mem_mb}}`` for fwd, bwd and fwd+bwd.
+
+    Order: ``warmup`` untimed steps (compiles, lazy init), one untimed memory step, then
+    ``repeat`` timed steps. ``bwd`` is the backward alone, timed after an untimed forward of the
+    same step; ``fwd+bwd`` is their sum within each step.
+    """
+    cuda = torch.device(device).type == "cuda"
+    leaves = grad_leaves(x)
+
+    def clear():
+        for t in leaves:
+            t.grad = None
+
+    for _ in range(warmup):
+        backward(fn(x))
+        clear()
+
+    mem = CudaMemory() if cuda else CpuMemory()
+    mem.baseline()
+    mem.reset()
+    out = fn(x)
+    peak_f = mem.peak()
+    mem.reset()
+    backward(out)
+    peak_b = mem.peak()
+    del out
+    clear()
+
+    times = []
+    for _ in range(repeat):
+        times.append(_timed_step(fn, x, cuda))
+        clear()
+
+    series = {"fwd": [f for f, _ in times], "bwd": [b for _, b in times], "fwd+bwd": [f + b for f, b in times]}
+    peaks = {"fwd": peak_f, "bwd": peak_b, "fwd+bwd": max(peak_f, peak_b)}
+    return {p: {"median_ms": statistics.median(v), "p20_ms": _quantile(v, 0.2), "p80_ms": _quantile(v, 0.8),
+                "peak_mem_mb": round(peaks[p], 1)} for p, v in series.items()}
+
+
+def gemm_tflops(M, K, Nn, dtype, device, repeat=10) -> float:
+    """Dense ``[M, K] @ [K, Nn]`` rate (TFLOP/s) in ``dtype``: the matmul floor's denominator."""
+    a = torch.randn(M, K, device=device, dtype=dtype)
+    b = torch.randn(Nn, K, device=device, dtype=dtype)
+    cuda = torch.device(device).type == "cuda"
+    for _ in range(3):
+        a @ b.T
+    ts = []
+    for _ in range(repeat):
+        if cuda:
+            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            e0.record()
+            a @ b.T
+            e1.record()
+            torch.cuda.synchronize()
+            ts.append(e0.elapsed_time(e1) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            a @ b.T
+            ts.append(time.perf_counter() - t0)
+    return 2.0 * M * K * Nn / statistics.median(ts) / 1e12

@@ -1,0 +1,312 @@
+"""Benchmark every op x provider x pass over a shape sweep; write results.json, results.csv, plots.
+
+    python benchmarks/run.py --quick --out benchmarks/results/cpu-mybox     # CPU sizes, ~5 min
+    python benchmarks/run.py --out results/h100                             # GPU sizes, bf16
+    python benchmarks/run.py --quick --ops fused_linear_distill_loss --providers naive torch
+
+On CPU each (op, provider) group runs in a fresh subprocess (peak RSS is per process); on CUDA
+everything runs in this process with the allocator's peak statistics. Unavailable providers
+and failed cases (OOM, compile errors) are listed under ``skipped`` with the reason.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import torch  # noqa: E402
+
+import cases  # noqa: E402
+import measure  # noqa: E402
+from cases import OPS, PASSES, PROVIDERS, Unavailable  # noqa: E402
+
+# (N, V, d) sweeps. d is ignored by the logits-level ops. The quick set fits a 2-core CPU in
+# about 5 minutes; its largest fused shape is the memory/time ratio check of the issue.
+QUICK = {
+    "logits": [(512, 32000, 0), (1024, 32000, 0), (2048, 32000, 0)],
+    "fused": [(1024, 32000, 256), (2048, 32000, 256), (4096, 32000, 256)],
+    # the ratio-check shape, for this (op, divergence) only
+    "check": ("fused_linear_distill_loss", "reverse_kl", (6144, 32000, 256)),
+}
+GPU = {
+    "logits": [(2048, 128256, 0), (4096, 128256, 0), (8192, 128256, 0), (16384, 151936, 0)],
+    "fused": [(2048, 128256, 4096), (4096, 128256, 4096), (8192, 128256, 4096), (16384, 151936, 2048)],
+    "check": None,
+}
+FIELDS = ["op", "divergence", "provider", "pass", "N", "V", "d", "dtype",
+          "median_ms", "p20_ms", "p80_ms", "peak_mem_mb", "floor_ms", "frac_of_floor"]
+TAG = "@@bench@@ "  # worker result lines on stdout
+
+
+# ----------------------------------------------------------------------------- planning
+
+def plan(args) -> list[dict]:
+    """Every (op, divergence, provider, shape) case to run, in order (small shapes first)."""
+    sweep = QUICK if args.quick else GPU
+    if args.shapes:
+        shapes = [tuple(int(v) for v in s.split(",")) for s in args.shapes]
+        sweep = {"logits": shapes, "fused": shapes, "check": None}
+    out = []
+    for op in args.ops:
+        for div in cases.divergences(op):
+            shapes = list(sweep["fused" if cases.is_fused(op) else "logits"])
+            if sweep["check"] and sweep["check"][:2] == (op, div):
+                shapes.append(sweep["check"][2])
+            for prov in args.providers:
+                for N, V, d in shapes:
+                    out.append(dict(op=op, divergence=div, provider=prov, N=N, V=V,
+                                    d=d if cases.is_fused(op) else 0, dtype=args.dtype))
+    return out
+
+
+# ----------------------------------------------------------------------------- worker
+
+def run_cases(todo: list[dict], *, device: str, warmup: int, repeat: int, emit):
+    """Run cases of one process; calls ``emit(record)`` per measured pass or skipped case."""
+    built = {}
+    for c in todo:
+        key = (c["op"], c["divergence"], c["provider"])
+        shape = {k: c[k] for k in ("N", "V", "d")}
+        dtype = getattr(torch, c["dtype"])
+        try:
+            if key not in built:
+                try:
+                    built[key] = cases.probe(*key, device, dtype)
+                except Unavailable as exc:
+                    built[key] = exc
+            if isinstance(built[key], Unavailable):
+                raise built[key]
+            x = cases.make_inputs(c["op"], c["N"], c["V"], c["d"], dtype, device)
+            res = measure.measure(built[key], x, device=device, warmup=warmup, repeat=repeat)
+        except Unavailable as exc:
+            emit(dict(c, skipped=str(exc)))
+            continue
+        except Exception as exc:  # noqa: BLE001 - OOM, compile failure, op error: report, go on
+            emit(dict(c, skipped=f"failed at N={c['N']} V={c['V']} d={c['d']}: {cases.describe(exc)}"))
+            continue
+        finally:
+            x = None
+            if device.startswith("cuda"):
+                torch.cuda.empty_cache()
+        for p in PASSES:
+            emit(dict(c, **{"pass": p}, **res[p]))
+
+
+def worker_main():
+    """``run.py --worker``: read {cases, device, warmup, repeat} JSON on stdin, print results."""
+    job = json.load(sys.stdin)
+    torch.manual_seed(0)
+    run_cases(job["cases"], device=job["device"], warmup=job["warmup"], repeat=job["repeat"],
+              emit=lambda r: print(TAG + json.dumps(r), flush=True))
+
+
+def run_in_subprocess(todo, *, device, warmup, repeat, emit, timeout):
+    """One fresh interpreter for ``todo``; cases it did not report are skipped with the reason."""
+    job = json.dumps(dict(cases=todo, device=device, warmup=warmup, repeat=repeat))
+    seen = set()
+    proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--worker"], text=True,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        stdout, stderr = proc.communicate(job, timeout=timeout)
+        why = f"worker exited with code {proc.returncode}: {stderr.strip().splitlines()[-1:] or ''}"
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        stdout, _ = proc.communicate()
+        why = f"worker timed out after {timeout} s"
+    for line in stdout.splitlines():
+        if line.startswith(TAG):
+            r = json.loads(line[len(TAG):])
+            seen.add(_case_key(r))
+            emit(r)
+    for c in todo:
+        if _case_key(c) not in seen:
+            emit(dict(c, skipped=why))
+
+
+def _case_key(r):
+    return tuple(r[k] for k in ("op", "divergence", "provider", "N", "V", "d"))
+
+
+# ----------------------------------------------------------------------------- reporting
+
+def device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    model = platform.processor() or "cpu"
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{model} ({os.cpu_count()} logical cores, {torch.get_num_threads()} torch threads)"
+
+
+def meta(args, device) -> dict:
+    try:
+        import triton
+        triton_version = triton.__version__
+    except Exception:  # noqa: BLE001
+        triton_version = None
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True,
+                             text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "opd_kernels", "csrc", "benchmarks/*.py"],
+                               cwd=HERE.parent, capture_output=True, text=True).stdout.strip()
+        sha += "-dirty" if dirty else ""
+    except (OSError, subprocess.CalledProcessError):
+        sha = None
+    return {
+        "device": device_name(device), "torch": torch.__version__, "triton": triton_version,
+        "python": platform.python_version(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "git_sha": sha, "mode": "quick" if args.quick else "default", "warmup": args.warmup,
+        "repeat": args.repeat, "command": " ".join(sys.argv), "notes": args.note,
+        "memory": "CUDA allocator peak over the inputs" if device.startswith("cuda") else
+                  "peak RSS growth over the inputs (VmHWM reset per phase, fresh process per op/provider)",
+    }
+
+
+def add_floor(results, device, dtype_name, log):
+    """Measure the dense GEMM rate at each fused shape; add floor_ms / frac_of_floor to results."""
+    dtype = getattr(torch, dtype_name)
+    rates = {}
+    for r in results:
+        if cases.is_fused(r["op"]) and (r["N"], r["V"], r["d"]) not in rates:
+            N, V, d = r["N"], r["V"], r["d"]
+            rates[N, V, d] = measure.gemm_tflops(N, d, V, dtype, device)
+            log(f"dense {dtype_name} GEMM [{N}x{d}] @ [{d}x{V}]: {rates[N, V, d]:.1f} TFLOP/s")
+    for r in results:
+        if (r["N"], r["V"], r["d"]) in rates and cases.is_fused(r["op"]):
+            n = cases.gemm_passes(r["op"], r["pass"])
+            floor = n * 2.0 * r["N"] * r["V"] * r["d"] / (rates[r["N"], r["V"], r["d"]] * 1e12) * 1e3
+            r.update(floor_ms=round(floor, 3), frac_of_floor=round(floor / r["median_ms"], 3), gemm_passes=n)
+    return [dict(N=N, V=V, d=d, dtype=dtype_name, tflops=round(t, 2)) for (N, V, d), t in rates.items()]
+
+
+def write(out: Path, data: dict):
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(data, indent=1) + "\n")
+    with open(out / "results.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
+        w.writeheader()
+        for r in data["results"]:
+            w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in FIELDS})
+
+
+def ratio_check(results, log) -> dict | None:
+    """Chunked torch vs naive, fused-linear reverse KL fwd+bwd at the largest N measured for both."""
+    pick = {(r["provider"], r["N"]): r for r in results if r["op"] == "fused_linear_distill_loss"
+            and r["divergence"] == "reverse_kl" and r["pass"] == "fwd+bwd" and r["provider"] in ("naive", "torch")}
+    Ns = [n for (p, n) in pick if p == "torch" and ("naive", n) in pick]
+    if not Ns:
+        log("ratio check: needs fused_linear_distill_loss/reverse_kl with providers naive and torch")
+        return None
+    N = max(Ns)
+    ours, naive = pick["torch", N], pick["naive", N]
+    mem = ours["peak_mem_mb"] / naive["peak_mem_mb"]
+    t = ours["median_ms"] / naive["median_ms"]
+    ok = mem <= 0.25 and t <= 1.5
+    log(f"ratio check (fused_linear_distill_loss reverse_kl fwd+bwd, N={N} V={ours['V']} d={ours['d']} "
+        f"{ours['dtype']}): torch/naive peak memory {ours['peak_mem_mb']:.0f}/{naive['peak_mem_mb']:.0f} MB "
+        f"= {mem:.3f} (target <= 0.25), time {ours['median_ms']:.0f}/{naive['median_ms']:.0f} ms "
+        f"= {t:.2f}x (target <= 1.5x): {'PASS' if ok else 'FAIL'}")
+    return dict(N=N, V=ours["V"], d=ours["d"], mem_ratio=round(mem, 4), time_ratio=round(t, 3), passed=ok)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="CPU-sized shapes (fp32), about 5 min on 2 cores")
+    ap.add_argument("--out", type=Path, default=None, help="output directory (default benchmarks/results/<device>)")
+    ap.add_argument("--ops", nargs="+", default=list(OPS), choices=OPS)
+    ap.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS)
+    ap.add_argument("--shapes", nargs="+", metavar="N,V,d", help="replace the shape sweep (d unused by logits ops)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                    help="input dtype (default: float32 with --quick, else bfloat16)")
+    ap.add_argument("--warmup", type=int, default=None, help="untimed steps per case (default 1 quick, 3 else)")
+    ap.add_argument("--repeat", type=int, default=None, help="timed steps per case (default 3 quick, 20 else)")
+    ap.add_argument("--timeout", type=int, default=900, help="seconds per CPU worker process")
+    ap.add_argument("--note", default="", help="free text stored in meta.notes (e.g. 'CPU shared with other jobs')")
+    ap.add_argument("--no-plots", action="store_true")
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker:
+        return worker_main()
+    args.dtype = args.dtype or ("float32" if args.quick else "bfloat16")
+    args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
+    args.repeat = args.repeat or (3 if args.quick else 20)
+    cuda = args.device.startswith("cuda")
+    tag = ("cpu" if not cuda else torch.cuda.get_device_name().split()[-1].lower()) + ("-quick" if args.quick else "")
+    out = args.out or HERE / "results" / tag
+
+    t_start = time.time()
+
+    def log(msg):
+        print(f"[{time.time() - t_start:6.0f}s] {msg}", flush=True)
+
+    results, skipped = [], []
+
+    def emit(r):
+        if "skipped" in r:
+            skipped.append(r)
+            log(f"skip {r['op']}/{r['divergence']}/{r['provider']} N={r['N']}: {r['skipped']}")
+            return
+        results.append(r)
+        if r["pass"] == "fwd+bwd":
+            log(f"{r['op']:28s} {str(r['divergence']):10s} {r['provider']:13s} N={r['N']:<6d} V={r['V']:<6d} "
+                f"d={r['d']:<5d} fwd+bwd {r['median_ms']:9.1f} ms  peak {r['peak_mem_mb']:8.1f} MB")
+
+    todo = plan(args)
+    log(f"{len(todo)} cases on {device_name(args.device)}, {args.dtype}, warmup {args.warmup}, repeat {args.repeat}")
+    if cuda:
+        run_cases(todo, device=args.device, warmup=args.warmup, repeat=args.repeat, emit=emit)
+    else:
+        groups = {}
+        for c in todo:
+            groups.setdefault((c["op"], c["provider"]), []).append(c)
+        for (op, prov), group in groups.items():
+            if prov not in ("naive", "naive_compile", "torch"):  # probe cheaply in-process first
+                try:
+                    cases.probe(op, cases.divergences(op)[0], prov, args.device, getattr(torch, args.dtype))
+                except Unavailable as exc:
+                    for c in group:
+                        emit(dict(c, skipped=str(exc)))
+                    continue
+            run_in_subprocess(group, device=args.device, warmup=args.warmup, repeat=args.repeat,
+                              emit=emit, timeout=args.timeout)
+
+    m = meta(args, args.device)
+    if cuda or not args.quick:
+        m["gemm"] = add_floor(results, args.device, args.dtype, log)
+    m["ratio_check"] = ratio_check(results, log)
+    m["wall_s"] = round(time.time() - t_start, 1)
+    data = {"meta": m, "results": results,
+            "skipped": _dedupe_skips(skipped)}
+    write(out, data)
+    if not args.no_plots:
+        import plot
+        plot.plot_all(data, out)
+    log(f"wrote {out}/results.json, results.csv and plots ({len(results)} rows, {len(data['skipped'])} skip reasons)")
+
+
+def _dedupe_skips(skipped):
+    """One entry per (op, divergence, provider, reason), with the Ns it covers."""
+    merged = {}
+    for s in skipped:
+        k = (s["op"], s["divergence"], s["provider"], s["skipped"])
+        merged.setdefault(k, dict(op=s["op"], divergence=s["divergence"], provider=s["provider"],
+                                  reason=s["skipped"], N=[]))["N"].append(s["N"])
+    return list(merged.values())
+
+
+if __name__ == "__main__":
+    main()
