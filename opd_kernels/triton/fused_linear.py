@@ -103,8 +103,9 @@ def fused_row_stats_kernel(hs, ws, bs, ht, wt, bt, hr, wr, br, y_ptr, out_ptr,
         col_ok = cols < hi
         a = scaled_logits_tile(hs, ws, bs, rows, cols, row_ok, col_ok, DS, stride_hs, stride_ws,
                                inv_temp, HAS_BS, PRECISION, BLOCK_N, BLOCK_V, BLOCK_K)
-        if HAS_Y:  # only the tile holding the target matches (y outside [lo, hi) never does)
-            a_y += tl.sum(tl.where(cols[None, :] == y[:, None], a, 0.0), 1)
+        if HAS_Y:  # only the column holding the target matches (padded columns never do)
+            hit = (cols[None, :] == y[:, None]) & col_ok[None, :]
+            a_y += tl.sum(tl.where(hit, a, 0.0), 1)
         b = a
         if HAS_T:
             b = target_logits_tile(ht, wt, bt, hr, wr, br, rows, cols, row_ok, col_ok, DT, DR,
