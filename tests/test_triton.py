@@ -37,6 +37,12 @@ def assert_close(actual, expected, rtol=2e-5, atol=2e-5):
     torch.testing.assert_close(actual.double().cpu(), expected.double().cpu(), rtol=rtol, atol=atol)
 
 
+def assert_rel(actual, expected, tol):
+    """Norm-wise relative error (for low-precision GEMM outputs summed over a large V or N)."""
+    err = (actual.double() - expected.double()).norm() / expected.double().norm()
+    assert err < tol, f"relative error {err:.2e} >= {tol:.0e}"
+
+
 def d64(*xs):
     return [None if x is None else x.double() for x in xs]
 
@@ -267,6 +273,18 @@ def test_fused_jsd_sums():
     assert_close(got, ref.jsd_sums(s, t, AB, inv_temp=1.0, beta=0.25))
 
 
+def test_fused_row_stats_mixed_dtypes():
+    """fp16 student hidden with an fp32 weight (cast to the weight's dtype in the kernel) and
+    an fp16 teacher. The interpreter's fp16 tl.dot accumulates in fp16, hence the tolerance."""
+    hs, ws, bs = model(12, 410, 32, bias=True)
+    ht, wt, _ = model(12, 410, 48)
+    args = (hs.half(), ws, bs, ht.half(), wt.half(), None, None, None, None)
+    y = targets(12, 410)
+    got = tb.fused_row_stats(*args, y, inv_temp=1.0)
+    rtol = 3e-2 if DEV == "cpu" else 1e-3
+    assert_close(got, ref.row_stats(*logits_of(args), y, inv_temp=1.0), rtol=rtol, atol=rtol)
+
+
 def fused_grad_ref(args, y, rs, g, need_db, **kw):
     s, t, r = logits_of(args)
     ds = ref.grad_logits(s, t, r, y, rs, g, **kw)
@@ -434,8 +452,7 @@ def test_cuda_large_logits(dtype):
     rs, g = rs_ref(s, t, None, None, "reverse_kl", 1.0), upstream(N)
     ds = tb.grad_logits(s, t, None, None, rs.float(), g.float(), kind="reverse_kl", inv_temp=1.0)
     want = ref.grad_logits(*d64(s, t), None, None, rs, g, kind="reverse_kl", inv_temp=1.0)
-    tol = dict(rtol=1.6e-2, atol=1e-5) if dtype == torch.bfloat16 else dict(rtol=2e-4, atol=1e-7)
-    assert_close(ds, want, **tol)
+    assert_rel(ds, want, 1e-2 if dtype == torch.bfloat16 else 1e-5)
 
 
 @pytest.mark.cuda
@@ -450,9 +467,9 @@ def test_cuda_large_fused(dtype):
     dh, dw, _ = tb.fused_grad(*args, None, rs.float(), g.float(), kind="reverse_kl", inv_temp=1.0,
                               need_dw=True, need_db=False)
     dh_ref, dw_ref, _ = fused_grad_ref(args, None, rs, g, False, kind="reverse_kl", inv_temp=1.0)
-    scale = dict(rtol=5e-2, atol=5e-3) if dtype == torch.bfloat16 else dict(rtol=1e-3, atol=1e-4)
-    assert_close(dh, dh_ref, **scale)
-    assert_close(dw, dw_ref, **scale)
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
+    assert_rel(dh, dh_ref, tol)
+    assert_rel(dw, dw_ref, tol)
 
 
 @pytest.mark.cuda

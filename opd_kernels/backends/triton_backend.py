@@ -88,18 +88,23 @@ def _logits_cfg(N: int, V: int, dtype: torch.dtype) -> _Cfg:
 def _fused_cfg(N: int, V: int, d: int, dtype: torch.dtype) -> _Cfg:
     """GEMM-shaped fused kernels: tl.dot tiles (every block dimension >= 16)."""
     block_n = max(16, min(64, _pow2(N)))
+    block_k = max(16, min(64 if dtype.itemsize <= 2 else 32, _pow2(d)))
     if _interpreted():
-        return _Cfg(block_n, block_v=min(128, max(16, _pow2(V))), block_k=max(16, min(64, _pow2(d))))
+        return _Cfg(block_n, block_v=max(16, min(128, _pow2(V))), block_k=max(16, min(64, _pow2(d))))
     if dtype.itemsize <= 2:
-        return _Cfg(block_n, 128, 64, num_warps=8, num_stages=3)
-    return _Cfg(min(block_n, 32), 64, 32, num_warps=4, num_stages=2)
+        return _Cfg(block_n, max(16, min(128, _pow2(V))), block_k, num_warps=8, num_stages=3)
+    return _Cfg(min(block_n, 32), max(16, min(64, _pow2(V))), block_k, num_warps=4, num_stages=2)
 
 
-def _precision(dtype: torch.dtype) -> str:
-    """fp32 dots follow torch's matmul setting (full fp32 unless TF32 is allowed)."""
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 and not _interpreted():
-        return "tf32"
-    return "ieee"
+def _precision(*weights) -> str:
+    """fp32 dots follow torch's matmul setting: full fp32 ("ieee") unless TF32 is allowed.
+
+    Only fp32 operands are affected; bf16/fp16 dots always run on tensor cores.
+    """
+    fp32 = any(w is not None and w.dtype == torch.float32 for w in weights)
+    if fp32 and (_interpreted() or not torch.backends.cuda.matmul.allow_tf32):
+        return "ieee"
+    return "tf32"
 
 
 _AUTOTUNE = os.environ.get("OPD_TRITON_AUTOTUNE", "0") == "1" and triton is not None
@@ -278,7 +283,7 @@ def fused_row_stats(hs, ws, bs, ht, wt, bt, hr, wr, br, targets, *, inv_temp, la
     targets = _vec(targets)
     args = (*ptrs, ptrs[0] if targets is None else targets, part, N, V, *dims, *strides,
             float(inv_temp), float(lam), int(vocab_start), splits)
-    consts = dict(flags, HAS_Y=targets is not None, PRECISION=_precision(ptrs[1].dtype))
+    consts = dict(flags, HAS_Y=targets is not None, PRECISION=_precision(ws, wt, wr))
     _launch_fused("stats", _fl.fused_row_stats_kernel,
                   lambda bn, bv: (triton.cdiv(N, bn), splits), cfg, args, consts)
     return _merge_splits(part)
@@ -293,7 +298,7 @@ def fused_jsd_sums(hs, ws, bs, ht, wt, bt, AB, *, inv_temp, beta):
     log_beta, log_1m_beta = _log_betas(beta)
     args = (*ptrs[:6], _f32(AB), part, N, V, *dims[:2], *strides[:4], float(inv_temp), log_beta,
             log_1m_beta, splits)
-    consts = dict(HAS_BS=flags["HAS_BS"], HAS_BT=flags["HAS_BT"], PRECISION=_precision(ptrs[1].dtype))
+    consts = dict(HAS_BS=flags["HAS_BS"], HAS_BT=flags["HAS_BT"], PRECISION=_precision(ws, wt))
     _launch_fused("jsd", _fl.fused_jsd_sums_kernel,
                   lambda bn, bv: (triton.cdiv(N, bn), splits), cfg, args, consts)
     return part.sum(0)
@@ -318,7 +323,7 @@ def fused_grad(hs, ws, bs, ht, wt, bt, hr, wr, br, targets, rs, g, *, kind, inv_
     scalars = (N, V, *dims, *strides, float(inv_temp), float(lam), float(beta), log_beta,
                log_1m_beta, int(vocab_start))
     consts = dict(flags, KIND=KIND_IDS[kind], HAS_Y=targets is not None,
-                  HAS_ENT=bool(with_entropy), PRECISION=_precision(ptrs[1].dtype))
+                  HAS_ENT=bool(with_entropy), PRECISION=_precision(ws, wt, wr))
     _launch_fused("dh", _fl.fused_grad_dh_kernel, lambda bn, bv: (triton.cdiv(N, bn),), cfg,
                   (*ptrs, *common, dh, *scalars), consts)
     if need_dw or need_db:
