@@ -23,7 +23,13 @@ def flat_mask(mask, lead_shape, device) -> torch.Tensor:
 
 
 def backend_name(impl: str, device: torch.device) -> str:
-    return _dispatch.resolve(impl, device).NAME
+    return _backend_name(impl, device.type)
+
+
+@torch.compiler.assume_constant_result
+def _backend_name(impl: str, device_type: str) -> str:
+    """Resolved once per call in eager mode, once per trace under ``torch.compile``."""
+    return _dispatch.resolve(impl, torch.device(device_type)).NAME
 
 
 def shard_start(V_local: int, group) -> int:

@@ -19,7 +19,7 @@ def logits_loss(s, t, r, *, kind, beta, lam, temperature, mask, reduction, vocab
     """Shared body of ``distill_loss`` and ``gopd_loss`` (``r``: reference logits or None)."""
     vocab = V.check_pair("student_logits", s, "teacher_logits", t, vocab_size)
     if r is not None:
-        vocab = V.check_pair("student_logits", s, "ref_logits", r, vocab_size or vocab)
+        vocab = V.check_pair("student_logits", s, "ref_logits", r, vocab_size)
     if group is not None and vocab_size is not None:
         raise ValueError("vocab_size is not supported with process_group: pass the unpadded shard instead")
     lead = s.shape[:-1]

@@ -1,0 +1,31 @@
+"""The ops are torch.library custom ops: a function calling them compiles with fullgraph=True."""
+import pytest
+import torch
+
+import opd_kernels as ok
+
+
+def loss_fn(s, t, h, w, ht, wt, y, mask):
+    a = ok.distill_loss(s, t, divergence="jsd", beta=0.3, mask=mask)
+    b = ok.fused_linear_distill_loss(h, w, ht, wt, divergence="reverse_kl", mask=mask)
+    c = ok.token_logprobs(s, y).sum() + ok.fused_linear_token_logprobs(h, w, y).sum()
+    d = ok.fused_linear_distill_loss(h, w, ht, wt, divergence="forward_kl", reduction="none").sum()
+    return a + b + c + d
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compile_fullgraph(backend):
+    torch._dynamo.reset()
+    N, V, d = 12, 97, 16
+    s, t = torch.randn(N, V, requires_grad=True), torch.randn(N, V)
+    h, w, ht, wt = torch.randn(N, d, requires_grad=True), torch.randn(V, d, requires_grad=True), \
+        torch.randn(N, d), torch.randn(V, d)
+    y, mask = torch.randint(0, V, (N,)), torch.rand(N) > 0.2
+    eager = loss_fn(s, t, h, w, ht, wt, y, mask)
+    ge = torch.autograd.grad(eager, (s, h, w))
+    compiled = torch.compile(loss_fn, fullgraph=True, backend=backend)
+    out = compiled(s, t, h, w, ht, wt, y, mask)
+    gc = torch.autograd.grad(out, (s, h, w))
+    torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
+    for a, b in zip(gc, ge):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

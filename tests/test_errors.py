@@ -1,0 +1,63 @@
+"""Bad input raises ValueError/TypeError naming the argument and what was seen."""
+import pytest
+import torch
+
+import opd_kernels as ok
+
+S, T = torch.randn(4, 10), torch.randn(4, 10)
+
+
+@pytest.mark.parametrize("call,exc,pattern", [
+    (lambda: ok.distill_loss(S, torch.randn(5, 10)), ValueError, r"leading dims.*\(4, 10\).*\(5, 10\)"),
+    (lambda: ok.distill_loss(S, torch.randn(4, 12)), ValueError, r"student_logits has 10.*teacher_logits has 12"),
+    (lambda: ok.distill_loss(S, T, temperature=0), ValueError, r"temperature.*0"),
+    (lambda: ok.distill_loss(S, T, temperature=-1.5), ValueError, r"temperature.*-1.5"),
+    (lambda: ok.distill_loss(S, T, divergence="jsd", beta=1.5), ValueError, r"beta.*\[0, 1\].*1.5"),
+    (lambda: ok.distill_loss(S, T, divergence="kl"), ValueError, r"divergence.*'kl'"),
+    (lambda: ok.distill_loss(S, T, reduction="avg"), ValueError, r"reduction.*'avg'"),
+    (lambda: ok.distill_loss(S, T, impl="tpu"), ValueError, r"impl.*'tpu'"),
+    (lambda: ok.distill_loss(S, T, impl="cuda"), ValueError, r"impl='cuda'.*(no CUDA device|not built)"),
+    (lambda: ok.distill_loss(S.long(), T), TypeError, r"student_logits.*floating.*int64"),
+    (lambda: ok.distill_loss(S, T.to(torch.complex64)), TypeError, r"teacher_logits.*floating.*complex64"),
+    (lambda: ok.distill_loss(S, T, mask=torch.ones(4)), TypeError, r"mask.*bool.*float32"),
+    (lambda: ok.distill_loss(S, T, mask=torch.ones(3, dtype=torch.bool)), ValueError, r"mask.*\(4,\).*\(3,\)"),
+    (lambda: ok.distill_loss(S, T, vocab_size=11), ValueError, r"vocab_size.*11"),
+    (lambda: ok.distill_loss(S, T.to("meta")), ValueError, r"one device.*student_logits on cpu.*meta"),
+    (lambda: ok.token_logprobs(S, torch.tensor([0, 1, 10, 2])), ValueError, r"targets.*\[0, 10\).*\[10\]"),
+    (lambda: ok.token_logprobs(S, torch.tensor([0, 1, -3, 2])), ValueError, r"targets.*-3"),
+    (lambda: ok.token_logprobs(S, torch.zeros(4)), TypeError, r"targets.*integer.*float32"),
+    (lambda: ok.token_logprobs(S, torch.zeros(5, dtype=torch.long)), ValueError, r"targets.*\(4,\).*\(5,\)"),
+    (lambda: ok.gopd_loss(S, T, T, reward_scale=float("nan")), ValueError, r"reward_scale.*nan"),
+    (lambda: ok.gopd_loss(S, T, torch.randn(4, 9)), ValueError, r"ref_logits has 9"),
+    (lambda: ok.gopd_advantages(torch.zeros(3), torch.zeros(3), torch.zeros(4)), ValueError,
+     r"old_logprobs.*\(3,\).*\(4,\)"),
+    (lambda: ok.sparse_distill_loss(S, torch.zeros(4, 3, dtype=torch.long), torch.zeros(4, 2)), ValueError,
+     r"teacher_topk_ids.*\(4, 3\).*\(4, 2\)"),
+    (lambda: ok.sparse_distill_loss(S, torch.full((4, 2), 10), torch.zeros(4, 2)), ValueError, r"\[0, 10\)"),
+    (lambda: ok.fused_linear_distill_loss(torch.randn(4, 8), torch.randn(10, 7), torch.randn(4, 8),
+                                          torch.randn(10, 8)), ValueError, r"student_weight.*\[V, d\].*8.*\(10, 7\)"),
+    (lambda: ok.fused_linear_distill_loss(torch.randn(4, 8), torch.randn(10, 8), torch.randn(3, 8),
+                                          torch.randn(10, 8)), ValueError, r"teacher_hidden.*\(4,\).*\(3,\)"),
+    (lambda: ok.fused_linear_distill_loss(torch.randn(4, 8), torch.randn(10, 8), torch.randn(4, 8),
+                                          torch.randn(12, 8)), ValueError, r"10.*12.*vocab_size"),
+    (lambda: ok.fused_linear_distill_loss(torch.randn(4, 8), torch.randn(10, 8), torch.randn(4, 8),
+                                          torch.randn(10, 8), student_bias=torch.randn(9)), ValueError,
+     r"student_bias.*\(10,\).*\(9,\)"),
+    (lambda: ok.fused_linear_token_logprobs(torch.randn(4, 8), torch.randn(10, 8), torch.tensor([0, 1, 2, 10])),
+     ValueError, r"targets.*\[0, 10\)"),
+])
+def test_bad_input(call, exc, pattern):
+    with pytest.raises(exc, match=pattern):
+        call()
+
+
+def test_env_impl_is_validated(monkeypatch):
+    monkeypatch.setenv("OPD_KERNELS_IMPL", "fast")
+    with pytest.raises(ValueError, match="OPD_KERNELS_IMPL.*'fast'"):
+        ok.distill_loss(S, T)
+
+
+def test_padded_vocab_with_vocab_size():
+    loss = ok.fused_linear_distill_loss(torch.randn(4, 8), torch.randn(10, 8), torch.randn(4, 8),
+                                        torch.randn(12, 8), vocab_size=10)
+    assert torch.isfinite(loss)
