@@ -1,0 +1,127 @@
+"""Vocab-parallel: 2 and 3 gloo processes with uneven vocabulary shards must reproduce the
+single-process float64 reference: loss, per-token values, and gradients of the local logits /
+lm_head shard and of the replicated hidden states."""
+import os
+import socket
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import opd_kernels as ok
+import reference as ref
+
+N, D, DT = 23, 16, 24
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _close(a, b, what):
+    torch.testing.assert_close(a.double(), b.double(), rtol=1e-7, atol=1e-9, msg=what)
+
+
+def _check(name, ours, expected, our_inputs, ref_inputs, shard_of):
+    """Value + gradients (random upstream, same on all ranks) against the full reference."""
+    _close(ours, expected, f"{name}: value")
+    up = torch.randn(expected.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    gs = torch.autograd.grad((ours * up).sum(), our_inputs)
+    rs = torch.autograd.grad((expected * up).sum(), ref_inputs)
+    for k, (g, r) in enumerate(zip(gs, rs)):
+        _close(g, shard_of[k](r), f"{name}: grad {k}")
+
+
+def _worker(rank, world, port, sizes, errfile):
+    try:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+        torch.set_num_threads(1)
+        group = dist.group.WORLD
+        V = sum(sizes)
+        lo, hi = sum(sizes[:rank]), sum(sizes[:rank + 1])
+        shard = lambda x: x[..., lo:hi]  # noqa: E731
+        wshard = lambda x: x[lo:hi]  # noqa: E731
+        same = lambda x: x  # noqa: E731
+        g = torch.Generator().manual_seed(0)
+        rnd = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+        S, T, R = rnd(2, N, V) * 2, rnd(2, N, V) * 2, rnd(2, N, V) * 2
+        S[0, 0, :3] = -float("inf")  # banned tokens, possibly on one shard only
+        T[0, 0, :3] = -float("inf")
+        mask = torch.rand(2, N, generator=g) > 0.2
+        y = torch.randint(0, V, (2, N), generator=g)
+        y[1, :4] = -100
+
+        def local(x):
+            return shard(x).clone().requires_grad_()
+
+        def full(x):
+            return x.clone().requires_grad_()
+
+        # token logprobs + entropy
+        s, x = local(S), full(S)
+        lp, ent = ok.token_logprobs(s, y, temperature=0.7, return_entropy=True, process_group=group)
+        rlp, rent = ref.token_logprobs(x, y, 0.7)
+        _check("token_logprobs", torch.stack([lp, ent]), torch.stack([rlp, rent]), [s], [x], [shard])
+        # divergences, reductions
+        for div, beta in (("forward_kl", .5), ("reverse_kl", .5), ("jsd", .5), ("jsd", .2), ("jsd", 0.0)):
+            for red in ("mean", "none"):
+                s, x = local(S), full(S)
+                ours = ok.distill_loss(s, shard(T), divergence=div, beta=beta, temperature=1.3, mask=mask,
+                                       reduction=red, process_group=group)
+                exp = ref.reduce(ref.divergence_rows(x, T, div, beta, 1.3), mask, red)
+                _check(f"distill {div} {beta} {red}", ours, exp, [s], [x], [shard])
+        # G-OPD
+        s, x = local(S), full(S)
+        ours = ok.gopd_loss(s, shard(T), shard(R), reward_scale=1.25, mask=mask, process_group=group)
+        exp = ref.reduce(ref.divergence_rows(x, T, "reverse_kl", r=R, lam=1.25), mask, "mean")
+        _check("gopd", ours, exp, [s], [x], [shard])
+        # sparse top-k teacher (global ids)
+        tlp, ids = torch.log_softmax(T[1] / 1.0, -1).topk(9, -1)
+        s, x = local(S[1]), full(S[1])
+        for div in ("forward_kl", "reverse_kl", "jsd"):
+            ours = ok.sparse_distill_loss(s, ids, tlp, divergence=div, process_group=group)
+            exp = ref.sparse_rows(x, ids, tlp, div).mean()
+            _check(f"sparse {div}", ours, exp, [s], [x], [shard])
+        # fused-linear: weight shards, replicated hidden states
+        Hs, Ws, Bs = rnd(2, N, D), rnd(V, D) / 2, rnd(V)
+        Ht, Wt, Hr, Wr = rnd(2, N, DT), rnd(V, DT) / 2, rnd(2, N, D), rnd(V, D) / 2
+        loc = [full(Hs), wshard(Ws).clone().requires_grad_(), wshard(Bs).clone().requires_grad_()]
+        glob = [full(Hs), full(Ws), full(Bs)]
+        logits = lambda xs: xs[0] @ xs[1].T + xs[2]  # noqa: E731
+        lp = ok.fused_linear_token_logprobs(*loc[:2], y, bias=loc[2], chunk_size=7, process_group=group)
+        exp, _ = ref.token_logprobs(logits(glob), y)
+        _check("fused token_logprobs", lp, exp, loc, glob, [same, wshard, wshard])
+        for div in ("forward_kl", "reverse_kl", "jsd"):
+            for red in ("mean", "none"):
+                loc = [full(Hs), wshard(Ws).clone().requires_grad_(), wshard(Bs).clone().requires_grad_()]
+                glob = [full(Hs), full(Ws), full(Bs)]
+                ours = ok.fused_linear_distill_loss(loc[0], loc[1], Ht, wshard(Wt), student_bias=loc[2],
+                                                    divergence=div, mask=mask, reduction=red, chunk_size=10,
+                                                    process_group=group)
+                exp = ref.reduce(ref.divergence_rows(logits(glob), Ht @ Wt.T, div), mask, red)
+                _check(f"fused {div} {red}", ours, exp, loc, glob, [same, wshard, wshard])
+        loc, glob = [full(Hs), wshard(Ws).clone().requires_grad_()], [full(Hs), full(Ws)]
+        ours = ok.fused_linear_gopd_loss(loc[0], loc[1], Ht, wshard(Wt), Hr, wshard(Wr), reward_scale=1.5,
+                                         process_group=group)
+        exp = ref.divergence_rows(glob[0] @ glob[1].T, Ht @ Wt.T, "reverse_kl", r=Hr @ Wr.T, lam=1.5).mean()
+        _check("fused gopd", ours, exp, loc, glob, [same, wshard])
+        dist.destroy_process_group()
+    except Exception:
+        import traceback
+        with open(errfile, "a") as f:
+            f.write(f"rank {rank}:\n{traceback.format_exc()}\n")
+        raise
+
+
+@pytest.mark.parametrize("sizes", [[600, 413], [400, 400, 213]])
+def test_vocab_parallel(sizes):
+    with tempfile.NamedTemporaryFile("r", suffix=".log") as err:
+        try:
+            mp.spawn(_worker, args=(len(sizes), _free_port(), sizes, err.name), nprocs=len(sizes), join=True)
+        except Exception as exc:
+            pytest.fail(f"{exc}\n{open(err.name).read()}")
