@@ -1,0 +1,196 @@
+// Shared device helpers for the opd_kernels._C CUDA kernels.
+//
+// Every kernel here walks one row (one token position) per thread block over the vocabulary in
+// "chunks" of E consecutive elements per thread: E = 16 bytes / the smaller element size of the
+// tensors read together, so each tensor is read with whole 16-byte vector loads (1 or 2 per
+// chunk) when its rows are 16-byte aligned, and element by element otherwise. The V % E tail is
+// done one element per thread. All math is fp32; indices and offsets are int64.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <limits>
+
+namespace opd {
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+constexpr int kMaxThreads = 512;
+
+// ---------------------------------------------------------------- loads and stores
+
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Vec {
+  T v[N];
+};
+
+// Elements per chunk when reading a TS tensor and a TT tensor side by side.
+template <typename TS, typename TT>
+constexpr int chunk_elems() {
+  return 16 / (sizeof(TS) < sizeof(TT) ? sizeof(TS) : sizeof(TT));
+}
+
+// x[0..E) = float(p[0..E)); `vec` says p is 16-byte aligned (E * sizeof(T) is a multiple of 16).
+template <typename T, int E>
+__device__ __forceinline__ void load_chunk(const T* p, bool vec, float (&x)[E]) {
+  static_assert((E * sizeof(T)) % 16 == 0, "a chunk must be whole 16-byte vectors");
+  constexpr int PER = 16 / sizeof(T);
+  if (vec) {
+#pragma unroll
+    for (int k = 0; k < E / PER; ++k) {
+      const Vec<T, PER> u = *reinterpret_cast<const Vec<T, PER>*>(p + k * PER);
+#pragma unroll
+      for (int j = 0; j < PER; ++j) x[k * PER + j] = static_cast<float>(u.v[j]);
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < E; ++j) x[j] = static_cast<float>(p[j]);
+  }
+}
+
+template <typename T, int E>
+__device__ __forceinline__ void store_chunk(T* p, bool vec, const float (&x)[E]) {
+  static_assert((E * sizeof(T)) % 16 == 0, "a chunk must be whole 16-byte vectors");
+  constexpr int PER = 16 / sizeof(T);
+  if (vec) {
+#pragma unroll
+    for (int k = 0; k < E / PER; ++k) {
+      Vec<T, PER> u;
+#pragma unroll
+      for (int j = 0; j < PER; ++j) u.v[j] = static_cast<T>(x[k * PER + j]);
+      *reinterpret_cast<Vec<T, PER>*>(p + k * PER) = u;
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < E; ++j) p[j] = static_cast<T>(x[j]);
+  }
+}
+
+// Host: can rows of `x` (row stride in elements) be read with 16-byte vector loads?
+inline bool vec_ok(const at::Tensor& x) {
+  if (!x.defined()) return false;
+  const auto addr = reinterpret_cast<std::uintptr_t>(x.data_ptr());
+  return addr % 16 == 0 && (x.stride(0) * x.element_size()) % 16 == 0;
+}
+
+// ---------------------------------------------------------------- online softmax pieces
+
+// x * f, where a factor that underflowed to 0 drops the term (so +inf * 0 never makes NaN).
+__device__ __forceinline__ float rescale(float x, float f) { return f == 0.f ? 0.f : x * f; }
+
+// e^(m_old - m_new) for m_new >= m_old, 1 when they are equal (both -inf included).
+__device__ __forceinline__ float shift(float m_old, float m_new) {
+  return m_old == m_new ? 1.f : __expf(m_old - m_new);
+}
+
+// Weight e^(x - m) of one term: exactly 0 for x = -inf (also when m = -inf).
+__device__ __forceinline__ float weight(float x, float m) { return x == kNegInf ? 0.f : __expf(x - m); }
+
+// log(e^x + e^y) with -inf handled: logaddexp(-inf, -inf) = -inf.
+__device__ __forceinline__ float logaddexp(float x, float y) {
+  const float mx = fmaxf(x, y), mn = fminf(x, y);
+  return mx == kNegInf ? kNegInf : mx + log1pf(__expf(mn - mx));
+}
+
+// Running (max, sum e^(x - max), two weighted sums) of one softmax; merges like the recurrence.
+struct Online {
+  float m, S, X, Y;
+  __device__ __forceinline__ void init() { m = kNegInf, S = 0.f, X = 0.f, Y = 0.f; }
+  __device__ __forceinline__ void merge(float m2, float S2, float X2, float Y2) {
+    const float mn = fmaxf(m, m2), f1 = shift(m, mn), f2 = shift(m2, mn);
+    S = S * f1 + S2 * f2;
+    X = rescale(X, f1) + rescale(X2, f2);
+    Y = rescale(Y, f1) + rescale(Y2, f2);
+    m = mn;
+  }
+  // Move the running max up to m_new (>= m) before adding terms weighted by e^(x - m_new).
+  __device__ __forceinline__ void raise_max(float m_new) {
+    if (m_new > m) {
+      const float f = __expf(m - m_new);
+      S *= f, X = rescale(X, f), Y = rescale(Y, f), m = m_new;
+    }
+  }
+};
+
+// ---------------------------------------------------------------- block reductions
+
+__device__ __forceinline__ void warp_merge(Online& o) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) {
+    const float m2 = __shfl_xor_sync(0xffffffffu, o.m, off);
+    const float S2 = __shfl_xor_sync(0xffffffffu, o.S, off);
+    const float X2 = __shfl_xor_sync(0xffffffffu, o.X, off);
+    const float Y2 = __shfl_xor_sync(0xffffffffu, o.Y, off);
+    o.merge(m2, S2, X2, Y2);
+  }
+}
+
+// Merges every thread's Online state; the result is valid in thread 0. blockDim.x % 32 == 0.
+__device__ __forceinline__ Online block_merge(Online o) {
+  __shared__ Online part[kMaxThreads / 32];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+  warp_merge(o);
+  __syncthreads();  // `part` may be reused by a previous call in the same kernel
+  if (lane == 0) part[warp] = o;
+  __syncthreads();
+  if (warp == 0) {
+    if (lane < nwarps) {
+      o = part[lane];
+    } else {
+      o.init();
+    }
+    warp_merge(o);
+  }
+  return o;
+}
+
+template <int K>
+__device__ __forceinline__ void block_sum(float (&x)[K]) {
+  __shared__ float part[K][kMaxThreads / 32];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+#pragma unroll
+  for (int k = 0; k < K; ++k)
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) x[k] += __shfl_xor_sync(0xffffffffu, x[k], off);
+  __syncthreads();
+  if (lane == 0) {
+#pragma unroll
+    for (int k = 0; k < K; ++k) part[k][warp] = x[k];
+  }
+  __syncthreads();
+  if (warp == 0) {
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      x[k] = lane < nwarps ? part[k][lane] : 0.f;
+#pragma unroll
+      for (int off = 16; off > 0; off >>= 1) x[k] += __shfl_xor_sync(0xffffffffu, x[k], off);
+    }
+  }
+}
+
+// ---------------------------------------------------------------- host helpers
+
+// Threads per row: enough for ~4 chunks per thread, a multiple of 32, at most kMaxThreads.
+inline int threads_for(int64_t V, int E) {
+  const int64_t chunks = (V + E - 1) / E;
+  int t = 32;
+  while (t < kMaxThreads && int64_t(t) * 4 < chunks) t <<= 1;
+  return t;
+}
+
+// Calls f(T{}) with T the C++ type of a float32 / float16 / bfloat16 dtype.
+template <typename F>
+void dispatch_float(at::ScalarType st, const char* what, F&& f) {
+  switch (st) {
+    case at::kFloat: f(float{}); break;
+    case at::kHalf: f(at::Half{}); break;
+    case at::kBFloat16: f(at::BFloat16{}); break;
+    default:
+      TORCH_CHECK(false, "opd_kernels_C: ", what, " must be float32, float16 or bfloat16, got ", st);
+  }
+}
+
+}  // namespace opd
