@@ -1,0 +1,165 @@
+"""Command line: argument groups, presets and validation for ``python -m opd_train``.
+
+Presets fill in every option left unset on the command line: ``default`` is the bundled
+3-digit task with a ~0.9M-parameter Llama teacher and a ~0.1M-parameter Qwen2 student;
+``smoke`` is a tiny version that runs any method end to end in well under a minute.
+Method options default to the values of the papers that introduced them.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+
+import torch
+
+from .methods import METHODS
+from .models import ModelSpec
+
+PRESETS = {
+    "smoke": dict(
+        digits=2, ops="+", steps=12, batch_size=16, lr=3e-3, eval_every=6, eval_size=64, save_every=6,
+        teacher=ModelSpec("llama", d_model=48, layers=2, heads=4, kv_heads=4, mlp=128, steps=300,
+                          batch_size=64, lr=1e-2, context_fraction=0.0),
+        student=ModelSpec("qwen2", d_model=32, layers=2, heads=4, kv_heads=2, mlp=96, steps=60,
+                          batch_size=64, lr=1e-2),
+    ),
+    "default": dict(
+        digits=3, ops="+", steps=300, batch_size=32, lr=2e-3, eval_every=25, eval_size=256, save_every=50,
+        teacher=ModelSpec("llama", d_model=128, layers=4, heads=4, kv_heads=4, mlp=384, steps=1500,
+                          batch_size=128, lr=3e-3, context_fraction=0.0),
+        student=ModelSpec("qwen2", d_model=64, layers=2, heads=4, kv_heads=2, mlp=192, steps=150,
+                          batch_size=128, lr=3e-3),
+    ),
+}
+PRESET_KEYS = ("digits", "ops", "steps", "batch_size", "lr", "eval_every", "eval_size", "save_every")
+
+
+def _typed(cast, ok, what):
+    def parse(text):
+        try:
+            value = cast(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+    return parse
+
+
+pos_int = _typed(int, lambda v: v > 0, "a positive integer")
+nonneg_int = _typed(int, lambda v: v >= 0, "a non-negative integer")
+pos_float = _typed(float, lambda v: v > 0 and v < float("inf"), "a positive finite number")
+unit = _typed(float, lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]")
+rate = _typed(float, lambda v: 0.0 < v <= 1.0, "a number in (0, 1]")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m opd_train",
+        description="Train a student with one of the surveyed on-policy distillation methods. With no "
+                    "arguments: OPD on the bundled arithmetic task (teacher and student are pre-trained "
+                    "once and cached under $OPD_TRAIN_CACHE, default ~/.cache/opd_train).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("run")
+    g.add_argument("--method", choices=METHODS, default="opd", help="training method")
+    g.add_argument("--preset", choices=sorted(PRESETS), default="default",
+                   help="fills options left unset: task, model sizes and budget (smoke: < 1 min on 2 cores)")
+    g.add_argument("--out", default=None, help="output dir for metrics.jsonl, curves.png, ckpt/ (default runs/METHOD)")
+    g.add_argument("--steps", type=pos_int, help="training steps (preset: smoke 12, default 300)")
+    g.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--resume", action="store_true", help="continue exactly from OUT/ckpt")
+    g.add_argument("--threads", type=pos_int, default=1,
+                   help="torch CPU threads per process (tiny models gain little from more; 1 avoids oversubscription)")
+
+    g = p.add_argument_group("optimization")
+    g.add_argument("--lr", type=pos_float, help="AdamW learning rate, constant (preset: smoke 3e-3, default 2e-3)")
+    g.add_argument("--batch-size", type=pos_int,
+                   help="completions per step and process = prompts x samples-per-prompt (preset: 16 / 32)")
+    g.add_argument("--samples-per-prompt", type=pos_int,
+                   help="samples per prompt (method default: opd/gopd 4, grpo/sdpo 8, others 1)")
+    g.add_argument("--epochs-per-batch", type=pos_int, default=1,
+                   help="optimizer updates per sampled batch (>1 makes importance ratios/clipping active)")
+    g.add_argument("--temperature", type=pos_float, default=1.0, help="sampling temperature (gkd has its own)")
+    g.add_argument("--grad-clip", type=pos_float, default=1.0, help="max gradient norm")
+    g.add_argument("--max-new-tokens", type=pos_int, help="generation length cap (bundled task: answer length + 2)")
+
+    g = p.add_argument_group("evaluation and checkpoints")
+    g.add_argument("--eval-every", type=pos_int, help="steps between held-out evaluations (preset: 6 / 25)")
+    g.add_argument("--eval-size", type=pos_int, help="held-out prompts, greedy exact match (preset: 64 / 256)")
+    g.add_argument("--save-every", type=pos_int, help="steps between checkpoints (preset: 6 / 50)")
+
+    g = p.add_argument_group("bundled task (ignored with --data)")
+    g.add_argument("--digits", type=pos_int, help="operand digits (preset: smoke 2, default 3)")
+    g.add_argument("--ops", choices=("+", "-", "+-"), help="operations (preset: +)")
+
+    g = p.add_argument_group("bring your own models and data")
+    g.add_argument("--student", help="HF causal LM dir to train (default: the cached bundled student)")
+    g.add_argument("--teacher", help="HF causal LM dir of the teacher (gkd, opd, gopd; default: bundled teacher)")
+    g.add_argument("--ref", help="gopd reference model dir (default: the student at initialisation)")
+    g.add_argument("--data", help="JSONL with fields prompt, answer and optional solution, feedback")
+    g.add_argument("--eval-data", help="held-out JSONL (default: the last eval-size rows of --data)")
+    g.add_argument("--vocab-size", type=pos_int,
+                   help="use the first N vocabulary entries of student and teacher (padded vocabularies)")
+
+    g = p.add_argument_group("grpo / gopd sampled (PPO-style)")
+    g.add_argument("--ppo-clip", type=pos_float, default=0.2, help="ratio clip ε of the surrogate")
+
+    g = p.add_argument_group("gkd (Agarwal et al., 2024)")
+    g.add_argument("--gkd-lambda", type=unit, default=0.5, help="fraction of steps on student samples (λ)")
+    g.add_argument("--gkd-beta", type=unit, default=0.5, help="JSD skew β (0 forward KL, 1 reverse KL)")
+    g.add_argument("--gkd-temperature", type=pos_float, default=0.9, help="student sampling temperature")
+
+    g = p.add_argument_group("opd (Thinking Machines, 2025)")
+    g.add_argument("--opd-loss", choices=("sampled", "fullvocab"), default="sampled",
+                   help="sampled: A_t = log p_T - log pi_sampler, importance-weighted PG; "
+                        "fullvocab: exact reverse KL per token")
+
+    g = p.add_argument_group("opsd (Zhao et al., 2026)")
+    g.add_argument("--opsd-divergence", choices=("jsd", "forward_kl"), default="jsd")
+    g.add_argument("--opsd-beta", type=unit, default=0.5, help="JSD β")
+    g.add_argument("--opsd-clip", type=pos_float, default=None, help="clip each token's divergence at this value")
+
+    g = p.add_argument_group("sdft (Shenfeld et al., 2026)")
+    g.add_argument("--sdft-ema", type=rate, default=0.01, help="EMA rate of the self-teacher per step")
+    g.add_argument("--sdft-skip-tokens", type=nonneg_int, default=0, help="leading completion tokens left out")
+
+    g = p.add_argument_group("sdpo (Hübotter et al., 2026)")
+    g.add_argument("--sdpo-ema", type=rate, default=0.05, help="EMA rate of the self-teacher per step")
+    g.add_argument("--sdpo-topk", type=pos_int, default=100, help="teacher top-k (capped at the vocabulary)")
+    g.add_argument("--sdpo-alpha", type=unit, default=0.5, help="JSD skew α over the top-k + tail buckets")
+    g.add_argument("--sdpo-ratio-clip", type=pos_float, default=2.0, help="truncated importance ratio cap")
+
+    g = p.add_argument_group("gopd (Yang et al., 2026)")
+    g.add_argument("--gopd-reward-scale", type=pos_float, default=1.25,
+                   help="λ: 1 = OPD, >1 = ExOPD reward extrapolation (useful range 1-3)")
+    g.add_argument("--gopd-loss", choices=("fullvocab", "sampled"), default="fullvocab")
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = build_parser()
+    args = p.parse_args(argv)
+    preset = PRESETS[args.preset]
+    for key in PRESET_KEYS:
+        if getattr(args, key) is None:
+            setattr(args, key, preset[key])
+    args.teacher_spec, args.student_spec = preset["teacher"], preset["student"]
+    if args.out is None:
+        args.out = os.path.join("runs", args.method)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is available")
+    spp = args.samples_per_prompt
+    if spp is None:
+        from .methods import get
+        spp = get(args.method).default_samples_per_prompt
+    if args.batch_size % spp:
+        p.error(f"--batch-size {args.batch_size} must be a multiple of the samples per prompt ({spp} for "
+                f"{args.method}); set --samples-per-prompt or --batch-size")
+    if args.method in ("opsd", "sdft", "sdpo") and args.teacher:
+        p.error(f"--teacher: {args.method} uses the student itself as teacher")
+    if args.ref and args.method != "gopd":
+        p.error("--ref is only used by --method gopd")
+    if args.eval_data and not args.data:
+        p.error("--eval-data needs --data")
+    return args

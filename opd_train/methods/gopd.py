@@ -1,0 +1,58 @@
+"""G-OPD / ExOPD: generalized on-policy distillation with reward extrapolation (Yang et al., 2026).
+
+Target ``p* ∝ p_T^λ · p_ref^(1−λ)`` with ``λ`` = ``--gopd-reward-scale`` (1.25 = ExOPD; λ=1 is
+plain OPD). ``p_ref`` is the student's initial policy, or ``--ref DIR`` (e.g. the teacher's
+pre-RL base model, "reward correction"). On the student's samples:
+
+* ``--gopd-loss fullvocab`` (default): exact ``KL(π ‖ p*)`` per token via
+  `opd_kernels.fused_linear_gopd_loss`;
+* ``--gopd-loss sampled``: per-token advantage
+  ``A_t = λ (log p_T − log p_ref) − (log π_old − log p_ref)`` from `opd_kernels.gopd_advantages`
+  with the PPO clipped surrogate (``--ppo-clip`` 0.2).
+"""
+from __future__ import annotations
+
+import torch
+
+import opd_kernels as ok
+
+from .. import rollout as R
+from ..models import load
+from . import Method, masked_mean
+from .grpo import clipped_surrogate
+
+
+class GOPD(Method):
+    name = "gopd"
+    default_samples_per_prompt = 4
+    external_teacher = True
+
+    def __init__(self, tr):
+        super().__init__(tr)
+        ref = load(self.args.ref or tr.student_path, tr.device).eval().requires_grad_(False)
+        self.ref = R.LM(ref, tr.vocab_size)
+
+    def prepare(self, examples):
+        tr = self.tr
+        b = self.rollout(examples, self.samples_per_prompt, self.args.temperature)
+        b["teacher_hidden"] = self.frozen_hidden(tr.teacher, b["seqs"])
+        b["ref_hidden"] = self.frozen_hidden(self.ref, b["seqs"])
+        if self.args.gopd_loss == "sampled":
+            with torch.no_grad():
+                b["teacher_logprobs"] = R.token_logprobs(tr.teacher, b["teacher_hidden"], b["seqs"])
+                b["ref_logprobs"] = R.token_logprobs(self.ref, b["ref_hidden"], b["seqs"])
+        return b
+
+    def loss(self, b):
+        s, tr, a = b["seqs"], self.tr, self.args
+        h = self.student_hidden(s)
+        if a.gopd_loss == "fullvocab":
+            loss = ok.fused_linear_gopd_loss(h, tr.student.weight, b["teacher_hidden"], tr.teacher.weight,
+                                             b["ref_hidden"], self.ref.weight, student_bias=tr.student.bias,
+                                             teacher_bias=tr.teacher.bias, ref_bias=self.ref.bias,
+                                             reward_scale=a.gopd_reward_scale, mask=s.mask)
+            return loss, {}
+        lp = R.token_logprobs(tr.student, h, s)
+        old = self.old_logprobs(b, lp)
+        adv = ok.gopd_advantages(b["teacher_logprobs"], b["ref_logprobs"], old, reward_scale=a.gopd_reward_scale)
+        return masked_mean(clipped_surrogate(lp, old, adv, a.ppo_clip), s.mask), {}

@@ -1,0 +1,48 @@
+"""On-policy distillation, Thinking Machines recipe (Lu & Thinking Machines Lab, 2025).
+
+The student samples ``G`` completions per prompt (default 4) at T=1; the external teacher
+scores the sampled tokens. Each token's advantage is the negative per-token reverse KL
+estimate ``A_t = log p_T(y_t) − log π_sampler(y_t)`` (no discounting), and the loss is the
+importance-weighted policy gradient ``−Σ_t (π/π_sampler) A_t`` over sampled tokens — teacher
+logprobs come from `opd_kernels.fused_linear_token_logprobs`.
+
+``--opd-loss fullvocab`` instead minimises the exact full-vocabulary reverse KL
+``KL(π ‖ p_T)`` at every sampled position (`fused_linear_distill_loss`), on the same samples.
+"""
+from __future__ import annotations
+
+import torch
+
+import opd_kernels as ok
+
+from .. import rollout as R
+from . import Method, masked_mean
+
+
+class OPD(Method):
+    name = "opd"
+    default_samples_per_prompt = 4
+    external_teacher = True
+
+    def prepare(self, examples):
+        tr = self.tr
+        b = self.rollout(examples, self.samples_per_prompt, self.args.temperature)
+        b["teacher_hidden"] = self.frozen_hidden(tr.teacher, b["seqs"])
+        if self.args.opd_loss == "sampled":
+            with torch.no_grad():
+                b["teacher_logprobs"] = R.token_logprobs(tr.teacher, b["teacher_hidden"], b["seqs"])
+        return b
+
+    def loss(self, b):
+        s, tr = b["seqs"], self.tr
+        h = self.student_hidden(s)
+        if self.args.opd_loss == "fullvocab":
+            loss = ok.fused_linear_distill_loss(h, tr.student.weight, b["teacher_hidden"], tr.teacher.weight,
+                                                student_bias=tr.student.bias, teacher_bias=tr.teacher.bias,
+                                                divergence="reverse_kl", mask=s.mask)
+            return loss, {}
+        lp = R.token_logprobs(tr.student, h, s)
+        old = self.old_logprobs(b, lp)
+        adv = b["teacher_logprobs"] - old  # −(per-token reverse KL estimate), detached
+        loss = masked_mean(-torch.exp(lp - old) * adv, s.mask)
+        return loss, {"reverse_kl": masked_mean(-adv, s.mask).item()}

@@ -1,0 +1,40 @@
+"""OPSD, on-policy self-distillation (Zhao et al., 2026).
+
+The teacher is the student itself, frozen at the start of training, shown the prompt plus
+the reference (worked) solution; the student sees the prompt only. On the student's own
+samples, the loss is the full-vocabulary divergence between the two (``--opsd-divergence``:
+``jsd`` with β=``--opsd-beta`` (0.5) or ``forward_kl``) per token, optionally clipped per token
+at ``--opsd-clip`` so that a few "pivot" tokens cannot dominate the update.
+"""
+from __future__ import annotations
+
+import opd_kernels as ok
+
+from .. import rollout as R
+from ..models import load
+from . import Method, masked_mean
+
+
+class OPSD(Method):
+    name = "opsd"
+
+    def __init__(self, tr):
+        super().__init__(tr)
+        # frozen copy of the initial student (reloaded from its directory, so resume needs nothing extra)
+        self.teacher = R.LM(load(tr.student_path, tr.device).eval().requires_grad_(False))
+
+    def prepare(self, examples):
+        b = self.rollout(examples, self.samples_per_prompt, self.args.temperature)
+        ctx = [self.tr.task.with_context(ex, "solution") for ex in b["examples"]]
+        b["teacher_hidden"] = self.frozen_hidden(self.teacher, self.repack(b["seqs"], ctx))
+        return b
+
+    def loss(self, b):
+        s, tr, a = b["seqs"], self.tr, self.args
+        per = ok.fused_linear_distill_loss(self.student_hidden(s), tr.student.weight, b["teacher_hidden"],
+                                           self.teacher.weight, student_bias=tr.student.bias,
+                                           teacher_bias=self.teacher.bias, divergence=a.opsd_divergence,
+                                           beta=a.opsd_beta, mask=s.mask, reduction="none")
+        if a.opsd_clip is not None:
+            per = per.clamp(max=a.opsd_clip)  # clipped tokens give no gradient
+        return masked_mean(per, s.mask), {}

@@ -1,0 +1,24 @@
+"""SFT baseline: token cross-entropy on the dataset's reference answers (teacher forcing)."""
+from __future__ import annotations
+
+from .. import rollout as R
+from . import Method
+
+
+def sft_loss(lm: R.LM, s: R.Seqs, fwd=None):
+    """Mean negative log-likelihood of the completion tokens (fused: no logits built).
+
+    ``fwd`` computes the hidden states (the DDP wrapper of ``lm`` when data-parallel).
+    """
+    lp = R.token_logprobs(lm, R.completion_hidden(fwd or lm, s), s)
+    return -lp.sum() / s.mask.sum().clamp(min=1)
+
+
+class SFT(Method):
+    name = "sft"
+
+    def prepare(self, examples):
+        return self.reference(examples)
+
+    def loss(self, b):
+        return sft_loss(self.tr.student, b["seqs"], self.tr.student_fwd), {}

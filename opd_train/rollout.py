@@ -1,0 +1,210 @@
+"""Sequences, sampling and per-token log-probabilities: everything methods share.
+
+Layout. A batch of (prompt, completion) pairs is packed as ``[left pad | prompt | completion |
+right pad]`` with every prompt right-aligned at column ``P``, so completion token ``j`` of every
+row sits at column ``P + j`` and is predicted by the hidden state at column ``P + j - 1``. Two
+packings of the *same* completions under different prompts (the student's prompt and a teacher's
+prompt with privileged context) therefore give hidden states of the same shape ``[B, C, d]`` that
+line up token for token — which is what the fused distillation ops take.
+
+Models are seen through `LM`: backbone hidden states (``model.base_model``, i.e. after the final
+norm) plus the ``lm_head`` weight. Losses never build ``[B, C, V]`` logits; they call the
+`opd_kernels` fused-linear ops on ``(hidden, lm_head.weight)``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationConfig
+
+import opd_kernels as ok
+
+IGNORE = -100
+
+
+class LM(nn.Module):
+    """A causal LM as (hidden states, lm_head weight). ``forward`` returns ``[B, T, d]``.
+
+    Wrapping this module (not the HF model) in DDP keeps gradient all-reduce working while the
+    loss is computed outside ``forward`` by the fused ops.
+    """
+
+    def __init__(self, model: nn.Module, vocab_size: int | None = None):
+        super().__init__()
+        self.model = model
+        self.vocab_size = vocab_size  # use only the first vocab_size lm_head rows (padded vocabularies)
+
+    def forward(self, input_ids, attention_mask, position_ids):
+        out = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                                    position_ids=position_ids, use_cache=False)
+        return out.last_hidden_state
+
+    @property
+    def weight(self) -> torch.Tensor:
+        w = self.model.get_output_embeddings().weight
+        return w if self.vocab_size is None else w[: self.vocab_size]
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        b = getattr(self.model.get_output_embeddings(), "bias", None)
+        return b if b is None or self.vocab_size is None else b[: self.vocab_size]
+
+
+# -- encoding ---------------------------------------------------------------------------------
+def _render(tok, content: str) -> str:
+    return tok.apply_chat_template([{"role": "user", "content": content}],
+                                   add_generation_prompt=True, tokenize=False)
+
+
+def _template_parts(tok) -> tuple[str, str] | None:
+    """(prefix, suffix) if the chat template inserts the user content verbatim, else None.
+
+    Rendering the Jinja template costs ~1 ms per prompt, more than a tiny model's forward;
+    templates that just wrap the content are rendered once and reused (checked on two probes).
+    """
+    if not hasattr(tok, "_opd_template_parts"):
+        parts, probe = None, "\x00"
+        pre, _, suf = _render(tok, probe).partition(probe)
+        if all(_render(tok, c) == pre + c + suf for c in ("12+34=", "a b\nc ")):
+            parts = (pre, suf)
+        tok._opd_template_parts = parts
+    return tok._opd_template_parts
+
+
+def encode_prompts(tok, contents: list[str]) -> list[list[int]]:
+    """Token ids of user turns through the tokenizer's chat template, each ready for the answer."""
+    parts = _template_parts(tok)
+    texts = [parts[0] + c + parts[1] if parts else _render(tok, c) for c in contents]
+    return tok(texts, add_special_tokens=False).input_ids
+
+
+def encode_answers(tok, texts: list[str]) -> list[list[int]]:
+    """Token ids of assistant answers, each terminated by EOS (what generation must produce)."""
+    return [ids + [tok.eos_token_id] for ids in tok(texts, add_special_tokens=False).input_ids]
+
+
+def pad_completions(answers: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad token lists into ``(ids [B, C], mask [B, C] bool)``."""
+    c = max(len(a) for a in answers)
+    ids = torch.full((len(answers), c), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(answers), c, dtype=torch.bool)
+    for i, a in enumerate(answers):
+        ids[i, : len(a)] = torch.tensor(a, dtype=torch.long)
+        mask[i, : len(a)] = True
+    return ids, mask
+
+
+@dataclass
+class Seqs:
+    """Packed ``[left pad | prompt | completion | right pad]`` rows (see the module docstring)."""
+    input_ids: torch.Tensor       # [B, P + C]
+    attention_mask: torch.Tensor  # [B, P + C]
+    position_ids: torch.Tensor    # [B, P + C], counted from each row's first real token
+    prompt_len: int               # P
+    completion: torch.Tensor      # [B, C] token ids (pad where not mask)
+    mask: torch.Tensor            # [B, C] bool: real completion tokens (EOS included)
+
+    @property
+    def targets(self) -> torch.Tensor:
+        """Completion ids with ``IGNORE`` at padding, as the ops' ``targets``."""
+        return self.completion.masked_fill(~self.mask, IGNORE)
+
+
+def pack(prompts: list[list[int]], completion: torch.Tensor, mask: torch.Tensor, pad_id: int) -> Seqs:
+    p = max(len(x) for x in prompts)
+    b, c = completion.shape
+    ids = torch.full((b, p), pad_id, dtype=torch.long)
+    am = torch.zeros(b, p + c, dtype=torch.long)
+    for i, x in enumerate(prompts):
+        ids[i, p - len(x):] = torch.tensor(x, dtype=torch.long)
+        am[i, p - len(x):p] = 1
+    am[:, p:] = mask.long()
+    ids = torch.cat([ids, completion.masked_fill(~mask, pad_id)], dim=1)
+    pos = (am.cumsum(1) - 1).clamp(min=0)
+    dev = completion.device
+    return Seqs(ids.to(dev), am.to(dev), pos.to(dev), p, completion, mask)
+
+
+def completion_hidden(lm: nn.Module, s: Seqs) -> torch.Tensor:
+    """Hidden states ``[B, C, d]`` that predict the completion tokens (``lm`` is an `LM` or its DDP)."""
+    h = lm(s.input_ids, s.attention_mask, s.position_ids)
+    return h[:, s.prompt_len - 1: s.prompt_len - 1 + s.completion.shape[1]]
+
+
+def token_logprobs(lm: LM, hidden: torch.Tensor, s: Seqs, temperature: float = 1.0) -> torch.Tensor:
+    """``log p(y_t)`` of the completion tokens, ``[B, C]``, 0 at padding (fused: no logits built)."""
+    return ok.fused_linear_token_logprobs(hidden, lm.weight, s.targets, bias=lm.bias,
+                                          temperature=temperature, ignore_index=IGNORE)
+
+
+# -- sampling ---------------------------------------------------------------------------------
+@torch.no_grad()
+def generate(model: nn.Module, tok, prompts: list[list[int]], *, max_new_tokens: int,
+             temperature: float = 1.0, greedy: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample one completion per prompt with HF ``generate`` (KV cache).
+
+    Returns ``(completion [B, C], mask [B, C])``; the mask covers tokens up to and including the
+    first EOS (all tokens if none was produced). Sampling is plain ancestral sampling at
+    ``temperature`` (no top-k/top-p), so the samples follow the policy the losses assume.
+    """
+    dev = next(model.parameters()).device
+    p = max(len(x) for x in prompts)
+    ids = torch.full((len(prompts), p), tok.pad_token_id, dtype=torch.long)
+    am = torch.zeros_like(ids)
+    for i, x in enumerate(prompts):
+        ids[i, p - len(x):] = torch.tensor(x, dtype=torch.long)
+        am[i, p - len(x):] = 1
+    cfg = GenerationConfig(
+        max_new_tokens=max_new_tokens, do_sample=not greedy, temperature=None if greedy else temperature,
+        top_k=None, top_p=None, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+        bos_token_id=tok.bos_token_id)
+    was_training = model.training
+    model.eval()
+    out = model.generate(input_ids=ids.to(dev), attention_mask=am.to(dev), generation_config=cfg)
+    model.train(was_training)
+    comp = out[:, p:]
+    is_eos = comp == tok.eos_token_id
+    # keep tokens up to and including the first EOS
+    mask = (is_eos.long().cumsum(1) - is_eos.long()) == 0
+    return comp, mask
+
+
+def decode(tok, completion: torch.Tensor, mask: torch.Tensor) -> list[str]:
+    """Completion texts without EOS/padding."""
+    keep = mask & (completion != tok.eos_token_id)
+    return [tok.decode(row[m].tolist(), skip_special_tokens=True) for row, m in zip(completion, keep)]
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, tok, task, examples, *, max_new_tokens: int | None = None,
+             batch_size: int = 512) -> float:
+    """Held-out exact-match accuracy of greedy decoding (no privileged context)."""
+    correct, max_new_tokens = 0, max_new_tokens or task.max_answer_chars + 2
+    for i in range(0, len(examples), batch_size):
+        exs = examples[i: i + batch_size]
+        comp, mask = generate(model, tok, encode_prompts(tok, [ex.prompt for ex in exs]),
+                              max_new_tokens=max_new_tokens, greedy=True)
+        correct += sum(task.reward(ex, text) for ex, text in zip(exs, decode(tok, comp, mask)))
+    return correct / max(1, len(examples))
+
+
+@torch.no_grad()
+def teacher_topk(lm: LM, hidden: torch.Tensor, k: int, temperature: float = 1.0,
+                 chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-``k`` token ids and their full-vocabulary-normalised log-probs, ``[..., k]`` each.
+
+    This is how a served teacher's top-k logprobs look (SDPO uses top-100). Logits exist only
+    for ``chunk`` rows at a time, without gradient.
+    """
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    ids, lps = [], []
+    for rows in flat.split(chunk):
+        logits = F.linear(rows, lm.weight, lm.bias).float() / temperature
+        val, idx = logits.topk(k, dim=-1)
+        ids.append(idx)
+        lps.append(val - logits.logsumexp(-1, keepdim=True))
+    shape = (*hidden.shape[:-1], k)
+    return torch.cat(ids).view(shape), torch.cat(lps).view(shape)

@@ -1,0 +1,134 @@
+"""The bundled verifiable task: multi-digit arithmetic with worked solutions and feedback.
+
+A problem is ``"347+085="``: fixed-width zero-padded operands. The answer is written
+least-significant digit first (``347+85 = 432`` -> ``"2340"``, padded to ``digits+1``), which a
+tiny causal model can learn digit by digit with the carry; written most-significant first it
+needs look-ahead that small models do not learn in a CPU budget.
+
+Everything a method may condition a teacher on is generated here:
+
+* the **worked solution** (OPSD's privileged context): one ``x+y+c=cd`` column per digit,
+  least significant first, where ``c`` is the incoming carry and ``cd`` the carry-out and digit;
+* a **demonstration** (SDFT; SDPO's successful sibling): a correct answer;
+* **feedback** (SDPO) on an attempt: ``"2311 wrong ==xx"`` marks right ``=`` and wrong ``x`` digits.
+
+The verifier is exact match. ``Task`` is the interface that `opd_train.data.JsonlTask` (bring
+your own data) implements too.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+CONTEXT_KINDS = ("solution", "demo", "feedback")
+
+
+@dataclass(frozen=True)
+class Example:
+    prompt: str                   # what the student sees (user message content)
+    answer: str                   # reference answer; the verifier is exact match against it
+    solution: str | None = None   # worked solution (privileged context)
+    feedback: str | None = None   # fixed feedback text from a data file (BYO), if any
+
+
+class Task:
+    """Interface: training sampler, fixed held-out set, verifier, feedback, teacher contexts."""
+
+    max_answer_chars: int = 256
+
+    def sample(self, rng: random.Random, n: int) -> list[Example]:
+        raise NotImplementedError
+
+    def eval_examples(self) -> list[Example]:
+        raise NotImplementedError
+
+    def reward(self, ex: Example, completion: str) -> float:
+        """Exact match after stripping surrounding whitespace: 1.0 or 0.0."""
+        return float(completion.strip() == ex.answer.strip())
+
+    def feedback(self, ex: Example, completion: str) -> str:
+        raise NotImplementedError
+
+    def with_context(self, ex: Example, kind: str, *, attempt: str | None = None,
+                     demo: str | None = None) -> str:
+        """The teacher's user message: the prompt plus privileged context of ``kind``."""
+        raise NotImplementedError
+
+
+class ArithmeticTask(Task):
+    """``digits``-digit addition/subtraction (``ops`` in "+-"), answers least-significant digit first."""
+
+    def __init__(self, digits: int = 3, ops: str = "+", eval_size: int = 256, eval_seed: int = 1234):
+        if digits < 1 or not ops or set(ops) - set("+-"):
+            raise ValueError(f"ArithmeticTask: need digits >= 1 and ops from '+-', got {digits}, {ops!r}")
+        self.digits, self.ops = digits, ops
+        self.max_answer_chars = digits + 1
+        # Held-out problems are a fixed hash-defined 10% slice of all problems; training never sees them.
+        rng = random.Random(eval_seed)
+        self._eval = []
+        while len(self._eval) < eval_size:
+            a, b, op = self._draw(rng)
+            if self._is_heldout(a, b, op):
+                self._eval.append(self.make(a, b, op))
+
+    # -- problems -------------------------------------------------------------------------
+    def _draw(self, rng: random.Random) -> tuple[int, int, str]:
+        hi = 10 ** self.digits - 1
+        a, b, op = rng.randint(0, hi), rng.randint(0, hi), rng.choice(self.ops)
+        if op == "-" and a < b:
+            a, b = b, a  # keep results non-negative
+        return a, b, op
+
+    def _is_heldout(self, a: int, b: int, op: str) -> bool:
+        key = (a * 10 ** self.digits + b) * 2 + (op == "-")
+        return (key * 2654435761) % 4294967296 % 10 == 0
+
+    def make(self, a: int, b: int, op: str) -> Example:
+        n = self.digits
+        xs, ys = f"{a:0{n}d}"[::-1], f"{b:0{n}d}"[::-1]  # least significant first
+        cols, digits, c = [], [], 0
+        for x, y in zip(map(int, xs), map(int, ys)):
+            v = x + y + c if op == "+" else x - y - c
+            c_out, d = (v // 10, v % 10) if op == "+" else (int(v < 0), v % 10)
+            cols.append(f"{x}{op}{y}{op}{c}={c_out}{d}")
+            digits.append(str(d))
+            c = c_out
+        answer = "".join(digits) + (str(c) if op == "+" else "")
+        return Example(prompt=f"{a:0{n}d}{op}{b:0{n}d}=", answer=answer, solution=" ".join(cols))
+
+    def sample(self, rng: random.Random, n: int) -> list[Example]:
+        out = []
+        while len(out) < n:
+            a, b, op = self._draw(rng)
+            if not self._is_heldout(a, b, op):
+                out.append(self.make(a, b, op))
+        return out
+
+    def eval_examples(self) -> list[Example]:
+        return self._eval
+
+    # -- privileged context ---------------------------------------------------------------
+    def feedback(self, ex: Example, completion: str) -> str:
+        got = completion.strip()[: self.max_answer_chars + 2]
+        if got == ex.answer:
+            return f"{got} right"
+        if len(got) != len(ex.answer) or not got.isdigit():
+            return f"{got} wrong format"
+        return f"{got} wrong " + "".join("=" if g == a else "x" for g, a in zip(got, ex.answer))
+
+    def with_context(self, ex: Example, kind: str, *, attempt: str | None = None,
+                     demo: str | None = None) -> str:
+        if kind == "solution":
+            return f"sol {ex.solution}\n{ex.prompt}"
+        if kind == "demo":
+            return f"demo {ex.answer if demo is None else demo}\n{ex.prompt}"
+        if kind == "feedback":
+            return f"fb {self.feedback(ex, ex.answer if attempt is None else attempt)}\n{ex.prompt}"
+        raise ValueError(f"unknown context kind {kind!r}; expected one of {CONTEXT_KINDS}")
+
+    def corrupt(self, rng: random.Random, ex: Example) -> str:
+        """A plausible wrong (or, 1 time in 4, right) attempt, for pre-training on feedback."""
+        digits = list(ex.answer)
+        for i in rng.sample(range(len(digits)), rng.choice([0, 1, 1, 2])):
+            digits[i] = rng.choice([d for d in "0123456789" if d != digits[i]])
+        return "".join(digits)
