@@ -33,17 +33,26 @@ def rows_per_chunk(V: int, bytes_per_elem: int = 4, budget: int | None = None) -
 
 def _f(x: torch.Tensor) -> torch.Tensor:
     """fp32 compute copy (float64 stays float64 so the oracle keeps its precision)."""
-    return x if x.dtype == torch.float64 else x.float()
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
+def _scaled(x: torch.Tensor, inv_temp: float) -> torch.Tensor:
+    return _f(x) if inv_temp == 1.0 else _f(x) * inv_temp
 
 
 def _wsum(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """sum_v w * x with zero-weight terms dropped (so -inf in x under w == 0 gives 0)."""
-    return torch.where(w > 0, w * x, 0.0).sum(-1)
+    """sum_v w * x where terms with w == 0 and x = +-inf (0 * inf = NaN) count as 0.
+    A NaN input still propagates: it makes the row max, hence S, NaN."""
+    return torch.nansum(w * x, -1)
 
 
-def _target_logits(a, b_t, b_r, lam):
-    if b_t is None:
-        return None
+def _max_exp(x: torch.Tensor):
+    """(m, e^(x - m)) per row."""
+    m = x.amax(-1, keepdim=True)
+    return m, (x - m).exp_()
+
+
+def _target_logits(b_t, b_r, lam):
     return b_t if b_r is None else lam * b_t + (1.0 - lam) * b_r
 
 
@@ -58,25 +67,34 @@ def _chunks(N, V):
     return [(i, min(N, i + step)) for i in range(0, N, step)]
 
 
-def row_stats(s, t, r, targets, *, inv_temp, lam=1.0, vocab_start=0):
+# Columns a given op needs (the engine passes ``need=`` to this backend only; the kernels of
+# the other backends compute all eight in the same memory-bound pass).
+ACCEPTS_NEED = True
+NEED = {"logprob": {"a_y"}, "logprob+entropy": {"a_y", "U_a"}, "forward_kl": {"D_p"},
+        "reverse_kl": {"D_q"}, "jsd": {"b"}}
+
+
+def row_stats(s, t, r, targets, *, inv_temp, lam=1.0, vocab_start=0, need=None):
     N, V = s.shape
+    need = need or {"U_a", "D_q", "D_p", "a_y"}
     out = torch.zeros(N, N_STATS, dtype=torch.float64 if s.dtype == torch.float64 else torch.float32,
                       device=s.device)
     for i, j in _chunks(N, V):
-        a = _f(s[i:j]) * inv_temp
-        m_a = a.amax(-1, keepdim=True)
-        e_a = torch.exp(a - m_a)
-        out[i:j, 0] = m_a[:, 0]
-        out[i:j, 1] = e_a.sum(-1)
-        out[i:j, 2] = _wsum(e_a, a)
+        a = _scaled(s[i:j], inv_temp)
+        m_a, e_a = _max_exp(a)
+        out[i:j, 0], out[i:j, 1] = m_a[:, 0], e_a.sum(-1)
+        if "U_a" in need:
+            out[i:j, 2] = _wsum(e_a, a)
         if t is not None:
-            b = _target_logits(a, _f(t[i:j]) * inv_temp, None if r is None else _f(r[i:j]) * inv_temp, lam)
-            m_b = b.amax(-1, keepdim=True)
-            e_b = torch.exp(b - m_b)
-            out[i:j, 3] = m_b[:, 0]
-            out[i:j, 4] = e_b.sum(-1)
-            out[i:j, 5] = _wsum(e_a, a - b)
-            out[i:j, 6] = _wsum(e_b, b - a)
+            b = _target_logits(_scaled(t[i:j], inv_temp), None if r is None else _scaled(r[i:j], inv_temp), lam)
+            m_b, e_b = _max_exp(b)
+            out[i:j, 3], out[i:j, 4] = m_b[:, 0], e_b.sum(-1)
+            if "D_q" in need or "D_p" in need:
+                diff = a - b
+                if "D_q" in need:
+                    out[i:j, 5] = _wsum(e_a, diff)
+                if "D_p" in need:
+                    out[i:j, 6] = -_wsum(e_b, diff)
         if targets is not None:
             y, inside = _local_target(targets[i:j], vocab_start, V)
             out[i:j, 7] = torch.where(inside, a.gather(1, y[:, None])[:, 0], 0.0)
@@ -95,38 +113,40 @@ def jsd_sums(s, t, AB, *, inv_temp, beta):
     N, V = s.shape
     out = torch.zeros(N, 2, dtype=AB.dtype, device=s.device)
     for i, j in _chunks(N, V):
-        a, b = _f(s[i:j]) * inv_temp, _f(t[i:j]) * inv_temp
+        a, b = _scaled(s[i:j], inv_temp), _scaled(t[i:j], inv_temp)
         log_q, log_p, log_m = _log_mixture(a, b, AB[i:j, 0], AB[i:j, 1], beta)
         out[i:j, 0] = _wsum(log_p.exp(), log_p - log_m)
         out[i:j, 1] = _wsum(log_q.exp(), log_q - log_m)
     return out
 
 
-def grad_logits_chunk(a, b, targets, rs, g, *, kind, inv_temp, beta=0.5, vocab_start=0):
-    """d(loss)/ds for one chunk of scaled logits ``a`` (and target logits ``b``), fp32/fp64."""
-    A, B, C, H = rs.unbind(-1)
-    log_q = a - A[:, None]
-    q = log_q.exp()
+def _zero_nan_(x: torch.Tensor) -> torch.Tensor:
+    """0 * inf terms (zero probability times an infinite log-ratio) are 0."""
+    return x.nan_to_num_(nan=0.0, posinf=float("inf"), neginf=-float("inf"))
+
+
+def grad_logits_chunk(a, b, targets, rs, g, *, kind, beta=0.5, vocab_start=0, with_entropy=False):
+    """g_main * d(main)/da (+ g_ent * dH/da) for one chunk of scaled logits ``a`` (fp32/fp64).
+    (A NaN input gives a NaN loss; its gradient here is 0.)"""
+    A, B, C, H = (x[:, None] for x in rs.unbind(-1))
+    q = (a - A).exp_()
     if kind == "logprob":
         y, inside = _local_target(targets, vocab_start, a.shape[1])
-        d = -q
+        d = q.neg()
         d.scatter_add_(1, y[:, None], inside[:, None].to(q.dtype))
     elif kind == "forward_kl":
-        d = q - (b - B[:, None]).exp()
-    elif kind == "reverse_kl":
-        d = torch.where(q > 0, q * (log_q - (b - B[:, None]) - C[:, None]), 0.0)
+        d = q - (b - B).exp_()
+    elif kind == "reverse_kl":  # q (log q - log p - C) = q ((a - b) - (A - B + C))
+        d = _zero_nan_((a - b).sub_(A - B + C).mul_(q))
     elif kind == "jsd":
-        _, _, log_m = _log_mixture(a, b, A, B, beta)
-        d = torch.where(q > 0, (1.0 - beta) * q * (log_q - log_m - C[:, None]), 0.0)
+        _, _, log_m = _log_mixture(a, b, A[:, 0], B[:, 0], beta)
+        d = _zero_nan_((a - A).sub_(log_m).sub_(C).mul_(q)).mul_(1.0 - beta)
     else:
         raise ValueError(f"unknown kind {kind!r}")
-    return d * g[:, :1]
-
-
-def _entropy_grad(a, A, H):
-    log_q = a - A[:, None]
-    q = log_q.exp()
-    return torch.where(q > 0, -q * (log_q + H[:, None]), 0.0)
+    d.mul_(g[:, :1])
+    if with_entropy:  # dH/da = -q (log q + H)
+        d.add_(_zero_nan_((a - A).add_(H).mul_(q)).mul_(-g[:, 1:2]))
+    return d
 
 
 def grad_logits(s, t, r, targets, rs, g, *, kind, inv_temp, lam=1.0, beta=0.5, vocab_start=0,
@@ -134,14 +154,14 @@ def grad_logits(s, t, r, targets, rs, g, *, kind, inv_temp, lam=1.0, beta=0.5, v
     N, V = s.shape
     out = torch.empty_like(s) if out is None else out
     for i, j in _chunks(N, V):
-        a = _f(s[i:j]) * inv_temp
+        a = _scaled(s[i:j], inv_temp)
         b = None
         if t is not None:
-            b = _target_logits(a, _f(t[i:j]) * inv_temp, None if r is None else _f(r[i:j]) * inv_temp, lam)
+            b = _target_logits(_scaled(t[i:j], inv_temp), None if r is None else _scaled(r[i:j], inv_temp), lam)
         tg = None if targets is None else targets[i:j]
-        d = grad_logits_chunk(a, b, tg, rs[i:j], g[i:j], kind=kind, inv_temp=inv_temp, beta=beta,
-                              vocab_start=vocab_start)
-        if with_entropy:
-            d = d + g[i:j, 1:2] * _entropy_grad(a, rs[i:j, 0], rs[i:j, 3])
-        out[i:j] = (d * inv_temp).to(out.dtype)
+        d = grad_logits_chunk(a, b, tg, rs[i:j], g[i:j], kind=kind, beta=beta, vocab_start=vocab_start,
+                              with_entropy=with_entropy)
+        if inv_temp != 1.0:
+            d.mul_(inv_temp)
+        out[i:j] = d
     return out

@@ -53,13 +53,21 @@ def _rows_from_stats(stats, jsd, kind, beta, group):
     return main, rows.entropy, torch.stack([rows.A, rows.B, C, rows.entropy], -1)
 
 
+def _hints(be, kind, entropy):
+    """Which statistics the op needs, for backends that can skip the others (torch)."""
+    if not getattr(be, "ACCEPTS_NEED", False):
+        return {}
+    return {"need": be.NEED["logprob+entropy" if kind == "logprob" and entropy else kind]}
+
+
 def _kw(kind, inv_temp, lam, beta, vocab_start):
     return dict(kind=kind, inv_temp=inv_temp, lam=lam, beta=beta, vocab_start=vocab_start)
 
 
 # ----------------------------------------------------------------------------- logits level
-def rows_forward(be, s, t, r, targets, kind, inv_temp, lam, beta, vocab_start, group=None):
-    stats = be.row_stats(s, t, r, targets, inv_temp=inv_temp, lam=lam, vocab_start=vocab_start)
+def rows_forward(be, s, t, r, targets, kind, inv_temp, lam, beta, vocab_start, entropy=True, group=None):
+    stats = be.row_stats(s, t, r, targets, inv_temp=inv_temp, lam=lam, vocab_start=vocab_start,
+                         **_hints(be, kind, entropy))
     return _rows_from_stats(stats, lambda AB: be.jsd_sums(s, t, AB, inv_temp=inv_temp, beta=beta),
                             kind, beta, group)
 
@@ -73,7 +81,7 @@ def rows_backward(be, s, t, r, targets, rs, g, kind, inv_temp, lam, beta, vocab_
 def rows_op(s: Tensor, t: Optional[Tensor], r: Optional[Tensor], targets: Optional[Tensor], kind: str,
             inv_temp: float, lam: float, beta: float, vocab_start: int, entropy: bool,
             impl: str) -> tuple[Tensor, Tensor, Tensor]:
-    main, ent, rs = rows_forward(_be(impl), s, t, r, targets, kind, inv_temp, lam, beta, vocab_start)
+    main, ent, rs = rows_forward(_be(impl), s, t, r, targets, kind, inv_temp, lam, beta, vocab_start, entropy)
     return main.to(_acc(s)), ent.to(_acc(s)), rs.to(_acc(s))
 
 
@@ -124,7 +132,7 @@ class RowsPG(torch.autograd.Function):
     @staticmethod
     def forward(ctx, s, t, r, targets, kind, inv_temp, lam, beta, vocab_start, entropy, impl, group):
         be = _be(impl)
-        main, ent, rs = rows_forward(be, s, t, r, targets, kind, inv_temp, lam, beta, vocab_start, group)
+        main, ent, rs = rows_forward(be, s, t, r, targets, kind, inv_temp, lam, beta, vocab_start, entropy, group)
         ctx.save_for_backward(s, t, r, targets, rs)
         ctx.cfg = (be, kind, inv_temp, lam, beta, vocab_start, entropy)
         ctx.mark_non_differentiable(rs)
@@ -183,7 +191,7 @@ def _prepared(args):
     return [(h, _prep(w), b) for h, w, b in _split(args)]
 
 
-def fl_forward(be, args, targets, kind, inv_temp, lam, beta, vocab_start, chunk=0, group=None):
+def fl_forward(be, args, targets, kind, inv_temp, lam, beta, vocab_start, chunk=0, entropy=True, group=None):
     """Per-row (main, entropy, rs) for the fused-linear ops; ``args`` = (hs, ws, bs, ht, ..., br)."""
     kw = dict(inv_temp=inv_temp, lam=lam, vocab_start=vocab_start)
     if hasattr(be, "fused_row_stats"):
@@ -195,7 +203,8 @@ def fl_forward(be, args, targets, kind, inv_temp, lam, beta, vocab_start, chunk=
     parts = []
     for i, j in _chunks(N, V, chunk):
         s, t, r = _chunk_logits(models, i, j)
-        parts.append(be.row_stats(s, t, r, None if targets is None else targets[i:j], **kw))
+        parts.append(be.row_stats(s, t, r, None if targets is None else targets[i:j], **kw,
+                                  **_hints(be, kind, entropy)))
     stats = torch.cat(parts) if parts else args[0].new_zeros(0, 8, dtype=torch.float32)
 
     def jsd(AB):  # second pass: recompute the logits chunk by chunk
@@ -253,7 +262,7 @@ def fl_backward(be, args, targets, rs, g, kind, inv_temp, lam, beta, vocab_start
 def fl_loss_with_grads(be, args, targets, g, kind, inv_temp, lam, beta, vocab_start, entropy, need, chunk=0):
     """Scalar loss sum_i g_i . (main_i, H_i) and its gradients, in one pass over the chunks."""
     if hasattr(be, "fused_grad"):
-        main, ent, rs = fl_forward(be, args, targets, kind, inv_temp, lam, beta, vocab_start)
+        main, ent, rs = fl_forward(be, args, targets, kind, inv_temp, lam, beta, vocab_start, chunk, entropy)
         grads = fl_backward(be, args, targets, rs, g, kind, inv_temp, lam, beta, vocab_start, entropy, need) \
             if any(need) else (None, None, None)
         return main, ent, grads
@@ -264,7 +273,7 @@ def fl_loss_with_grads(be, args, targets, g, kind, inv_temp, lam, beta, vocab_st
     for i, j in _chunks(N, V, chunk):
         s, t, r = _chunk_logits(models, i, j)
         tg = None if targets is None else targets[i:j]
-        main, ent, rs = rows_forward(be, s, t, r, tg, kind, inv_temp, lam, beta, vocab_start)
+        main, ent, rs = rows_forward(be, s, t, r, tg, kind, inv_temp, lam, beta, vocab_start, entropy)
         mains.append(main), ents.append(ent)
         if any(need):
             gs = be.grad_logits(s, t, r, tg, rs, g[i:j], out=s, with_entropy=entropy,
@@ -302,7 +311,7 @@ def fl_rows_op(hs: Tensor, ws: Tensor, bs: Optional[Tensor], ht: Optional[Tensor
                targets: Optional[Tensor], kind: str, inv_temp: float, lam: float, beta: float,
                vocab_start: int, chunk: int, entropy: bool, impl: str) -> tuple[Tensor, Tensor, Tensor]:
     args = (hs, ws, bs, ht, wt, bt, hr, wr, br)
-    main, ent, rs = fl_forward(_be(impl), args, targets, kind, inv_temp, lam, beta, vocab_start, chunk)
+    main, ent, rs = fl_forward(_be(impl), args, targets, kind, inv_temp, lam, beta, vocab_start, chunk, entropy)
     return main.to(_acc(ws)), ent.to(_acc(ws)), rs.to(_acc(ws))
 
 
@@ -398,7 +407,7 @@ class FLRowsPG(torch.autograd.Function):
     @staticmethod
     def forward(ctx, targets, kind, inv_temp, lam, beta, vocab_start, chunk, entropy, impl, group, *args):
         be = _be(impl)
-        main, ent, rs = fl_forward(be, args, targets, kind, inv_temp, lam, beta, vocab_start, chunk, group)
+        main, ent, rs = fl_forward(be, args, targets, kind, inv_temp, lam, beta, vocab_start, chunk, entropy, group)
         ctx.save_for_backward(targets, rs, *args)
         ctx.cfg = (be, kind, inv_temp, lam, beta, vocab_start, entropy, chunk, group)
         ctx.need = [ctx.needs_input_grad[10 + k] for k in range(3)]
