@@ -34,19 +34,27 @@ except Exception as exc:  # noqa: BLE001 - any failure means "backend unavailabl
 NAME = "triton"
 
 
+def _is_interpreted(fn) -> bool:
+    return type(fn).__name__ == "InterpretedFunction"
+
+
 def _interpreted() -> bool:
-    """True when the kernels were defined under TRITON_INTERPRET=1 (they run on CPU tensors)."""
-    return type(row_stats_kernel).__name__ == "InterpretedFunction"
+    """True when the kernels *and* triton.language's own @jit helpers (tl.sum, tl.cdiv, ...)
+    were defined under TRITON_INTERPRET=1, i.e. the kernels can run on CPU tensors."""
+    return _is_interpreted(row_stats_kernel) and _is_interpreted(triton.language.cdiv)
 
 
 def available():
     if triton is None:
         return False, f"triton is not importable ({_IMPORT_ERROR})"
-    if torch.cuda.is_available() or _interpreted():
+    if _interpreted():
         return True, ""
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":
-        return False, "TRITON_INTERPRET=1 was set after triton kernels were defined (set it before import)"
-    return False, "no CUDA device (set TRITON_INTERPRET=1 before import to run the Triton interpreter on CPU)"
+    if _is_interpreted(row_stats_kernel) or _is_interpreted(triton.language.cdiv):
+        return False, ("TRITON_INTERPRET=1 was set after triton was first imported; set it before "
+                       "anything imports triton (e.g. at the top of conftest.py)")
+    if torch.cuda.is_available():
+        return True, ""
+    return False, "no CUDA device (set TRITON_INTERPRET=1 before importing triton to run on CPU)"
 
 
 # ----------------------------------------------------------------------------------- heuristics

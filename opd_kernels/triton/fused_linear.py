@@ -24,8 +24,9 @@ loop over row blocks; each program owns its ``dw``/``db`` rows). The price is re
 logits tiles twice (one extra ``2 N V d`` GEMM pass per model) instead of contended fp32 atomics
 (``N/BLOCK_N`` or ``V/BLOCK_V`` adds per element of ``dw`` or ``dh``), and the result is
 deterministic. The fp32 ``dh``/``dw`` accumulators live in global memory (a ``[BLOCK_N, d]``
-slab does not fit registers for d = 4096) and are read-modify-written per tile; their
-extra memory is the O(N d + V d) outputs themselves. ``ds`` is cast to the weight dtype for the
+slab does not fit registers for d = 4096) and are read-modify-written per tile, with a CTA
+barrier between tiles because the dot's register layout need not give each element to the
+thread that wrote it; their extra memory is the O(N d + V d) outputs themselves. ``ds`` is cast to the weight dtype for the
 tensor-core ``tl.dot`` (as autograd through a bf16 matmul would).
 
 Memory: nothing in this file allocates or writes anything of size ``N x V``: the only global
@@ -202,6 +203,7 @@ def fused_grad_dh_kernel(hs, ws, bs, ht, wt, bt, hr, wr, br, y_ptr, rs_ptr, g_pt
             acc = tl.load(ptrs, mask=mask, other=0.0)
             acc = tl.dot(ds, w, acc, input_precision=PRECISION)
             tl.store(ptrs, acc, mask=mask)
+        tl.debug_barrier()  # next tile's read of dh may come from other threads of this program
 
 
 @triton.jit
@@ -243,5 +245,6 @@ def fused_grad_dw_kernel(hs, ws, bs, ht, wt, bt, hr, wr, br, y_ptr, rs_ptr, g_pt
                 acc = tl.load(ptrs, mask=mask, other=0.0)
                 acc = tl.dot(ds_t, h.to(ws.dtype.element_ty), acc, input_precision=PRECISION)
                 tl.store(ptrs, acc, mask=mask)
+            tl.debug_barrier()  # next row block's read of dw may come from other threads
     if NEED_DB:
         tl.store(db_ptr + cols, db, mask=col_ok)
