@@ -104,12 +104,13 @@ def _quantile(xs, q):
     return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
-def measure(fn, x, *, device, warmup: int, repeat: int) -> dict:
+def measure(fn, x, *, device, warmup: int, repeat: int, tiny=None) -> dict:
     """``{pass: {median_ms, p20_ms, p80_ms, peak_mem_mb}}`` for fwd, bwd and fwd+bwd.
 
-    Order: ``warmup`` untimed steps (compiles, lazy init), one untimed memory step, then
-    ``repeat`` timed steps. ``bwd`` is the backward alone, timed after an untimed forward of the
-    same step; ``fwd+bwd`` is their sum within each step.
+    Order: one step on ``tiny()`` inputs (few rows, same V and d: compiles, lazy init, code
+    pages), ``warmup`` untimed full-size steps, one untimed memory step, then ``repeat`` timed
+    steps. ``bwd`` is the backward alone, timed after an untimed forward of the same step;
+    ``fwd+bwd`` is their sum within each step.
     """
     cuda = torch.device(device).type == "cuda"
     leaves = grad_leaves(x)
@@ -118,6 +119,8 @@ def measure(fn, x, *, device, warmup: int, repeat: int) -> dict:
         for t in leaves:
             t.grad = None
 
+    if tiny is not None:
+        backward(fn(tiny()))
     for _ in range(warmup):
         backward(fn(x))
         clear()

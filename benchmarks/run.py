@@ -33,8 +33,8 @@ from cases import OPS, PASSES, PROVIDERS, Unavailable  # noqa: E402
 # (N, V, d) sweeps. d is ignored by the logits-level ops. The quick set fits a 2-core CPU in
 # about 5 minutes; its largest fused shape is the memory/time ratio check of the issue.
 QUICK = {
-    "logits": [(512, 32000, 0), (1024, 32000, 0), (2048, 32000, 0)],
-    "fused": [(1024, 32000, 256), (2048, 32000, 256), (4096, 32000, 256)],
+    "logits": [(256, 32000, 0), (512, 32000, 0), (1024, 32000, 0), (1024, 8000, 0)],
+    "fused": [(256, 32000, 256), (512, 32000, 256), (1024, 32000, 256), (1024, 8000, 256)],
     # the ratio-check shape, for this (op, divergence) only
     "check": ("fused_linear_distill_loss", "reverse_kl", (6144, 32000, 256)),
 }
@@ -57,12 +57,15 @@ def plan(args) -> list[dict]:
         shapes = [tuple(int(v) for v in s.split(",")) for s in args.shapes]
         sweep = {"logits": shapes, "fused": shapes, "check": None}
     out = []
-    for op in args.ops:
+    # fused-linear ops first, compile last: what matters most runs before a --budget cuts in
+    ops = sorted(args.ops, key=lambda op: not cases.is_fused(op))
+    providers = sorted(args.providers, key=lambda p: p == "naive_compile")
+    for op in ops:
         for div in cases.divergences(op):
             shapes = list(sweep["fused" if cases.is_fused(op) else "logits"])
             if sweep["check"] and sweep["check"][:2] == (op, div):
                 shapes.append(sweep["check"][2])
-            for prov in args.providers:
+            for prov in providers:
                 for N, V, d in shapes:
                     out.append(dict(op=op, divergence=div, provider=prov, N=N, V=V,
                                     d=d if cases.is_fused(op) else 0, dtype=args.dtype))
@@ -71,10 +74,13 @@ def plan(args) -> list[dict]:
 
 # ----------------------------------------------------------------------------- worker
 
-def run_cases(todo: list[dict], *, device: str, warmup: int, repeat: int, emit):
+def run_cases(todo: list[dict], *, device: str, warmup: int, repeat: int, emit, deadline=None):
     """Run cases of one process; calls ``emit(record)`` per measured pass or skipped case."""
     built = {}
     for c in todo:
+        if deadline and time.time() > deadline:
+            emit(dict(c, skipped="time budget (--budget) exhausted before this case"))
+            continue
         key = (c["op"], c["divergence"], c["provider"])
         shape = {k: c[k] for k in ("N", "V", "d")}
         dtype = getattr(torch, c["dtype"])
@@ -87,7 +93,8 @@ def run_cases(todo: list[dict], *, device: str, warmup: int, repeat: int, emit):
             if isinstance(built[key], Unavailable):
                 raise built[key]
             x = cases.make_inputs(c["op"], c["N"], c["V"], c["d"], dtype, device)
-            res = measure.measure(built[key], x, device=device, warmup=warmup, repeat=repeat)
+            tiny = lambda: cases.make_inputs(c["op"], 64, c["V"], c["d"], dtype, device)  # noqa: E731
+            res = measure.measure(built[key], x, device=device, warmup=warmup, repeat=repeat, tiny=tiny)
         except Unavailable as exc:
             emit(dict(c, skipped=str(exc)))
             continue
@@ -107,12 +114,12 @@ def worker_main():
     job = json.load(sys.stdin)
     torch.manual_seed(0)
     run_cases(job["cases"], device=job["device"], warmup=job["warmup"], repeat=job["repeat"],
-              emit=lambda r: print(TAG + json.dumps(r), flush=True))
+              emit=lambda r: print(TAG + json.dumps(r), flush=True), deadline=job["deadline"])
 
 
-def run_in_subprocess(todo, *, device, warmup, repeat, emit, timeout):
+def run_in_subprocess(todo, *, device, warmup, repeat, emit, timeout, deadline=None):
     """One fresh interpreter for ``todo``; cases it did not report are skipped with the reason."""
-    job = json.dumps(dict(cases=todo, device=device, warmup=warmup, repeat=repeat))
+    job = json.dumps(dict(cases=todo, device=device, warmup=warmup, repeat=repeat, deadline=deadline))
     seen = set()
     proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--worker"], text=True,
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -232,9 +239,12 @@ def main(argv=None):
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                     help="input dtype (default: float32 with --quick, else bfloat16)")
-    ap.add_argument("--warmup", type=int, default=None, help="untimed steps per case (default 1 quick, 3 else)")
+    ap.add_argument("--warmup", type=int, default=None,
+                    help="untimed full-size steps per case after one tiny-N step (default 0 quick, 3 else)")
     ap.add_argument("--repeat", type=int, default=None, help="timed steps per case (default 3 quick, 20 else)")
     ap.add_argument("--timeout", type=int, default=900, help="seconds per CPU worker process")
+    ap.add_argument("--budget", type=float, default=None,
+                    help="seconds: cases not started by then are skipped (results so far are kept)")
     ap.add_argument("--note", default="", help="free text stored in meta.notes (e.g. 'CPU shared with other jobs')")
     ap.add_argument("--no-plots", action="store_true")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -242,7 +252,7 @@ def main(argv=None):
     if args.worker:
         return worker_main()
     args.dtype = args.dtype or ("float32" if args.quick else "bfloat16")
-    args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
+    args.warmup = args.warmup if args.warmup is not None else (0 if args.quick else 3)
     args.repeat = args.repeat or (3 if args.quick else 20)
     cuda = args.device.startswith("cuda")
     tag = ("cpu" if not cuda else torch.cuda.get_device_name().split()[-1].lower()) + ("-quick" if args.quick else "")
@@ -262,35 +272,41 @@ def main(argv=None):
             return
         results.append(r)
         if r["pass"] == "fwd+bwd":
-            log(f"{r['op']:28s} {str(r['divergence']):10s} {r['provider']:13s} N={r['N']:<6d} V={r['V']:<6d} "
+            log(f"{r['op']:28s} {r['divergence'] or '-':10s} {r['provider']:13s} N={r['N']:<6d} V={r['V']:<6d} "
                 f"d={r['d']:<5d} fwd+bwd {r['median_ms']:9.1f} ms  peak {r['peak_mem_mb']:8.1f} MB")
 
     todo = plan(args)
-    log(f"{len(todo)} cases on {device_name(args.device)}, {args.dtype}, warmup {args.warmup}, repeat {args.repeat}")
-    if cuda:
-        run_cases(todo, device=args.device, warmup=args.warmup, repeat=args.repeat, emit=emit)
-    else:
-        groups = {}
-        for c in todo:
-            groups.setdefault((c["op"], c["provider"]), []).append(c)
-        for (op, prov), group in groups.items():
-            if prov not in ("naive", "naive_compile", "torch"):  # probe cheaply in-process first
-                try:
-                    cases.probe(op, cases.divergences(op)[0], prov, args.device, getattr(torch, args.dtype))
-                except Unavailable as exc:
-                    for c in group:
-                        emit(dict(c, skipped=str(exc)))
-                    continue
-            run_in_subprocess(group, device=args.device, warmup=args.warmup, repeat=args.repeat,
-                              emit=emit, timeout=args.timeout)
-
+    deadline = t_start + args.budget if args.budget else None
     m = meta(args, args.device)
+    log(f"{len(todo)} cases on {m['device']}, {args.dtype}, warmup {args.warmup}, repeat {args.repeat}")
+
+    def flush():  # partial results survive a kill
+        write(out, {"meta": dict(m, partial=True), "results": results, "skipped": _dedupe_skips(skipped)})
+
+    groups = {}
+    for c in todo:
+        groups.setdefault((c["op"], c["provider"]), []).append(c)
+    for (op, prov), group in groups.items():
+        if cuda:
+            run_cases(group, device=args.device, warmup=args.warmup, repeat=args.repeat, emit=emit, deadline=deadline)
+        elif prov in ("triton", "cuda", "liger"):  # build() refuses CPU with the reason: record it
+            for c in group:
+                try:
+                    cases.build(op, c["divergence"], prov, args.device)
+                except Unavailable as exc:
+                    emit(dict(c, skipped=str(exc)))
+                else:
+                    emit(dict(c, skipped=f"{prov} is not benchmarked on CPU"))
+        else:
+            run_in_subprocess(group, device=args.device, warmup=args.warmup, repeat=args.repeat,
+                              emit=emit, timeout=args.timeout, deadline=deadline)
+        flush()
+
     if cuda or not args.quick:
         m["gemm"] = add_floor(results, args.device, args.dtype, log)
     m["ratio_check"] = ratio_check(results, log)
     m["wall_s"] = round(time.time() - t_start, 1)
-    data = {"meta": m, "results": results,
-            "skipped": _dedupe_skips(skipped)}
+    data = {"meta": m, "results": results, "skipped": _dedupe_skips(skipped)}
     write(out, data)
     if not args.no_plots:
         import plot
