@@ -26,6 +26,7 @@ def gopd_loss(student_logits, teacher_logits, ref_logits, *, reward_scale=1.0, t
     V.check_same_device(student_logits=student_logits, teacher_logits=teacher_logits, ref_logits=ref_logits,
                         mask=mask)
     V.check_options(temperature=temperature, reduction=reduction, reward_scale=reward_scale)
+    ref_logits = None if reward_scale == 1.0 else ref_logits  # lam = 1: OPD, the reference drops out
     return logits_loss(student_logits, teacher_logits, ref_logits, kind="reverse_kl", beta=0.5,
                        lam=float(reward_scale), temperature=temperature, mask=mask, reduction=reduction,
                        vocab_size=vocab_size, impl=impl, group=process_group)
@@ -37,9 +38,11 @@ def fused_linear_gopd_loss(student_hidden, student_weight, teacher_hidden, teach
                            process_group=None):
     """:func:`gopd_loss` on ``hidden @ weight.T + bias`` of the three models, without their logits."""
     V.check_options(temperature=temperature, reduction=reduction, reward_scale=reward_scale)
-    return linear_loss([("student", student_hidden, student_weight, student_bias),
-                        ("teacher", teacher_hidden, teacher_weight, teacher_bias),
-                        ("ref", ref_hidden, ref_weight, ref_bias)],
+    models = [("student", student_hidden, student_weight, student_bias),
+              ("teacher", teacher_hidden, teacher_weight, teacher_bias)]
+    if reward_scale != 1.0:  # lam = 1: OPD, the reference drops out (also when it bans tokens)
+        models.append(("ref", ref_hidden, ref_weight, ref_bias))
+    return linear_loss(models,
                        kind="reverse_kl", beta=0.5, lam=float(reward_scale), temperature=temperature, mask=mask,
                        reduction=reduction, vocab_size=vocab_size, chunk_size=chunk_size, impl=impl,
                        group=process_group)
