@@ -1,7 +1,7 @@
 // Registers the CUDA kernels as torch.ops.opd_kernels_C.* (schemas + CUDA impls, so they work
 // under torch.compile once opd_kernels.backends.cuda_backend registers their fake impls) and
 // exposes a small pybind11 module opd_kernels._C (importing it loads the library).
-#include <torch/extension.h>
+#include <pybind11/pybind11.h>
 #include <torch/library.h>
 
 #include "ops.h"

@@ -7,13 +7,15 @@
 // done one element per thread. All math is fp32; indices and offsets are int64.
 #pragma once
 
-#include <ATen/ATen.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <cmath>
 #include <cstdint>
 #include <limits>
+
+#include "kernels.h"
 
 namespace opd {
 
@@ -21,6 +23,21 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr int kMaxThreads = 512;
 
 // ---------------------------------------------------------------- loads and stores
+
+// Explicit conversions (torch builds with __CUDA_NO_HALF_CONVERSIONS__ and friends).
+__device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+template <typename T>
+__device__ __forceinline__ T from_float(float x);
+template <>
+__device__ __forceinline__ float from_float<float>(float x) { return x; }
+template <>
+__device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
+  return __float2bfloat16_rn(x);
+}
 
 template <typename T, int N>
 struct alignas(sizeof(T) * N) Vec {
@@ -43,11 +60,11 @@ __device__ __forceinline__ void load_chunk(const T* p, bool vec, float (&x)[E]) 
     for (int k = 0; k < E / PER; ++k) {
       const Vec<T, PER> u = *reinterpret_cast<const Vec<T, PER>*>(p + k * PER);
 #pragma unroll
-      for (int j = 0; j < PER; ++j) x[k * PER + j] = static_cast<float>(u.v[j]);
+      for (int j = 0; j < PER; ++j) x[k * PER + j] = to_float(u.v[j]);
     }
   } else {
 #pragma unroll
-    for (int j = 0; j < E; ++j) x[j] = static_cast<float>(p[j]);
+    for (int j = 0; j < E; ++j) x[j] = to_float(p[j]);
   }
 }
 
@@ -60,20 +77,13 @@ __device__ __forceinline__ void store_chunk(T* p, bool vec, const float (&x)[E])
     for (int k = 0; k < E / PER; ++k) {
       Vec<T, PER> u;
 #pragma unroll
-      for (int j = 0; j < PER; ++j) u.v[j] = static_cast<T>(x[k * PER + j]);
+      for (int j = 0; j < PER; ++j) u.v[j] = from_float<T>(x[k * PER + j]);
       *reinterpret_cast<Vec<T, PER>*>(p + k * PER) = u;
     }
   } else {
 #pragma unroll
-    for (int j = 0; j < E; ++j) p[j] = static_cast<T>(x[j]);
+    for (int j = 0; j < E; ++j) p[j] = from_float<T>(x[j]);
   }
-}
-
-// Host: can rows of `x` (row stride in elements) be read with 16-byte vector loads?
-inline bool vec_ok(const at::Tensor& x) {
-  if (!x.defined()) return false;
-  const auto addr = reinterpret_cast<std::uintptr_t>(x.data_ptr());
-  return addr % 16 == 0 && (x.stride(0) * x.element_size()) % 16 == 0;
 }
 
 // ---------------------------------------------------------------- online softmax pieces
@@ -181,16 +191,19 @@ inline int threads_for(int64_t V, int E) {
   return t;
 }
 
-// Calls f(T{}) with T the C++ type of a float32 / float16 / bfloat16 dtype.
+// Calls f(T{}) with T the element type of `dt` (float, __half or __nv_bfloat16).
 template <typename F>
-void dispatch_float(at::ScalarType st, const char* what, F&& f) {
-  switch (st) {
-    case at::kFloat: f(float{}); break;
-    case at::kHalf: f(at::Half{}); break;
-    case at::kBFloat16: f(at::BFloat16{}); break;
-    default:
-      TORCH_CHECK(false, "opd_kernels_C: ", what, " must be float32, float16 or bfloat16, got ", st);
+void dispatch_float(DType dt, F&& f) {
+  switch (dt) {
+    case DType::kHalf: f(__half{}); break;
+    case DType::kBFloat16: f(__nv_bfloat16{}); break;
+    default: f(float{}); break;
   }
+}
+
+template <typename T>
+__host__ __device__ __forceinline__ const T* row_ptr(const Logits& x, int64_t row) {
+  return x.ptr == nullptr ? nullptr : static_cast<const T*>(x.ptr) + row * x.stride;
 }
 
 }  // namespace opd

@@ -2,8 +2,8 @@
 // opd_kernels/backends/__init__.py). Registered as torch.ops.opd_kernels_C.* in bindings.cpp.
 #pragma once
 
-#include <ATen/ATen.h>
-#include <c10/util/Optional.h>
+#include <ATen/core/Tensor.h>
+#include <optional>
 
 #include <string>
 
@@ -30,11 +30,5 @@ at::Tensor grad_logits(const at::Tensor& s, const std::optional<at::Tensor>& t,
                        const at::Tensor& rs, const at::Tensor& g, const std::string& kind,
                        double inv_temp, double lam, double beta, int64_t vocab_start,
                        bool with_entropy);
-
-// Shared input checks (checks.cpp).
-void check_logits(const at::Tensor& x, const char* name);
-void check_like(const at::Tensor& x, const char* name, const at::Tensor& s);
-at::Tensor check_targets(const at::Tensor& targets, const at::Tensor& s);
-at::Tensor check_rows(const at::Tensor& x, const char* name, const at::Tensor& s, int64_t cols);
 
 }  // namespace opd
