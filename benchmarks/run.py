@@ -18,6 +18,8 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -121,20 +123,24 @@ def run_in_subprocess(todo, *, device, warmup, repeat, emit, timeout, deadline=N
     """One fresh interpreter for ``todo``; cases it did not report are skipped with the reason."""
     job = json.dumps(dict(cases=todo, device=device, warmup=warmup, repeat=repeat, deadline=deadline))
     seen = set()
-    proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--worker"], text=True,
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        stdout, stderr = proc.communicate(job, timeout=timeout)
-        why = f"worker exited with code {proc.returncode}: {stderr.strip().splitlines()[-1:] or ''}"
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        stdout, _ = proc.communicate()
-        why = f"worker timed out after {timeout} s"
-    for line in stdout.splitlines():
-        if line.startswith(TAG):
-            r = json.loads(line[len(TAG):])
-            seen.add(_case_key(r))
-            emit(r)
+    with tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--worker"], text=True,
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err)
+        killer = threading.Timer(timeout, proc.kill)
+        killer.start()
+        proc.stdin.write(job)
+        proc.stdin.close()
+        for line in proc.stdout:  # stream: results show up as each case finishes
+            if line.startswith(TAG):
+                r = json.loads(line[len(TAG):])
+                seen.add(_case_key(r))
+                emit(r)
+        rc = proc.wait()
+        timed_out = not killer.is_alive()
+        killer.cancel()
+        err.seek(0)
+        last = (err.read().strip().splitlines() or [""])[-1]
+    why = f"worker timed out after {timeout} s" if timed_out else f"worker exited with code {rc}: {last}"
     for c in todo:
         if _case_key(c) not in seen:
             emit(dict(c, skipped=why))
@@ -267,8 +273,9 @@ def main(argv=None):
 
     def emit(r):
         if "skipped" in r:
+            if not any((s["op"], s["provider"], s["skipped"]) == (r["op"], r["provider"], r["skipped"]) for s in skipped):
+                log(f"skip {r['op']} {r['provider']}: {r['skipped']}")
             skipped.append(r)
-            log(f"skip {r['op']}/{r['divergence']}/{r['provider']} N={r['N']}: {r['skipped']}")
             return
         results.append(r)
         if r["pass"] == "fwd+bwd":

@@ -1,0 +1,60 @@
+"""Markdown table of a results.json: fwd+bwd time and peak memory per op and provider.
+
+    python benchmarks/table.py benchmarks/results/cpu-epyc-2c [--pass fwd+bwd]
+
+One row per (op, divergence, shape) at the sweep's largest N of the main (V, d), plus the
+ratio-check shape; one column pair (median ms, peak MB beyond inputs) per provider measured.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from collections import Counter
+from pathlib import Path
+
+from plot import PROVIDER_ORDER
+
+
+def render(data: dict, pass_: str = "fwd+bwd") -> str:
+    rows = [r for r in data["results"] if r["pass"] == pass_]
+    provs = [p for p in PROVIDER_ORDER if any(r["provider"] == p for r in rows)]
+    by = {(r["op"], r["divergence"], r["N"], r["V"], r["d"], r["provider"]): r for r in rows}
+    keys = []
+    for op in dict.fromkeys(r["op"] for r in rows):
+        ops = [r for r in rows if r["op"] == op]
+        V, d = Counter((r["V"], r["d"]) for r in ops).most_common(1)[0][0]
+        for div in dict.fromkeys(r["divergence"] for r in ops):
+            Ns = sorted({r["N"] for r in ops if r["divergence"] == div and (r["V"], r["d"]) == (V, d)})
+            keys.append((op, div, Ns[-1], V, d))
+    m = data["meta"]
+    head = [f"Device: {m['device']}; torch {m['torch']}; {m['date'][:10]}; {pass_}, "
+            f"{rows[0]['dtype'] if rows else ''}; median ms (p20-p80) / peak MB beyond the inputs.", ""]
+    cols = ["op", "divergence", "N", "V", "d"] + [f"{p} ms" for p in provs] + [f"{p} MB" for p in provs]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for op, div, N, V, d in keys:
+        cells = [op, div or "-", str(N), str(V), str(d) if d else "-"]
+        for p in provs:
+            r = by.get((op, div, N, V, d, p))
+            cells.append(f"{r['median_ms']:.0f} ({r['p20_ms']:.0f}-{r['p80_ms']:.0f})" if r else "n/a")
+        for p in provs:
+            r = by.get((op, div, N, V, d, p))
+            cells.append(f"{r['peak_mem_mb']:.0f}" if r else "n/a")
+        lines.append("| " + " | ".join(cells) + " |")
+    rc = m.get("ratio_check")
+    if rc:
+        lines += ["", f"Ratio check (fused_linear_distill_loss, reverse_kl, fwd+bwd, N={rc['N']} V={rc['V']} "
+                      f"d={rc['d']}): torch/naive peak memory {rc['mem_ratio']:.3f} (target <= 0.25), "
+                      f"time {rc['time_ratio']:.2f}x (target <= 1.5x): {'pass' if rc['passed'] else 'FAIL'}."]
+    skipped = sorted({(s["provider"], s["reason"]) for s in data.get("skipped", [])
+                      if not s["reason"].startswith("failed")})
+    if skipped:
+        lines += ["", "Not measured: " + "; ".join(f"{p}: {why}" for p, why in dict(skipped).items()) + "."]
+    return "\n".join(head + lines)
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("dir", type=Path)
+    ap.add_argument("--pass", dest="pass_", default="fwd+bwd")
+    a = ap.parse_args()
+    print(render(json.loads((a.dir / "results.json").read_text()), a.pass_))
