@@ -179,8 +179,19 @@ def _rng_state(tr: Trainer) -> dict:
     return st
 
 
+def check_in_sync(tr: Trainer) -> None:
+    """Data-parallel sanity check: every process must hold the same student weights."""
+    total = torch.stack([p.detach().double().sum() for p in tr.student.model.parameters()]).sum().view(1)
+    everyone = [torch.zeros_like(total) for _ in range(tr.world)]
+    dist.all_gather(everyone, total)
+    if any(not torch.equal(everyone[0], x) for x in everyone):
+        raise RuntimeError(f"data-parallel processes diverged: weight sums {[x.item() for x in everyone]}")
+
+
 def save_checkpoint(tr: Trainer, out: Path, opt, method: Method, progress: dict) -> None:
     final, tmp, old = out / "ckpt", out / "ckpt.tmp", out / "ckpt.old"
+    if tr.world > 1:
+        check_in_sync(tr)
     if tr.rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -316,7 +327,8 @@ def run(args) -> dict:
         row = {"step": step, "loss": stats[0].item()}
         if "rewards" in batch:
             row["reward"] = stats[1].item()
-        row.update(tokens_per_s=stats[2].item() / dt, samples=progress["samples"], **extra)
+        row.update(tokens_per_s=stats[2].item() / dt, samples=progress["samples"],
+                   time_s=progress["train_seconds"], **extra)
         metrics.log(row)
         bar.update(1)
         bar.set_postfix({k: f"{v:.3f}" for k, v in row.items() if k in ("loss", "reward")}, refresh=False)

@@ -1,0 +1,114 @@
+"""``python -m opd_train.compare``: every method on the same budget and seed, one table, one plot.
+
+Each method runs as its own ``python -m opd_train`` process with the same preset, steps,
+completions per step (``--batch-size``) and seed, so all see the same number of sampled or
+dataset completions. The bundled teacher and student are pre-trained (or found in the cache)
+first, so no method's wall time includes pre-training. Writes ``OUT/compare.md`` (final
+held-out accuracy, accuracy at fixed sample budgets, wall time, tokens/s) and
+``OUT/compare.png`` (accuracy vs. samples).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from . import cli
+from .methods import METHODS
+
+
+def prepare_models(preset: str) -> None:
+    """Pre-train/cache the bundled models once, outside the timed runs."""
+    import torch
+
+    from .models import get_pretrained
+    from .task import ArithmeticTask
+    from .train import PRETRAIN_SEED
+
+    torch.set_num_threads(1)
+    p = cli.PRESETS[preset]
+    task = ArithmeticTask(p["digits"], p["ops"], eval_size=p["eval_size"])
+    for role in ("teacher", "student"):
+        get_pretrained(role, p[role], task, PRETRAIN_SEED)
+
+
+def accuracy_at(evals: list[dict], samples: int) -> float:
+    """Held-out accuracy of the last evaluation made within ``samples`` training completions."""
+    seen = [r for r in evals if r["samples"] <= samples]
+    return seen[-1]["eval_accuracy"] if seen else float("nan")
+
+
+def summarize(runs: dict[str, dict], out: Path, title: str) -> str:
+    total = min(max(r["samples"] for r in run["evals"]) for run in runs.values())
+    budgets = [total // 4, total // 2]
+    head = ("| method | final acc. | " + " | ".join(f"acc. @ {b:,} samples" for b in budgets)
+            + " | wall time (s) | train tokens/s |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for name, run in runs.items():
+        ev = run["evals"]
+        cells = [f"{100 * ev[0]['eval_accuracy']:.1f} → **{100 * ev[-1]['eval_accuracy']:.1f}**"]
+        cells += [f"{100 * accuracy_at(ev, b):.1f}" for b in budgets]
+        cells += [f"{run['wall']:.0f}", f"{statistics.median(run['tokens_per_s']):,.0f}"]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    table = "\n".join(lines) + "\n"
+    (out / "compare.md").write_text(f"{title}\n\n{table}")
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for name, run in runs.items():
+        ax.plot([r["samples"] for r in run["evals"]], [100 * r["eval_accuracy"] for r in run["evals"]],
+                "o-", ms=3, label=name)
+    ax.set(xlabel="training completions (samples)", ylabel="held-out exact match (%)", ylim=(-2, 102),
+           title=title)
+    ax.legend(ncol=2, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "compare.png", dpi=110)
+    plt.close(fig)
+    return table
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m opd_train.compare", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--preset", choices=sorted(cli.PRESETS), default="default")
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    p.add_argument("--steps", type=cli.pos_int, help="steps per method (default: the preset's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="runs/compare")
+    p.add_argument("extra", nargs=argparse.REMAINDER,
+                   help="after '--': more options passed to every run (e.g. -- --batch-size 64)")
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    extra = [a for a in args.extra if a != "--"]
+    print(f"preparing the bundled models ({args.preset} preset) ...", flush=True)
+    prepare_models(args.preset)
+
+    runs = {}
+    for m in args.methods:
+        cmd = [sys.executable, "-m", "opd_train", "--method", m, "--preset", args.preset,
+               "--seed", str(args.seed), "--out", str(out / m), *extra]
+        if args.steps:
+            cmd += ["--steps", str(args.steps)]
+        print("$", " ".join(cmd), flush=True)
+        t0 = time.perf_counter()
+        subprocess.run(cmd, check=True)
+        rows = [json.loads(line) for line in (out / m / "metrics.jsonl").read_text().splitlines()]
+        runs[m] = {"wall": time.perf_counter() - t0, "evals": [r for r in rows if "eval_accuracy" in r],
+                   "tokens_per_s": [r["tokens_per_s"] for r in rows if "tokens_per_s" in r]}
+    steps = args.steps or cli.PRESETS[args.preset]["steps"]
+    title = f"opd_train.compare: {args.preset} preset, {steps} steps, seed {args.seed}"
+    print(summarize(runs, out, title))
+    print(f"wrote {out / 'compare.md'} and {out / 'compare.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
