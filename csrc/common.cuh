@@ -17,6 +17,10 @@
 
 #include "kernels.h"
 
+// Device code that is also compiled for the host, so csrc/emulate/ can run the kernels' per-thread
+// arithmetic on the CPU (the block reductions and launches are GPU-only).
+#define OPD_HD __host__ __device__ __forceinline__
+
 namespace opd {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
@@ -24,18 +28,27 @@ constexpr int kMaxThreads = 512;
 
 // ---------------------------------------------------------------- loads and stores
 
+// e^x: the fast SFU approximation on the GPU (as --use_fast_math would pick), libm on the host.
+OPD_HD float fast_exp(float x) {
+#ifdef __CUDA_ARCH__
+  return __expf(x);
+#else
+  return std::exp(x);
+#endif
+}
+
 // Explicit conversions (torch builds with __CUDA_NO_HALF_CONVERSIONS__ and friends).
-__device__ __forceinline__ float to_float(float x) { return x; }
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+OPD_HD float to_float(float x) { return x; }
+OPD_HD float to_float(__half x) { return __half2float(x); }
+OPD_HD float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
 template <typename T>
-__device__ __forceinline__ T from_float(float x);
+OPD_HD T from_float(float x);
 template <>
-__device__ __forceinline__ float from_float<float>(float x) { return x; }
+OPD_HD float from_float<float>(float x) { return x; }
 template <>
-__device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
+OPD_HD __half from_float<__half>(float x) { return __float2half_rn(x); }
 template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
+OPD_HD __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
   return __float2bfloat16_rn(x);
 }
 
@@ -52,7 +65,7 @@ constexpr int chunk_elems() {
 
 // x[0..E) = float(p[0..E)); `vec` says p is 16-byte aligned (E * sizeof(T) is a multiple of 16).
 template <typename T, int E>
-__device__ __forceinline__ void load_chunk(const T* p, bool vec, float (&x)[E]) {
+OPD_HD void load_chunk(const T* p, bool vec, float (&x)[E]) {
   static_assert((E * sizeof(T)) % 16 == 0, "a chunk must be whole 16-byte vectors");
   constexpr int PER = 16 / sizeof(T);
   if (vec) {
@@ -69,7 +82,7 @@ __device__ __forceinline__ void load_chunk(const T* p, bool vec, float (&x)[E]) 
 }
 
 template <typename T, int E>
-__device__ __forceinline__ void store_chunk(T* p, bool vec, const float (&x)[E]) {
+OPD_HD void store_chunk(T* p, bool vec, const float (&x)[E]) {
   static_assert((E * sizeof(T)) % 16 == 0, "a chunk must be whole 16-byte vectors");
   constexpr int PER = 16 / sizeof(T);
   if (vec) {
@@ -89,27 +102,27 @@ __device__ __forceinline__ void store_chunk(T* p, bool vec, const float (&x)[E])
 // ---------------------------------------------------------------- online softmax pieces
 
 // x * f, where a factor that underflowed to 0 drops the term (so +inf * 0 never makes NaN).
-__device__ __forceinline__ float rescale(float x, float f) { return f == 0.f ? 0.f : x * f; }
+OPD_HD float rescale(float x, float f) { return f == 0.f ? 0.f : x * f; }
 
 // e^(m_old - m_new) for m_new >= m_old, 1 when they are equal (both -inf included).
-__device__ __forceinline__ float shift(float m_old, float m_new) {
-  return m_old == m_new ? 1.f : __expf(m_old - m_new);
+OPD_HD float shift(float m_old, float m_new) {
+  return m_old == m_new ? 1.f : fast_exp(m_old - m_new);
 }
 
 // Weight e^(x - m) of one term: exactly 0 for x = -inf (also when m = -inf).
-__device__ __forceinline__ float weight(float x, float m) { return x == kNegInf ? 0.f : __expf(x - m); }
+OPD_HD float weight(float x, float m) { return x == kNegInf ? 0.f : fast_exp(x - m); }
 
 // log(e^x + e^y) with -inf handled: logaddexp(-inf, -inf) = -inf.
-__device__ __forceinline__ float logaddexp(float x, float y) {
+OPD_HD float logaddexp(float x, float y) {
   const float mx = fmaxf(x, y), mn = fminf(x, y);
-  return mx == kNegInf ? kNegInf : mx + log1pf(__expf(mn - mx));
+  return mx == kNegInf ? kNegInf : mx + log1pf(fast_exp(mn - mx));
 }
 
 // Running (max, sum e^(x - max), two weighted sums) of one softmax; merges like the recurrence.
 struct Online {
   float m, S, X, Y;
-  __device__ __forceinline__ void init() { m = kNegInf, S = 0.f, X = 0.f, Y = 0.f; }
-  __device__ __forceinline__ void merge(float m2, float S2, float X2, float Y2) {
+  OPD_HD void init() { m = kNegInf, S = 0.f, X = 0.f, Y = 0.f; }
+  OPD_HD void merge(float m2, float S2, float X2, float Y2) {
     const float mn = fmaxf(m, m2), f1 = shift(m, mn), f2 = shift(m2, mn);
     S = S * f1 + S2 * f2;
     X = rescale(X, f1) + rescale(X2, f2);
@@ -117,9 +130,9 @@ struct Online {
     m = mn;
   }
   // Move the running max up to m_new (>= m) before adding terms weighted by e^(x - m_new).
-  __device__ __forceinline__ void raise_max(float m_new) {
+  OPD_HD void raise_max(float m_new) {
     if (m_new > m) {
-      const float f = __expf(m - m_new);
+      const float f = fast_exp(m - m_new);
       S *= f, X = rescale(X, f), Y = rescale(Y, f), m = m_new;
     }
   }
@@ -202,7 +215,7 @@ void dispatch_float(DType dt, F&& f) {
 }
 
 template <typename T>
-__host__ __device__ __forceinline__ const T* row_ptr(const Logits& x, int64_t row) {
+OPD_HD const T* row_ptr(const Logits& x, int64_t row) {
   return x.ptr == nullptr ? nullptr : static_cast<const T*>(x.ptr) + row * x.stride;
 }
 

@@ -1,0 +1,134 @@
+// Per-thread math of row_stats and jsd_sums (host + device, so csrc/emulate/ can run it on the
+// CPU). A thread block owns one row; thread `tid` of `nthreads` takes chunks tid, tid+nthreads, ...
+#pragma once
+
+#include "common.cuh"
+
+namespace opd {
+
+
+// Scaled target logit b = t/tau, or the G-OPD target lam*t/tau + (1-lam)*r/tau (the torch
+// backend's order of operations).
+OPD_HD float target_logit(float t, float r, bool has_r, float inv_temp,
+                                              float lam) {
+  const float bt = t * inv_temp;
+  return has_r ? lam * bt + (1.f - lam) * (r * inv_temp) : bt;
+}
+
+// Adds n terms to the student state qa = (m_a, S_a, U_a, D_q) and the teacher state
+// pb = (m_b, S_b, D_p, unused). Zero-weight terms (-inf logits) are skipped: 0 * inf never occurs.
+template <int n>
+OPD_HD void add_terms(Online& qa, Online& pb, const float (&a)[n],
+                                          const float (&b)[n], bool has_t) {
+  float ma = qa.m;
+#pragma unroll
+  for (int j = 0; j < n; ++j) ma = fmaxf(ma, a[j]);
+  qa.raise_max(ma);
+#pragma unroll
+  for (int j = 0; j < n; ++j) {
+    const float w = weight(a[j], qa.m);
+    qa.S += w;
+    if (w > 0.f) {
+      qa.X += w * a[j];
+      if (has_t) qa.Y += w * (a[j] - b[j]);
+    }
+  }
+  if (!has_t) return;
+  float mb = pb.m;
+#pragma unroll
+  for (int j = 0; j < n; ++j) mb = fmaxf(mb, b[j]);
+  pb.raise_max(mb);
+#pragma unroll
+  for (int j = 0; j < n; ++j) {
+    const float w = weight(b[j], pb.m);
+    pb.S += w;
+    if (w > 0.f) pb.X += w * (b[j] - a[j]);
+  }
+}
+
+// One thread's share of row `row`: chunks tid, tid + nthreads, ... then the V % E tail.
+template <typename TS, typename TT>
+OPD_HD void row_stats_thread(const Logits& s, const Logits& t, const Logits& r, int64_t row,
+                             int64_t tid, int64_t nthreads, int64_t V, float inv_temp, float lam,
+                             Online& qa, Online& pb) {
+  constexpr int E = chunk_elems<TS, TT>();
+  const bool has_t = t.ptr != nullptr, has_r = r.ptr != nullptr;
+  const TS* srow = row_ptr<TS>(s, row);
+  const TT* trow = row_ptr<TT>(t, row);
+  const TT* rrow = row_ptr<TT>(r, row);
+  qa.init();
+  pb.init();
+  const int64_t nchunks = V / E;
+  for (int64_t c = tid; c < nchunks; c += nthreads) {
+    float a[E], b[E], x[E];
+    load_chunk<TS, E>(srow + c * E, s.vec, a);
+#pragma unroll
+    for (int j = 0; j < E; ++j) a[j] *= inv_temp;
+    if (has_t) {
+      load_chunk<TT, E>(trow + c * E, t.vec, b);
+      if (has_r) load_chunk<TT, E>(rrow + c * E, r.vec, x);
+#pragma unroll
+      for (int j = 0; j < E; ++j) b[j] = target_logit(b[j], has_r ? x[j] : 0.f, has_r, inv_temp, lam);
+    }
+    add_terms<E>(qa, pb, a, b, has_t);
+  }
+  for (int64_t col = nchunks * E + tid; col < V; col += nthreads) {  // V % E tail
+    float a[1] = {to_float(srow[col]) * inv_temp}, b[1] = {0.f};
+    if (has_t) {
+      b[0] = target_logit(to_float(trow[col]), has_r ? to_float(rrow[col]) : 0.f, has_r, inv_temp,
+                          lam);
+    }
+    add_terms<1>(qa, pb, a, b, has_t);
+  }
+}
+
+// Writes out[row] = (m_a, S_a, U_a, m_b, S_b, D_q, D_p, a_y) from the merged row state;
+// columns 3..6 are 0 without a teacher.
+template <typename TS>
+OPD_HD void row_stats_write(const Logits& s, bool has_t, const int64_t* targets, float* out,
+                            int64_t row, int64_t V, float inv_temp, int64_t vocab_start,
+                            const Online& qa, const Online& pb) {
+  float* o = out + row * 8;
+  o[0] = qa.m, o[1] = qa.S, o[2] = qa.X;
+  o[3] = has_t ? pb.m : 0.f, o[4] = has_t ? pb.S : 0.f;
+  o[5] = has_t ? qa.Y : 0.f, o[6] = has_t ? pb.X : 0.f;
+  float a_y = 0.f;
+  if (targets != nullptr) {
+    const int64_t y = targets[row] - vocab_start;
+    if (y >= 0 && y < V) a_y = to_float(row_ptr<TS>(s, row)[y]) * inv_temp;
+  }
+  o[7] = a_y;
+}
+
+// One thread's share of (sum p (log p - log M), sum q (log q - log M)), M = beta p + (1 - beta) q,
+// log M by logaddexp; terms with p == 0 (resp. q == 0) are skipped.
+template <typename TS, typename TT>
+OPD_HD void jsd_sums_thread(const Logits& s, const Logits& t, const float* AB, int64_t row,
+                            int64_t tid, int64_t nthreads, int64_t V, float inv_temp,
+                            float log_beta, float log_1m_beta, float (&acc)[2]) {
+  constexpr int E = chunk_elems<TS, TT>();
+  const TS* srow = row_ptr<TS>(s, row);
+  const TT* trow = row_ptr<TT>(t, row);
+  const float A = AB[row * 2], B = AB[row * 2 + 1];
+  acc[0] = acc[1] = 0.f;
+  auto add = [&](float sv, float tv) {
+    const float log_q = sv * inv_temp - A, log_p = tv * inv_temp - B;
+    const float log_m = logaddexp(log_p + log_beta, log_q + log_1m_beta);
+    const float p = fast_exp(log_p), q = fast_exp(log_q);
+    if (p > 0.f) acc[0] += p * (log_p - log_m);
+    if (q > 0.f) acc[1] += q * (log_q - log_m);
+  };
+  const int64_t nchunks = V / E;
+  for (int64_t c = tid; c < nchunks; c += nthreads) {
+    float a[E], b[E];
+    load_chunk<TS, E>(srow + c * E, s.vec, a);
+    load_chunk<TT, E>(trow + c * E, t.vec, b);
+#pragma unroll
+    for (int j = 0; j < E; ++j) add(a[j], b[j]);
+  }
+  for (int64_t col = nchunks * E + tid; col < V; col += nthreads) {
+    add(to_float(srow[col]), to_float(trow[col]));
+  }
+}
+
+}  // namespace opd
