@@ -5,7 +5,6 @@
 
 namespace opd {
 
-
 struct RowConsts {
   float A, B, C, H, g_main, g_ent, inv_temp, lam, beta, log_beta, log_1m_beta;
   int64_t y;  // target column in this shard (may lie outside [0, V): no one-hot term)
@@ -15,8 +14,7 @@ struct RowConsts {
 // inv_temp * (g_main * d(main)/da + g_ent * dH/da) at one column, from the raw logits s, t, r.
 // Terms with q == 0 give 0 (reverse_kl, jsd, entropy), as the contract says.
 template <int KIND>
-OPD_HD float grad_elem(float s, float t, float r, int64_t col,
-                                           const RowConsts& k) {
+OPD_HD float grad_elem(float s, float t, float r, int64_t col, const RowConsts& k) {
   const float a = s * k.inv_temp;
   const float log_q = a - k.A, q = fast_exp(log_q);
   float d = 0.f;

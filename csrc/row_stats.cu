@@ -16,7 +16,9 @@ row_stats_kernel(Logits s, Logits t, Logits r, const int64_t* __restrict__ targe
   row_stats_thread<TS, TT>(s, t, r, row, threadIdx.x, blockDim.x, V, inv_temp, lam, qa, pb);
   qa = block_merge(qa);
   if (has_t) pb = block_merge(pb);  // has_t is uniform over the block
-  if (threadIdx.x == 0) row_stats_write<TS>(s, has_t, targets, out, row, V, inv_temp, vocab_start, qa, pb);
+  if (threadIdx.x == 0) {
+    row_stats_write<TS>(s, has_t, targets, out, row, V, inv_temp, vocab_start, qa, pb);
+  }
 }
 
 template <typename TS, typename TT>
