@@ -84,7 +84,6 @@ def run_cases(todo: list[dict], *, device: str, warmup: int, repeat: int, emit, 
             emit(dict(c, skipped="time budget (--budget) exhausted before this case"))
             continue
         key = (c["op"], c["divergence"], c["provider"])
-        shape = {k: c[k] for k in ("N", "V", "d")}
         dtype = getattr(torch, c["dtype"])
         try:
             if key not in built:
@@ -181,7 +180,7 @@ def meta(args, device) -> dict:
     return {
         "device": device_name(device), "torch": torch.__version__, "triton": triton_version,
         "python": platform.python_version(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "git_sha": sha, "mode": "quick" if args.quick else "default", "warmup": args.warmup,
+        "git_sha": sha, "mode": "quick" if args.quick else "default", "providers": args.providers, "warmup": args.warmup,
         "repeat": args.repeat, "command": " ".join(sys.argv), "notes": args.note,
         "memory": "CUDA allocator peak over the inputs" if device.startswith("cuda") else
                   "peak RSS growth over the inputs (VmHWM reset per phase, fresh process per op/provider)",
@@ -240,7 +239,8 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="CPU-sized shapes (fp32), about 5 min on 2 cores")
     ap.add_argument("--out", type=Path, default=None, help="output directory (default benchmarks/results/<device>)")
     ap.add_argument("--ops", nargs="+", default=list(OPS), choices=OPS)
-    ap.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS)
+    ap.add_argument("--providers", nargs="+", default=None, choices=PROVIDERS,
+                    help="default: all (with --quick all but naive_compile: ~30 s of compile per op on 2 cores)")
     ap.add_argument("--shapes", nargs="+", metavar="N,V,d", help="replace the shape sweep (d unused by logits ops)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
@@ -257,6 +257,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.worker:
         return worker_main()
+    args.providers = args.providers or [p for p in PROVIDERS if not (args.quick and p == "naive_compile")]
     args.dtype = args.dtype or ("float32" if args.quick else "bfloat16")
     args.warmup = args.warmup if args.warmup is not None else (0 if args.quick else 3)
     args.repeat = args.repeat or (3 if args.quick else 20)
