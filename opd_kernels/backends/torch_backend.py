@@ -127,7 +127,10 @@ def _zero_nan_(x: torch.Tensor) -> torch.Tensor:
 
 def grad_logits_chunk(a, b, targets, rs, g, *, kind, beta=0.5, vocab_start=0, with_entropy=False):
     """g_main * d(main)/da (+ g_ent * dH/da) for one chunk of scaled logits ``a`` (fp32/fp64).
-    (A NaN input gives a NaN loss; its gradient here is 0.)"""
+
+    ``0 * inf`` terms (a zero probability times an infinite log-ratio, or a masked row with
+    g = 0 times an infinite term) are 0. A NaN input gives a NaN loss; its gradient here is 0.
+    """
     A, B, C, H = (x[:, None] for x in rs.unbind(-1))
     q = (a - A).exp_()
     if kind == "logprob":
@@ -137,15 +140,15 @@ def grad_logits_chunk(a, b, targets, rs, g, *, kind, beta=0.5, vocab_start=0, wi
     elif kind == "forward_kl":
         d = q - (b - B).exp_()
     elif kind == "reverse_kl":  # q (log q - log p - C) = q ((a - b) - (A - B + C))
-        d = _zero_nan_((a - b).sub_(A - B + C).mul_(q))
+        d = (a - b).sub_(A - B + C).mul_(q)
     elif kind == "jsd":
         _, _, log_m = _log_mixture(a, b, A[:, 0], B[:, 0], beta)
-        d = _zero_nan_((a - A).sub_(log_m).sub_(C).mul_(q)).mul_(1.0 - beta)
+        d = (a - A).sub_(log_m).sub_(C).mul_(q).mul_(1.0 - beta)
     else:
         raise ValueError(f"unknown kind {kind!r}")
-    d.mul_(g[:, :1])
+    d = _zero_nan_(d.mul_(g[:, :1]))
     if with_entropy:  # dH/da = -q (log q + H)
-        d.add_(_zero_nan_((a - A).add_(H).mul_(q)).mul_(-g[:, 1:2]))
+        d.add_(_zero_nan_((a - A).add_(H).mul_(q).mul_(-g[:, 1:2])))
     return d
 
 

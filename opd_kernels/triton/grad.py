@@ -71,9 +71,10 @@ def grad_tile(a, b, cols, y, A, B, C, H, g_main, g_ent, inv_temp, beta, log_beta
     else:  # jsd, 0 < beta < 1
         log_m = log_mixture(b - B[:, None], log_q, log_beta, log_1m_beta)
         d = tl.where(q > 0, (1.0 - beta) * q * (log_q - log_m - C[:, None]), 0.0)
-    d = d * g_main[:, None]
+    # rows with g = 0 (masked) give exact zeros, even where a term is infinite (0 * inf)
+    d = tl.where(g_main[:, None] != 0, d * g_main[:, None], 0.0)
     if HAS_ENT:
-        d += g_ent[:, None] * tl.where(q > 0, -q * (log_q + H[:, None]), 0.0)
+        d += tl.where(g_ent[:, None] != 0, g_ent[:, None] * tl.where(q > 0, -q * (log_q + H[:, None]), 0.0), 0.0)
     return d * inv_temp
 
 
