@@ -168,3 +168,25 @@ def gemm_tflops(M, K, Nn, dtype, device, repeat=10) -> float:
             a @ b.T
             ts.append(time.perf_counter() - t0)
     return 2.0 * M * K * Nn / statistics.median(ts) / 1e12
+
+
+def paired(fns: dict, x, *, device, rounds: int, tiny=None) -> dict:
+    """Interleaved fwd+bwd times ``{provider: [ms per round]}`` of several providers on the same
+    inputs: every round times each provider once, so load drift on a shared machine hits all
+    of them alike and per-round ratios stay meaningful."""
+    cuda = torch.device(device).type == "cuda"
+    leaves = grad_leaves(x)
+    for fn in fns.values():
+        if tiny is not None:
+            backward(fn(tiny()))
+        backward(fn(x))  # full-size warm-up (first-touch page faults)
+        for t in leaves:
+            t.grad = None
+    times = {p: [] for p in fns}
+    for _ in range(rounds):
+        for p, fn in fns.items():
+            f, b = _timed_step(fn, x, cuda)
+            times[p].append(f + b)
+            for t in leaves:
+                t.grad = None
+    return times

@@ -40,9 +40,9 @@ def plot_op(op, rows, meta, out: Path, pass_) -> Path:
             axes[i][0].errorbar(n, med, yerr=[[m - a for m, a in zip(med, lo)], [b - m for m, b in zip(med, hi)]],
                                 marker="o", capsize=3, label=prov)
             axes[i][1].plot(n, [max(m, 1e-1) for m in mem], marker="o", label=prov)
-        title = op + (f" / {div}" if div else "")
-        axes[i][0].set(title=f"{title}: time ({pass_})", xlabel="N (tokens)", ylabel="median ms (p20-p80)")
-        axes[i][1].set(title=f"{title}: peak memory ({pass_})", xlabel="N (tokens)", ylabel="MB beyond inputs")
+        title = f"{div}: " if div else ""
+        axes[i][0].set(title=f"{title}time ({pass_})", xlabel="N (tokens)", ylabel="median ms (p20-p80)")
+        axes[i][1].set(title=f"{title}peak memory ({pass_})", xlabel="N (tokens)", ylabel="MB beyond inputs")
         for ax in axes[i]:
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
