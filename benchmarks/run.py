@@ -278,8 +278,8 @@ def main(argv=None):
     ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                     help="input dtype (default: float32 with --quick, else bfloat16)")
     ap.add_argument("--warmup", type=int, default=None,
-                    help="untimed full-size steps per case after one tiny-N step (default 0 quick, 3 else)")
-    ap.add_argument("--repeat", type=int, default=None, help="timed steps per case (default 3 quick, 20 else)")
+                    help="untimed full-size steps per case after one tiny-N step (default 0 quick, 2 else)")
+    ap.add_argument("--repeat", type=int, default=None, help="timed steps per case (default 3 quick, 10 else)")
     ap.add_argument("--timeout", type=int, default=900, help="seconds per CPU worker process")
     ap.add_argument("--budget", type=float, default=None,
                     help="seconds: cases not started by then are skipped (results so far are kept)")
@@ -291,8 +291,8 @@ def main(argv=None):
         return worker_main()
     args.providers = args.providers or [p for p in PROVIDERS if not (args.quick and p == "naive_compile")]
     args.dtype = args.dtype or ("float32" if args.quick else "bfloat16")
-    args.warmup = args.warmup if args.warmup is not None else (0 if args.quick else 3)
-    args.repeat = args.repeat or (3 if args.quick else 20)
+    args.warmup = args.warmup if args.warmup is not None else (0 if args.quick else 2)
+    args.repeat = args.repeat or (3 if args.quick else 10)
     cuda = args.device.startswith("cuda")
     tag = ("cpu" if not cuda else torch.cuda.get_device_name().split()[-1].lower()) + ("-quick" if args.quick else "")
     out = args.out or HERE / "results" / tag
