@@ -112,6 +112,16 @@ OPD_HD float shift(float m_old, float m_new) {
 // Weight e^(x - m) of one term: exactly 0 for x = -inf (also when m = -inf).
 OPD_HD float weight(float x, float m) { return x == kNegInf ? 0.f : fast_exp(x - m); }
 
+// Scaled target logit b = t/tau, or the G-OPD target lam*t/tau + (1-lam)*r/tau (the torch
+// backend's order of operations).
+OPD_HD float target_logit(float t, float r, bool has_r, float inv_temp, float lam) {
+  const float bt = t * inv_temp;
+  if (!has_r) return bt;
+  // a token banned (-inf) by the teacher or the reference is banned in the target
+  if (bt == kNegInf || r == kNegInf) return kNegInf;
+  return lam * bt + (1.f - lam) * (r * inv_temp);
+}
+
 // log(e^x + e^y) with -inf handled: logaddexp(-inf, -inf) = -inf.
 OPD_HD float logaddexp(float x, float y) {
   const float mx = fmaxf(x, y), mn = fminf(x, y);

@@ -23,8 +23,7 @@ OPD_HD float grad_elem(float s, float t, float r, int64_t col, const RowConsts& 
     if (KIND == kLogprob) {
       dm = (col == k.y ? 1.f : 0.f) - q;
     } else {
-      const float bt = t * k.inv_temp;
-      const float b = k.has_r ? k.lam * bt + (1.f - k.lam) * (r * k.inv_temp) : bt;
+      const float b = target_logit(t, r, k.has_r, k.inv_temp, k.lam);
       const float log_p = b - k.B;
       if (KIND == kForwardKL) {
         dm = q - fast_exp(log_p);

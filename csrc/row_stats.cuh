@@ -7,13 +7,6 @@
 namespace opd {
 
 
-// Scaled target logit b = t/tau, or the G-OPD target lam*t/tau + (1-lam)*r/tau (the torch
-// backend's order of operations).
-OPD_HD float target_logit(float t, float r, bool has_r, float inv_temp,
-                                              float lam) {
-  const float bt = t * inv_temp;
-  return has_r ? lam * bt + (1.f - lam) * (r * inv_temp) : bt;
-}
 
 // Adds n terms to the student state qa = (m_a, S_a, U_a, D_q) and the teacher state
 // pb = (m_b, S_b, D_p, unused). Zero-weight terms (-inf logits) are skipped: 0 * inf never occurs.

@@ -69,20 +69,25 @@ def check_mask(mask, lead_shape) -> None:
         raise ValueError(f"mask must have the leading shape {tuple(lead_shape)}, got {tuple(mask.shape)}")
 
 
-def check_targets(targets, lead_shape, V: int, ignore_index: int, *, check_range: bool = True) -> None:
+def check_targets(targets, lead_shape, V: int, ignore_index, *, check_range: bool = True,
+                  name: str = "targets") -> None:
+    """Integer ids of the leading shape, each in [0, V) or equal to ``ignore_index`` (None: no
+    id is ignored). CPU tensors are checked here; CUDA tensors by a device-side assert."""
     if not isinstance(targets, torch.Tensor) or targets.is_floating_point() or targets.is_complex() \
             or targets.dtype == torch.bool:
-        raise TypeError(f"targets must be an integer tensor, got "
+        raise TypeError(f"{name} must be an integer tensor, got "
                         f"{targets.dtype if isinstance(targets, torch.Tensor) else type(targets).__name__}")
     if tuple(targets.shape) != tuple(lead_shape):
-        raise ValueError(f"targets must have shape {tuple(lead_shape)} (the logits' leading dims), "
+        raise ValueError(f"{name} must have shape {tuple(lead_shape)} (the logits' leading dims), "
                          f"got {tuple(targets.shape)}")
     if not check_range or targets.numel() == 0:
         return
-    bad = (targets != ignore_index) & ((targets < 0) | (targets >= V))
+    bad = (targets < 0) | (targets >= V)
+    if ignore_index is not None:
+        bad &= targets != ignore_index
+    allowed = f"[0, {V})" + ("" if ignore_index is None else f" or ignore_index={ignore_index}")
     if targets.device.type == "cpu" and not torch.compiler.is_compiling():
         if bool(bad.any()):
-            raise ValueError(f"targets must be in [0, {V}) or ignore_index={ignore_index}, "
-                             f"got values {targets[bad].unique()[:8].tolist()}")
+            raise ValueError(f"{name} must be in {allowed}, got values {targets[bad].unique()[:8].tolist()}")
     else:  # device-side assert (no host sync on the hot path), traceable by torch.compile
-        torch._assert_async(~bad.any(), f"targets must be in [0, {V}) or ignore_index={ignore_index}")
+        torch._assert_async(~bad.any(), f"{name} must be in {allowed}")

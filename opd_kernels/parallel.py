@@ -2,25 +2,21 @@
 
 Every op takes ``process_group=``; each rank then passes its local vocabulary shard (logits
 ``[..., V_r]`` or lm_head rows ``[V_r, d]``, shards in rank order, possibly uneven) and gets
-the same full loss. The shard offset is found once per (group, V_r) with one all-gather.
+the same full loss. Ops with global token ids (targets, top-k ids) first learn the shard
+layout with one small all-gather per call (no cache: a cache local to each rank could make
+ranks disagree on whether to communicate).
 """
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
 
-_OFFSETS: dict = {}
-
-
-def vocab_offset(V_local: int, group) -> int:
-    """Global index of this rank's first vocabulary entry (shards laid out in rank order)."""
-    key = (id(group), V_local)
-    if key not in _OFFSETS:
-        rank = dist.get_rank(group)
-        sizes = [None] * dist.get_world_size(group)
-        dist.all_gather_object(sizes, V_local, group=group)
-        _OFFSETS[key] = int(sum(sizes[:rank]))
-    return _OFFSETS[key]
+def shard_layout(V_local: int, group) -> tuple[int, int]:
+    """(global index of this rank's first vocabulary entry, global vocabulary size); shards are
+    laid out in rank order."""
+    sizes = [None] * dist.get_world_size(group)
+    dist.all_gather_object(sizes, int(V_local), group=group)
+    return int(sum(sizes[:dist.get_rank(group)])), int(sum(sizes))
 
 
 class _SumAcrossShards(torch.autograd.Function):

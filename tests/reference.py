@@ -38,7 +38,10 @@ def _kl(lx, ly):
 
 def divergence_rows(s, t, divergence, beta=0.5, T=1.0, r=None, lam=1.0):
     lq = log_softmax(s, T)
-    b = t.double() / T if r is None else lam * t.double() / T + (1 - lam) * r.double() / T
+    b = t.double() / T
+    if r is not None:  # G-OPD target; a token banned by either model is banned
+        rr = r.double() / T
+        b = torch.where(torch.isneginf(b) | torch.isneginf(rr), -float("inf"), lam * b + (1 - lam) * rr)
     lp = torch.log_softmax(b, -1)
     if divergence == "jsd" and beta == 0.0:
         divergence = "forward_kl"
@@ -60,12 +63,18 @@ def _log_mix(lp, lq, beta):
 
 
 def sparse_rows(s, ids, teacher_lp, divergence, beta=0.5, T=1.0):
+    """Buckets {top-k ids, tail}; the student's tail is exact (logsumexp outside the ids), the
+    teacher's is 1 - sum of its given probabilities (float64)."""
     lq_full = log_softmax(s, T)
     lq_k = lq_full.gather(-1, ids)
+    outside = torch.ones_like(lq_full, dtype=torch.bool).scatter(-1, ids, False)
+    lq_tail = torch.logsumexp(torch.where(outside, lq_full, -float("inf")), -1, keepdim=True)
     lp_k = teacher_lp.double()
-    tail = lambda l: torch.log((1 - l.exp().sum(-1, keepdim=True)).clamp_min(0))
-    lq = torch.cat([lq_k, tail(lq_k)], -1)
-    lp = torch.cat([lp_k, tail(lp_k)], -1)
+    lp_tail = torch.log((1 - lp_k.exp().sum(-1, keepdim=True)).clamp_min(0))
+    if ids.shape[-1] >= s.shape[-1]:
+        lp_tail = torch.full_like(lp_tail, -float("inf"))
+    lq = torch.cat([lq_k, lq_tail], -1)
+    lp = torch.cat([lp_k, lp_tail], -1)
     if divergence == "jsd" and beta in (0.0, 1.0):
         divergence = "forward_kl" if beta == 0.0 else "reverse_kl"
     if divergence == "forward_kl":

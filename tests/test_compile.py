@@ -10,7 +10,11 @@ def loss_fn(s, t, h, w, ht, wt, y, mask):
     b = ok.fused_linear_distill_loss(h, w, ht, wt, divergence="reverse_kl", mask=mask)
     c = ok.token_logprobs(s, y).sum() + ok.fused_linear_token_logprobs(h, w, y).sum()
     d = ok.fused_linear_distill_loss(h, w, ht, wt, divergence="forward_kl", reduction="none").sum()
-    return a + b + c + d
+    lp, ent = ok.token_logprobs(s, y, return_entropy=True)
+    tlp, ids = torch.log_softmax(t, -1).topk(4, -1)
+    e = ok.sparse_distill_loss(s, ids, tlp, divergence="jsd") + ok.gopd_loss(s, t, t * 0.5, reward_scale=1.25) \
+        + ok.fused_linear_gopd_loss(h, w, ht, wt, ht, wt * 0.5, reward_scale=1.5) + (lp + ent).sum()
+    return a + b + c + d + e
 
 
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])

@@ -164,3 +164,24 @@ def test_hf_model_distill_matches_naive():
     assert g1.keys() == g2.keys()
     for n in g1:
         torch.testing.assert_close(g1[n], g2[n], msg=n)
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_empty_batch(divergence, reduction):
+    hs, ws = rand(0, 8, grad=True), rand(30, 8, grad=True)
+    loss = ok.fused_linear_distill_loss(hs, ws, rand(0, 8), rand(30, 8), divergence=divergence, reduction=reduction)
+    assert loss.numel() == 0 or loss.item() == 0
+    g = torch.autograd.grad(loss.sum(), ws)[0]
+    assert (g == 0).all()
+
+
+def test_accumulate_low_precision_weight():
+    """GEMMs run in the weight's dtype (bf16 on GPU) and accumulate into fp32 buffers."""
+    from opd_kernels.ops import _engine
+    h, w, gs = torch.randn(5, 8), torch.randn(7, 8).bfloat16(), torch.randn(5, 7)
+    bufs = (torch.zeros(5, 8), torch.zeros(7, 8), torch.zeros(7))
+    _engine._accumulate(gs, h, w, 0, 5, bufs)
+    torch.testing.assert_close(bufs[1], (gs.bfloat16().T @ h.bfloat16()).float())
+    torch.testing.assert_close(bufs[0], (gs.bfloat16() @ w).float())
+    torch.testing.assert_close(bufs[2], gs.sum(0))

@@ -229,3 +229,57 @@ def test_masked_row_with_infinite_terms_has_zero_grad(impl):
         assert torch.isfinite(loss)
         (g,) = torch.autograd.grad(loss, s)
         assert torch.isfinite(g).all() and (g[0] == 0).all()
+
+
+@pytest.mark.parametrize("impl", BACKENDS)
+@pytest.mark.parametrize("lam", [1.25, 0.5])
+def test_gopd_banned_tokens(impl, lam):
+    """-inf in teacher and reference (and in the reference alone) bans the token in the target."""
+    _impl(impl)
+    s, t, r = rand(6, 60, grad=True), rand(6, 60), rand(6, 60)
+    with torch.no_grad():
+        s[:, :4], t[:, :4], r[:, :4] = -float("inf"), -float("inf"), -float("inf")  # banned by all
+        r[:, 10] = -float("inf")  # banned by the reference only
+    loss = ok.gopd_loss(s, t, r, reward_scale=lam, reduction="none", impl=impl)
+    x = s.detach().double().requires_grad_()
+    expected = ref.divergence_rows(x, t, "reverse_kl", r=r, lam=lam)
+    assert torch.isinf(loss).all()  # the student gives token 10 mass the target bans
+    ref.close(loss, expected, torch.float32)
+    with torch.no_grad():
+        s[:, 10] = -float("inf")
+    loss = ok.gopd_loss(s, t, r, reward_scale=lam, impl=impl)
+    x = s.detach().double().requires_grad_()
+    expected = ref.divergence_rows(x, t, "reverse_kl", r=r, lam=lam).mean()
+    assert torch.isfinite(loss)
+    ref.close(loss, expected, torch.float32)
+    ref.close(torch.autograd.grad(loss, s)[0], torch.autograd.grad(expected, x)[0], torch.float32, "grad")
+
+
+@pytest.mark.parametrize("impl", BACKENDS)
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])
+def test_sparse_confident_teacher_is_finite(impl, divergence):
+    """A top-k that holds all but ~1e-10 of the teacher's mass (and a confident student) gives
+    a finite loss close to the float64 value, and masked rows with infinite terms get zero grads."""
+    _impl(impl)
+    N, V, k = 8, 64, 60
+    t = rand(N, V)
+    t[:, k:] = -25.0  # the 4 tokens outside the top-k share ~1e-10 of the teacher's mass
+    s = (t * 1.5).detach().requires_grad_()
+    tlp, ids = torch.log_softmax(t.double(), -1).topk(k, -1)
+    loss = ok.sparse_distill_loss(s, ids, tlp.float(), divergence=divergence, impl=impl)
+    expected = ref.sparse_rows(s.detach(), ids, tlp, divergence).mean()
+    assert torch.isfinite(loss)
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-3, atol=1e-4)
+    bad = tlp.float().clone()
+    bad[0, -1] = -float("inf")  # an infinite term, in a masked row
+    mask = torch.ones(N, dtype=torch.bool, device=DEVICE)
+    mask[0] = False
+    loss = ok.sparse_distill_loss(s, ids, bad, divergence=divergence, mask=mask, impl=impl)
+    (g,) = torch.autograd.grad(loss, s)
+    assert torch.isfinite(loss) and torch.isfinite(g).all() and (g[0] == 0).all()
+
+
+def test_sparse_ids_checked():
+    s = rand(3, 20)
+    with pytest.raises(ValueError, match=r"teacher_topk_ids must be in \[0, 20\), got values \[-1\]"):
+        ok.sparse_distill_loss(s, torch.tensor([[0, -1]] * 3), torch.full((3, 2), -1.0))

@@ -110,6 +110,13 @@ def _worker(rank, world, port, sizes, errfile):
                                          process_group=group)
         exp = ref.divergence_rows(glob[0] @ glob[1].T, Ht @ Wt.T, "reverse_kl", r=Hr @ Wr.T, lam=1.5).mean()
         _check("fused gopd", ours, exp, loc, glob, [same, wshard])
+        # a different shard layout on the same group (e.g. a padded teacher shard): no stale offsets
+        cut = [v - 3 if k == world - 1 else v for k, v in enumerate(sizes)]
+        lo2 = sum(cut[:rank])
+        y2 = torch.randint(0, sum(cut), (N,), generator=g)
+        s2, x2 = S[0, :, lo2:lo2 + cut[rank]].clone().requires_grad_(), full(S[0, :, :sum(cut)])
+        _check("token_logprobs, new layout", ok.token_logprobs(s2, y2, process_group=group),
+               ref.token_logprobs(x2, y2)[0], [s2], [x2], [lambda x: x[:, lo2:lo2 + cut[rank]]])
         dist.destroy_process_group()
     except Exception:
         import traceback

@@ -22,7 +22,7 @@ Logits level (required)::
           6 D_p  = sum e^(b-m_b) * (b-a)        7 a_y = a[targets-vocab_start] if that
                                                     index is in [0, V) else 0
         (one streaming pass with the online max/rescale recurrence.) Rows are combined
-        across shards by ``opd_kernels._stats.combine`` which gives A = logsumexp(a),
+        across shards by ``opd_kernels._stats.merge_shards``; ``finish`` then gives A = logsumexp(a),
         B = logsumexp(b), entropy = A - U_a/S_a, reverse_kl = D_q/S_a - A + B,
         forward_kl = D_p/S_b - B + A, logprob = a_y - A.
 

@@ -53,7 +53,11 @@ def _max_exp(x: torch.Tensor):
 
 
 def _target_logits(b_t, b_r, lam):
-    return b_t if b_r is None else lam * b_t + (1.0 - lam) * b_r
+    """G-OPD target ``lam b_T + (1 - lam) b_ref``; a token banned (-inf) by either model is
+    banned in the target (instead of -inf + inf = NaN, or +inf for lam > 1)."""
+    if b_r is None:
+        return b_t
+    return torch.where(torch.isneginf(b_t) | torch.isneginf(b_r), -float("inf"), lam * b_t + (1.0 - lam) * b_r)
 
 
 def _local_target(targets, vocab_start, V):

@@ -5,7 +5,7 @@ import torch
 
 from .. import _dispatch
 from .._validate import check_mask
-from ..parallel import vocab_offset
+from ..parallel import shard_layout
 
 
 def rows2d(x: torch.Tensor, V: int) -> torch.Tensor:
@@ -32,8 +32,9 @@ def _backend_name(impl: str, device_type: str) -> str:
     return _dispatch.resolve(impl, torch.device(device_type)).NAME
 
 
-def shard_start(V_local: int, group) -> int:
-    return 0 if group is None else vocab_offset(V_local, group)
+def shard_layout_or_local(V_local: int, group) -> tuple[int, int]:
+    """(vocab_start, global V): (0, V_local) without a process group."""
+    return (0, V_local) if group is None else shard_layout(V_local, group)
 
 
 def reduce_rows(values: torch.Tensor, mask: torch.Tensor, reduction: str, lead_shape):

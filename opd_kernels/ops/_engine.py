@@ -208,7 +208,7 @@ def fl_forward(be, args, targets, kind, inv_temp, lam, beta, vocab_start, chunk=
     stats = torch.cat(parts) if parts else args[0].new_zeros(0, 8, dtype=torch.float32)
 
     def jsd(AB):  # second pass: recompute the logits chunk by chunk
-        out = []
+        out = [AB.new_zeros(0, 2)]
         for i, j in _chunks(N, V, chunk):
             s, t = _chunk_logits(models[:2], i, j)
             out.append(be.jsd_sums(s, t, AB[i:j], inv_temp=inv_temp, beta=beta))
@@ -229,13 +229,16 @@ def _grad_buffers(args, need):
 def _accumulate(gs, h, w, i, j, bufs):
     """dh[i:j] = gs @ W; dW += gs^T h; db += sum(gs) for one chunk of logit gradients."""
     dh, dw, db = bufs
-    gs = gs.to(w.dtype)
+    if db is not None:
+        db += gs.sum(0, dtype=db.dtype)
+    gs = gs.to(w.dtype)  # GEMMs in the weight's dtype (bf16 on GPU), accumulated in fp32
     if dh is not None:
         dh[i:j] = gs @ w
     if dw is not None:
-        dw.addmm_(gs.T, h[i:j].to(w.dtype))
-    if db is not None:
-        db += gs.sum(0)
+        if dw.dtype == w.dtype:
+            dw.addmm_(gs.T, h[i:j].to(w.dtype))
+        else:
+            dw += (gs.T @ h[i:j].to(w.dtype)).to(dw.dtype)
 
 
 def fl_backward(be, args, targets, rs, g, kind, inv_temp, lam, beta, vocab_start, entropy, need, chunk=0,

@@ -11,7 +11,7 @@ import torch
 
 from .. import _validate as V
 from . import _engine
-from ._common import backend_name, flat_mask, jsd_kind, reduce_rows, row_weights, rows2d, shard_start
+from ._common import backend_name, flat_mask, jsd_kind, reduce_rows, row_weights, rows2d
 from .logprobs import check_linear, linear_args
 
 
@@ -26,7 +26,7 @@ def logits_loss(s, t, r, *, kind, beta, lam, temperature, mask, reduction, vocab
     m = flat_mask(mask, lead, s.device)
     rows = [None if x is None else rows2d(x.detach() if x is not s else x, vocab) for x in (s, t, r)]
     main, _ = _engine.rows(*rows, None, kind=kind, inv_temp=1.0 / temperature, lam=lam, beta=beta,
-                           vocab_start=shard_start(vocab, group), impl=backend_name(impl, s.device), group=group)
+                           impl=backend_name(impl, s.device), group=group)
     return reduce_rows(main, m, reduction, lead)
 
 
@@ -77,7 +77,7 @@ def linear_loss(models, *, kind, beta, lam, temperature, mask, reduction, vocab_
     if reduction != "none" and group is None:
         loss, _ = _engine.fl_loss(tuple(args), None, row_weights(m, reduction, _engine._acc(ws)), **kw)
         return loss
-    main, _ = _engine.fl_rows(tuple(args), None, vocab_start=shard_start(vocab, group), group=group, **kw)
+    main, _ = _engine.fl_rows(tuple(args), None, group=group, **kw)
     return reduce_rows(main, m, reduction, lead)
 
 

@@ -12,6 +12,7 @@ import torch
 
 from .. import _validate as V
 from .distill import linear_loss, logits_loss
+from .logprobs import check_linear
 
 
 def gopd_loss(student_logits, teacher_logits, ref_logits, *, reward_scale=1.0, temperature=1.0, mask=None,
@@ -26,6 +27,7 @@ def gopd_loss(student_logits, teacher_logits, ref_logits, *, reward_scale=1.0, t
     V.check_same_device(student_logits=student_logits, teacher_logits=teacher_logits, ref_logits=ref_logits,
                         mask=mask)
     V.check_options(temperature=temperature, reduction=reduction, reward_scale=reward_scale)
+    V.check_pair("student_logits", student_logits, "ref_logits", ref_logits, vocab_size)
     ref_logits = None if reward_scale == 1.0 else ref_logits  # lam = 1: OPD, the reference drops out
     return logits_loss(student_logits, teacher_logits, ref_logits, kind="reverse_kl", beta=0.5,
                        lam=float(reward_scale), temperature=temperature, mask=mask, reduction=reduction,
@@ -40,8 +42,14 @@ def fused_linear_gopd_loss(student_hidden, student_weight, teacher_hidden, teach
     V.check_options(temperature=temperature, reduction=reduction, reward_scale=reward_scale)
     models = [("student", student_hidden, student_weight, student_bias),
               ("teacher", teacher_hidden, teacher_weight, teacher_bias)]
-    if reward_scale != 1.0:  # lam = 1: OPD, the reference drops out (also when it bans tokens)
+    if reward_scale != 1.0:  # lam = 1: OPD, the reference drops out (after validation)
         models.append(("ref", ref_hidden, ref_weight, ref_bias))
+    else:
+        check_linear("ref_hidden", ref_hidden, "ref_weight", ref_weight, "ref_bias", ref_bias)
+        if ref_hidden.shape[:-1] != student_hidden.shape[:-1]:
+            raise ValueError(f"ref_hidden must have the leading dims of student_hidden "
+                             f"{tuple(student_hidden.shape[:-1])}, got {tuple(ref_hidden.shape[:-1])}")
+        V.check_vocab("student_weight", student_weight.shape[0], "ref_weight", ref_weight.shape[0], vocab_size)
     return linear_loss(models,
                        kind="reverse_kl", beta=0.5, lam=float(reward_scale), temperature=temperature, mask=mask,
                        reduction=reduction, vocab_size=vocab_size, chunk_size=chunk_size, impl=impl,

@@ -10,7 +10,7 @@ import torch
 
 from .. import _validate as V
 from . import _engine
-from ._common import backend_name, rows2d, shard_start
+from ._common import backend_name, rows2d, shard_layout_or_local
 
 
 def _finish(main, ent, valid, lead, return_entropy):
@@ -22,10 +22,12 @@ def _finish(main, ent, valid, lead, return_entropy):
 
 
 def _targets(targets, lead, vocab, ignore_index, group):
-    V.check_targets(targets, lead, vocab, ignore_index, check_range=group is None)
+    """(targets as int64 with ignored -> -1, valid mask, this shard's vocab_start)."""
+    start, total = shard_layout_or_local(vocab, group)
+    V.check_targets(targets, lead, total, ignore_index)
     y = targets.reshape(-1).long()
     valid = y != ignore_index
-    return torch.where(valid, y, torch.full_like(y, -1)), valid  # -1: never on any shard
+    return torch.where(valid, y, torch.full_like(y, -1)), valid, start  # -1: never on any shard
 
 
 def token_logprobs(logits, targets, *, temperature=1.0, ignore_index=-100, return_entropy=False,
@@ -40,9 +42,9 @@ def token_logprobs(logits, targets, *, temperature=1.0, ignore_index=-100, retur
     V.check_same_device(logits=logits, targets=targets)
     V.check_options(temperature=temperature)
     lead, vocab = logits.shape[:-1], logits.shape[-1]
-    y, valid = _targets(targets, lead, vocab, ignore_index, process_group)
+    y, valid, start = _targets(targets, lead, vocab, ignore_index, process_group)
     main, ent = _engine.rows(rows2d(logits, vocab), None, None, y, kind="logprob", inv_temp=1.0 / temperature,
-                             vocab_start=shard_start(vocab, process_group), entropy=return_entropy,
+                             vocab_start=start, entropy=return_entropy,
                              impl=backend_name(impl, logits.device), group=process_group)
     return _finish(main, ent, valid, lead, return_entropy)
 
@@ -80,12 +82,14 @@ def fused_linear_token_logprobs(hidden, weight, targets, *, bias=None, temperatu
     V.check_same_device(hidden=hidden, weight=weight, targets=targets, bias=bias)
     V.check_options(temperature=temperature)
     lead = hidden.shape[:-1]
+    if process_group is not None and vocab_size is not None:
+        raise ValueError("vocab_size is not supported with process_group: pass the unpadded shard instead")
     vocab = weight.shape[0] if vocab_size is None else V.check_vocab("weight", weight.shape[0], "weight",
                                                                      weight.shape[0], vocab_size)
-    y, valid = _targets(targets, lead, vocab, ignore_index, process_group)
+    y, valid, start = _targets(targets, lead, vocab, ignore_index, process_group)
     h, w, b = linear_args(hidden, weight, bias, vocab)
     main, ent = _engine.fl_rows((h, w, b) + (None,) * 6, y, kind="logprob", inv_temp=1.0 / temperature,
-                                vocab_start=shard_start(vocab, process_group), chunk=chunk_size or 0,
+                                vocab_start=start, chunk=chunk_size or 0,
                                 entropy=return_entropy, impl=backend_name(impl, hidden.device),
                                 group=process_group)
     return _finish(main, ent, valid, lead, return_entropy)

@@ -4,7 +4,9 @@ The teacher is served as top-k ids ``K [..., k]`` with full-vocabulary-normalize
 ``l [..., k]`` (SDPO's top-100). Both distributions are collapsed to the k+1 buckets
 ``{K_1..K_k, tail}``: ``p_tail = 1 - sum e^l``, ``q_K = e^(a_K - A)``, ``q_tail = 1 - sum q_K``.
 Only the student's log-normalizer ``A`` needs the full vocabulary (one streaming pass through
-the backend; its backward spreads ``-q`` over all entries); the k-sized rest is plain torch.
+the backend; its backward spreads ``-q`` over all entries); the k-sized rest is plain torch,
+in float64. Tails are ``-expm1(logsumexp(...))``, floored at the smallest normal number when
+rounding ate them (see ``_tail_log``), so a top-k covering nearly all mass stays finite.
 The teacher's logprobs are taken as given (already at the teacher's temperature); the
 ``temperature`` option divides the student's logits.
 """
@@ -14,17 +16,21 @@ import torch
 
 from .. import _validate as V
 from . import _engine
-from ._common import backend_name, flat_mask, jsd_kind, reduce_rows, rows2d, shard_start
+from ._common import backend_name, flat_mask, jsd_kind, reduce_rows, rows2d, shard_layout_or_local
 from ..parallel import sum_across_shards
 
 
-def _tail_log(logp_k):
-    """log(1 - sum e^logp_k): the tail bucket. Tails within rounding of 0 (below
-    (k+1) * machine-eps of the compute dtype) are exactly 0, so a top-k that covers the whole
-    vocabulary gives no spurious inf; the gradient path stays finite (no 0 * inf)."""
-    x = 1.0 - logp_k.exp().sum(-1, keepdim=True)
-    pos = x > torch.finfo(x.dtype).eps * (logp_k.shape[-1] + 1)
-    return torch.where(pos, torch.log(torch.where(pos, x, torch.ones_like(x))), torch.full_like(x, -float("inf")))
+def _tail_log(logp_k: torch.Tensor, empty: bool) -> torch.Tensor:
+    """log(1 - sum e^logp_k), the tail bucket, as ``log(-expm1(logsumexp(logp_k)))``.
+
+    A tail lost to rounding (a confident model whose top-k holds all but ~eps of the mass) is
+    floored at the dtype's smallest normal number: finite, with zero gradient, never the
+    ``inf`` an exact 0 would give. ``empty`` (k covers the whole vocabulary) gives -inf.
+    """
+    if empty:
+        return torch.full_like(logp_k[:, :1], -float("inf"))
+    tail = -torch.expm1(torch.logsumexp(logp_k, -1, keepdim=True))
+    return tail.clamp_min(torch.finfo(tail.dtype).tiny).log()
 
 
 def _bucket_divergence(lq, lp, kind, beta):
@@ -58,22 +64,24 @@ def sparse_distill_loss(student_logits, teacher_topk_ids, teacher_topk_logprobs,
                          f"{tuple(teacher_topk_ids.shape)} and {tuple(teacher_topk_logprobs.shape)}")
     k = teacher_topk_ids.shape[-1]
     ids = teacher_topk_ids.reshape(-1, k)
-    V.check_targets(ids, ids.shape, vocab, ignore_index=-1, check_range=process_group is None)
+    start, total = shard_layout_or_local(vocab, process_group)
+    V.check_targets(ids, ids.shape, total, ignore_index=None, name="teacher_topk_ids")
     m = flat_mask(mask, lead, student_logits.device)
     s = rows2d(student_logits, vocab)
-    inv_temp, start = 1.0 / temperature, shard_start(vocab, process_group)
+    inv_temp = 1.0 / temperature
     # -A from the "logprob" kind with an off-shard target (a_y = 0): one pass, backward -q.
     neg_A, _ = _engine.rows(s, None, None, torch.full_like(ids[:, 0], -1).long(), kind="logprob",
                             inv_temp=inv_temp, vocab_start=start, impl=backend_name(impl, s.device),
                             group=process_group)
     local = ids.long() - start
     inside = (local >= 0) & (local < vocab)
-    acc = _engine._acc(s)
-    a_k = torch.where(inside, s.gather(1, local.clamp(0, vocab - 1)).to(acc) * inv_temp, 0.0)
+    # The [N, k+1] bucket math runs in float64: cheap, and tails near 0 stay meaningful.
+    a_k = torch.where(inside, s.gather(1, local.clamp(0, vocab - 1)).double() * inv_temp, 0.0)
     a_k = sum_across_shards(a_k, process_group)
-    lq_k = a_k + neg_A[:, None]
-    lp_k = teacher_topk_logprobs.reshape(-1, k).detach().to(acc)
-    lq = torch.cat([lq_k, _tail_log(lq_k)], -1)
-    lp = torch.cat([lp_k, _tail_log(lp_k)], -1)
+    lq_k = a_k + neg_A.double()[:, None]
+    lp_k = teacher_topk_logprobs.reshape(-1, k).detach().double()
+    lq = torch.cat([lq_k, _tail_log(lq_k, k >= total)], -1)
+    lp = torch.cat([lp_k, _tail_log(lp_k, k >= total)], -1)
+    lp = torch.where(m[:, None], lp, lq.detach())  # masked rows: no divergence, no inf * 0 in backward
     rows = _bucket_divergence(lq, lp, jsd_kind(divergence, beta), beta)
-    return reduce_rows(rows, m, reduction, lead)
+    return reduce_rows(rows.to(_engine._acc(s)), m, reduction, lead)

@@ -74,7 +74,8 @@ def target_logits_tile(ht, wt, bt, hr, wr, br, rows, cols, row_ok, col_ok, DT, D
     if HAS_R:
         r = scaled_logits_tile(hr, wr, br, rows, cols, row_ok, col_ok, DR, stride_hr, stride_wr,
                                inv_temp, HAS_BR, PRECISION, BLOCK_N, BLOCK_V, BLOCK_K)
-        b = tl.where(col_ok[None, :], lam * b + (1.0 - lam) * r, float("-inf"))
+        banned = (b == float("-inf")) | (r == float("-inf"))  # banned by either model: banned
+        b = tl.where(col_ok[None, :] & ~banned, lam * b + (1.0 - lam) * r, float("-inf"))
     return b
 
 

@@ -101,8 +101,11 @@ def load_target(t_ptr, r_ptr, rows, cols, stride_t, stride_r, mask, inv_temp, la
     """Target scaled logits ``b``: ``t / tau``, or ``(lam t + (1 - lam) r) / tau`` with a ref."""
     b = load_scaled(t_ptr, rows, cols, stride_t, mask, inv_temp)
     if HAS_R:
-        b = lam * b + (1.0 - lam) * load_scaled(r_ptr, rows, cols, stride_r, mask, inv_temp)
-        b = tl.where(mask, b, float("-inf"))  # padding: lam*(-inf) + (1-lam)*(-inf) is NaN
+        r = load_scaled(r_ptr, rows, cols, stride_r, mask, inv_temp)
+        # padding, and tokens banned (-inf) by either model, are banned in the target
+        # (lam*(-inf) + (1-lam)*(-inf) would be NaN, and +inf for a reference-only ban)
+        banned = (b == float("-inf")) | (r == float("-inf"))
+        b = tl.where(mask & ~banned, lam * b + (1.0 - lam) * r, float("-inf"))
     return b
 
 
