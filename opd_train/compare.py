@@ -4,7 +4,8 @@ Each method runs as its own ``python -m opd_train`` process with the same preset
 completions per step (``--batch-size``) and seed, so all see the same number of sampled or
 dataset completions. The bundled teacher and student are pre-trained (or found in the cache)
 first, so no method's wall time includes pre-training. Writes ``OUT/compare.md`` (final
-held-out accuracy, accuracy at fixed sample budgets, wall time, tokens/s) and
+held-out accuracy, accuracy at fixed sample budgets, time in training steps and process wall
+time, tokens/s) and
 ``OUT/compare.png`` (accuracy vs. samples).
 """
 from __future__ import annotations
@@ -46,13 +47,13 @@ def summarize(runs: dict[str, dict], out: Path, title: str) -> str:
     total = min(max(r["samples"] for r in run["evals"]) for run in runs.values())
     budgets = [total // 4, total // 2]
     head = ("| method | final acc. | " + " | ".join(f"acc. @ {b:,} samples" for b in budgets)
-            + " | wall time (s) | train tokens/s |")
+            + " | train time (s) | wall time (s) | train tokens/s |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for name, run in runs.items():
         ev = run["evals"]
         cells = [f"{100 * ev[0]['eval_accuracy']:.1f} → **{100 * ev[-1]['eval_accuracy']:.1f}**"]
         cells += [f"{100 * accuracy_at(ev, b):.1f}" for b in budgets]
-        cells += [f"{run['wall']:.0f}", f"{statistics.median(run['tokens_per_s']):,.0f}"]
+        cells += [f"{run['train_seconds']:.0f}", f"{run['wall']:.0f}", f"{statistics.median(run['tokens_per_s']):,.0f}"]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     table = "\n".join(lines) + "\n"
     (out / "compare.md").write_text(f"{title}\n\n{table}")
@@ -102,7 +103,8 @@ def main(argv=None) -> int:
         subprocess.run(cmd, check=True)
         rows = [json.loads(line) for line in (out / m / "metrics.jsonl").read_text().splitlines()]
         runs[m] = {"wall": time.perf_counter() - t0, "evals": [r for r in rows if "eval_accuracy" in r],
-                   "tokens_per_s": [r["tokens_per_s"] for r in rows if "tokens_per_s" in r]}
+                   "tokens_per_s": [r["tokens_per_s"] for r in rows if "tokens_per_s" in r],
+                   "train_seconds": max(r.get("time_s", 0.0) for r in rows)}
     steps = args.steps or cli.PRESETS[args.preset]["steps"]
     title = f"opd_train.compare: {args.preset} preset, {steps} steps, seed {args.seed}"
     print(summarize(runs, out, title))

@@ -29,7 +29,7 @@ from . import rollout as R
 from .task import CONTEXT_KINDS, ArithmeticTask
 from .tokenizer import build_char_tokenizer
 
-CACHE_VERSION = 1  # bump when pre-training code changes what a cached model is
+CACHE_VERSION = 2  # bump when pre-training code changes what a cached model is
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,7 @@ class ModelSpec:
     batch_size: int
     lr: float
     context_fraction: float = 0.5  # share of pre-training prompts carrying privileged context
+    plain_no_carry: bool = False   # plain (context-free) pre-training prompts never need a carry
     max_positions: int = 128
 
 
@@ -61,16 +62,24 @@ def build(spec: ModelSpec, tok) -> torch.nn.Module:
     return cls(cfg)
 
 
-def pretrain_batch(task, tok, rng: random.Random, n: int, context_fraction: float) -> R.Seqs:
-    """SFT rows: a prompt (plain, or with a random kind of privileged context) and its answer."""
-    users, examples = [], task.sample(rng, n)
-    for ex in examples:
-        user = ex.prompt
+def pretrain_batch(task, tok, rng: random.Random, n: int, context_fraction: float,
+                   plain_no_carry: bool = False) -> R.Seqs:
+    """SFT rows: a prompt (plain, or with a random kind of privileged context) and its answer.
+
+    With ``plain_no_carry`` the plain rows are carry-free problems only, while rows with context
+    cover all problems: the model then solves carries only when the context shows the answer.
+    """
+    users, examples = [], []
+    for ex in task.sample(rng, n):
         if rng.random() < context_fraction:
             kind = rng.choice(CONTEXT_KINDS)
             attempt = task.corrupt(rng, ex) if kind == "feedback" else None
-            user = task.with_context(ex, kind, attempt=attempt)
-        users.append(user)
+            users.append(task.with_context(ex, kind, attempt=attempt))
+        else:
+            if plain_no_carry:
+                ex = task.sample(rng, 1, no_carry=True)[0]
+            users.append(ex.prompt)
+        examples.append(ex)
     answers = R.encode_answers(tok, [ex.answer for ex in examples])
     comp, mask = R.pad_completions(answers, tok.pad_token_id)
     return R.pack(R.encode_prompts(tok, users), comp, mask, tok.pad_token_id)
@@ -89,7 +98,8 @@ def pretrain(model, tok, task, spec: ModelSpec, seed: int, desc: str) -> None:
         0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, s / spec.steps)))))
     bar = tqdm(range(spec.steps), desc=desc, dynamic_ncols=True, leave=False)
     for _ in bar:
-        loss = sft_loss(lm, pretrain_batch(task, tok, rng, spec.batch_size, spec.context_fraction))
+        loss = sft_loss(lm, pretrain_batch(task, tok, rng, spec.batch_size, spec.context_fraction,
+                                           spec.plain_no_carry))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -1,9 +1,11 @@
 """The bundled verifiable task: multi-digit arithmetic with worked solutions and feedback.
 
-A problem is ``"347+085="``: fixed-width zero-padded operands. The answer is written
-least-significant digit first (``347+85 = 432`` -> ``"2340"``, padded to ``digits+1``), which a
-tiny causal model can learn digit by digit with the carry; written most-significant first it
-needs look-ahead that small models do not learn in a CPU budget.
+Numbers are written **least-significant digit first** and zero-padded to a fixed width, in the
+question and in the answer: ``347 + 85`` is asked as ``"743+580="`` and answered ``"2340"``
+(432 reversed, padded to ``digits+1``). Then every answer digit depends on operand digits at a
+fixed distance and on the carry just computed, which a tiny causal model learns in a few
+hundred steps; written most-significant digit first, a 2-layer model did not learn 3-digit
+addition in 1000 SFT steps (measured while building this).
 
 Everything a method may condition a teacher on is generated here:
 
@@ -94,15 +96,22 @@ class ArithmeticTask(Task):
             digits.append(str(d))
             c = c_out
         answer = "".join(digits) + (str(c) if op == "+" else "")
-        return Example(prompt=f"{a:0{n}d}{op}{b:0{n}d}=", answer=answer, solution=" ".join(cols))
+        return Example(prompt=f"{xs}{op}{ys}=", answer=answer, solution=" ".join(cols))
 
-    def sample(self, rng: random.Random, n: int) -> list[Example]:
+    def sample(self, rng: random.Random, n: int, *, no_carry: bool = False) -> list[Example]:
+        """``n`` training problems; ``no_carry`` keeps only those without any carry or borrow."""
         out = []
         while len(out) < n:
             a, b, op = self._draw(rng)
             if not self._is_heldout(a, b, op):
-                out.append(self.make(a, b, op))
+                ex = self.make(a, b, op)
+                if not (no_carry and self.has_carry(ex)):
+                    out.append(ex)
         return out
+
+    @staticmethod
+    def has_carry(ex: Example) -> bool:
+        return any(col[-2] != "0" for col in ex.solution.split())
 
     def eval_examples(self) -> list[Example]:
         return self._eval

@@ -45,7 +45,7 @@ from .models import get_pretrained, load
 from .task import ArithmeticTask
 
 PRETRAIN_SEED = 0  # the cached teacher/student do not depend on --seed
-RESUME_MAY_DIFFER = {"resume", "steps", "threads"}
+RESUME_MAY_DIFFER = {"resume", "steps", "threads", "out"}
 
 
 class NonFiniteLoss(RuntimeError):
@@ -237,6 +237,10 @@ def run(args) -> dict:
     ckpt = find_checkpoint(out) if args.resume else None
     if args.resume and ckpt is None:
         raise SystemExit(f"--resume: no checkpoint in {out}/ckpt")
+    if not args.resume and rank == 0 and find_checkpoint(out):
+        log(f"note: starting over in {out} (an older checkpoint there is replaced; use --resume to continue it)")
+        for d in ("ckpt", "ckpt.old", "ckpt.tmp"):
+            shutil.rmtree(out / d, ignore_errors=True)
 
     task = make_task(args)
     method_cls = get(args.method)

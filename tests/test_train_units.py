@@ -36,7 +36,7 @@ def tiny_llama(tok, seed=0):
 def test_answers_are_least_significant_digit_first(a, b, op, answer):
     ex = ArithmeticTask(3, "+-", eval_size=1).make(a, b, op)
     assert ex.answer == answer
-    assert ex.prompt == f"{a:03d}{op}{b:03d}="
+    assert ex.prompt == f"{a:03d}"[::-1] + op + f"{b:03d}"[::-1] + "="
     # the worked solution's columns carry the answer digits (and the final carry)
     cols = ex.solution.split()
     assert "".join(c[-1] for c in cols) == answer[:3]
@@ -52,7 +52,7 @@ def test_heldout_split_is_disjoint_and_verifier_is_exact_match():
     assert task.feedback(ex, "650") == "650 wrong =x="
     assert task.feedback(ex, "640") == "640 right"
     assert task.feedback(ex, "6a") == "6a wrong format"
-    assert task.with_context(ex, "feedback", attempt="650").endswith("\n12+34=")
+    assert task.with_context(ex, "feedback", attempt="650").endswith("\n21+43=")
 
 
 # -- tokenizer ----------------------------------------------------------------------------------
