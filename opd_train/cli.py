@@ -25,7 +25,7 @@ PRESETS = {
                           batch_size=64, lr=1e-2, plain_no_carry=True),
     ),
     "default": dict(
-        digits=3, ops="+", steps=300, batch_size=32, lr=3e-3, eval_every=25, eval_size=256, save_every=50,
+        digits=3, ops="+", steps=300, batch_size=32, lr=1e-3, eval_every=25, eval_size=256, save_every=50,
         teacher=ModelSpec("llama", d_model=96, layers=3, heads=4, kv_heads=4, mlp=288, steps=1000,
                           batch_size=64, lr=3e-3, context_fraction=0.0),
         student=ModelSpec("qwen2", d_model=48, layers=2, heads=4, kv_heads=2, mlp=144, steps=400,
