@@ -104,13 +104,22 @@ OPD_HD void store_chunk(T* p, bool vec, const float (&x)[E]) {
 // x * f, where a factor that underflowed to 0 drops the term (so +inf * 0 never makes NaN).
 OPD_HD float rescale(float x, float f) { return f == 0.f ? 0.f : x * f; }
 
-// e^(m_old - m_new) for m_new >= m_old, 1 when they are equal (both -inf included).
-OPD_HD float shift(float m_old, float m_new) {
-  return m_old == m_new ? 1.f : fast_exp(m_old - m_new);
-}
+// m_old - m_new for a running max that moved up to m_new: 0 when it did not move (both -inf
+// included), -inf when m_old = -inf < m_new.
+OPD_HD float gap(float m_old, float m_new) { return m_old == m_new ? 0.f : m_old - m_new; }
 
-// Weight e^(x - m) of one term: exactly 0 for x = -inf (also when m = -inf).
-OPD_HD float weight(float x, float m) { return x == kNegInf ? 0.f : fast_exp(x - m); }
+// e^d, the factor that takes sums relative to m_old to m_new (d = gap): exactly 1 for d = 0.
+OPD_HD float factor(float d) { return d == 0.f ? 1.f : fast_exp(d); }
+
+// d * S, 0 for an empty sum (S = 0, where d may be -inf); NaN in S propagates.
+OPD_HD float times(float d, float S) { return S == 0.f ? 0.f : d * S; }
+
+// The origin that terms are taken relative to (x - origin(m)): the running max m, or 0 while m is
+// -inf (the row has seen only -inf), so that a -inf logit always gives -inf, never NaN.
+OPD_HD float origin(float m) { return m == kNegInf ? 0.f : m; }
+
+// Weight e^(x - m) of a term from its relative logit x - m: exactly 0 for -inf.
+OPD_HD float weight(float rel) { return rel == kNegInf ? 0.f : fast_exp(rel); }
 
 // Scaled target logit b = t/tau, or the G-OPD target lam*t/tau + (1-lam)*r/tau (the torch
 // backend's order of operations).
@@ -128,42 +137,54 @@ OPD_HD float logaddexp(float x, float y) {
   return mx == kNegInf ? kNegInf : mx + log1pf(fast_exp(mn - mx));
 }
 
-// Running (max, sum e^(x - max), two weighted sums) of one softmax; merges like the recurrence.
-struct Online {
-  float m, S, X, Y;
-  OPD_HD void init() { m = kNegInf, S = 0.f, X = 0.f, Y = 0.f; }
-  OPD_HD void merge(float m2, float S2, float X2, float Y2) {
-    const float mn = fmaxf(m, m2), f1 = shift(m, mn), f2 = shift(m2, mn);
-    S = S * f1 + S2 * f2;
-    X = rescale(X, f1) + rescale(X2, f2);
-    Y = rescale(Y, f1) + rescale(Y2, f2);
-    m = mn;
+// Running statistics of one row (the row_stats contract columns): the student's max m_a and
+// sums S_a = sum e^(a-m_a), U_a = sum e^(a-m_a) (a-m_a), D_q = sum e^(a-m_a) ((a-m_a) - (b-m_b)),
+// and the target's m_b, S_b = sum e^(b-m_b), D_p = sum e^(b-m_b) ((b-m_b) - (a-m_a)). The sums
+// are relative to the maxima, so D_q depends on m_b and D_p on m_a. (Without a target the
+// m_b/S_b/D_q/D_p fields hold no meaning and are never written out.)
+struct RowState {
+  float ma, Sa, Ua, Dq, mb, Sb, Dp;
+  OPD_HD void init() { ma = mb = kNegInf, Sa = Ua = Dq = Sb = Dp = 0.f; }
+  // Re-express the sums relative to new maxima Ma >= ma, Mb >= mb: with d = m - M, f = e^d,
+  //   S_a *= f_a, U_a = f_a (U_a + d_a S_a), D_q = f_a (D_q + (d_a - d_b) S_a),
+  //   S_b *= f_b,                             D_p = f_b (D_p + (d_b - d_a) S_b).
+  // A factor that underflowed to 0 drops a sum even when it is +inf.
+  OPD_HD void move_to(float Ma, float Mb) {
+    const float da = gap(ma, Ma), db = gap(mb, Mb), fa = factor(da), fb = factor(db);
+    Ua = rescale(Ua + times(da, Sa), fa);
+    Dq = rescale(Dq + times(da - db, Sa), fa);
+    Dp = rescale(Dp + times(db - da, Sb), fb);
+    Sa *= fa, Sb *= fb, ma = Ma, mb = Mb;
   }
-  // Move the running max up to m_new (>= m) before adding terms weighted by e^(x - m_new).
-  OPD_HD void raise_max(float m_new) {
-    if (m_new > m) {
-      const float f = fast_exp(m - m_new);
-      S *= f, X = rescale(X, f), Y = rescale(Y, f), m = m_new;
-    }
+  // Combine with another part of the row (both rebased onto the common maxima, then added).
+  OPD_HD void merge(RowState o) {
+    const float Ma = fmaxf(ma, o.ma), Mb = fmaxf(mb, o.mb);
+    move_to(Ma, Mb);
+    o.move_to(Ma, Mb);
+    Sa += o.Sa, Ua += o.Ua, Dq += o.Dq, Sb += o.Sb, Dp += o.Dp;
   }
 };
 
 // ---------------------------------------------------------------- block reductions
 
-__device__ __forceinline__ void warp_merge(Online& o) {
+__device__ __forceinline__ void warp_merge(RowState& o) {
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) {
-    const float m2 = __shfl_xor_sync(0xffffffffu, o.m, off);
-    const float S2 = __shfl_xor_sync(0xffffffffu, o.S, off);
-    const float X2 = __shfl_xor_sync(0xffffffffu, o.X, off);
-    const float Y2 = __shfl_xor_sync(0xffffffffu, o.Y, off);
-    o.merge(m2, S2, X2, Y2);
+    RowState p;
+    p.ma = __shfl_xor_sync(0xffffffffu, o.ma, off);
+    p.Sa = __shfl_xor_sync(0xffffffffu, o.Sa, off);
+    p.Ua = __shfl_xor_sync(0xffffffffu, o.Ua, off);
+    p.Dq = __shfl_xor_sync(0xffffffffu, o.Dq, off);
+    p.mb = __shfl_xor_sync(0xffffffffu, o.mb, off);
+    p.Sb = __shfl_xor_sync(0xffffffffu, o.Sb, off);
+    p.Dp = __shfl_xor_sync(0xffffffffu, o.Dp, off);
+    o.merge(p);
   }
 }
 
-// Merges every thread's Online state; the result is valid in thread 0. blockDim.x % 32 == 0.
-__device__ __forceinline__ Online block_merge(Online o) {
-  __shared__ Online part[kMaxThreads / 32];
+// Merges every thread's RowState; the result is valid in thread 0. blockDim.x % 32 == 0.
+__device__ __forceinline__ RowState block_merge(RowState o) {
+  __shared__ RowState part[kMaxThreads / 32];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
   warp_merge(o);
   __syncthreads();  // `part` may be reused by a previous call in the same kernel

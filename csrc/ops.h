@@ -10,6 +10,7 @@
 namespace opd {
 
 // [N, 8] float32: (m_a, S_a, U_a, m_b, S_b, D_q, D_p, a_y) per row over the local vocabulary.
+// U_a, D_q, D_p use the logits relative to the maxima (opd_kernels/backends/__init__.py).
 at::Tensor row_stats(const at::Tensor& s, const std::optional<at::Tensor>& t,
                      const std::optional<at::Tensor>& r, const std::optional<at::Tensor>& targets,
                      double inv_temp, double lam, int64_t vocab_start);

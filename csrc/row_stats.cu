@@ -12,12 +12,11 @@ row_stats_kernel(Logits s, Logits t, Logits r, const int64_t* __restrict__ targe
                  int64_t vocab_start) {
   const int64_t row = blockIdx.x;
   const bool has_t = t.ptr != nullptr;
-  Online qa, pb;
-  row_stats_thread<TS, TT>(s, t, r, row, threadIdx.x, blockDim.x, V, inv_temp, lam, qa, pb);
-  qa = block_merge(qa);
-  if (has_t) pb = block_merge(pb);  // has_t is uniform over the block
+  RowState st;
+  row_stats_thread<TS, TT>(s, t, r, row, threadIdx.x, blockDim.x, V, inv_temp, lam, st);
+  st = block_merge(st);
   if (threadIdx.x == 0) {
-    row_stats_write<TS>(s, has_t, targets, out, row, V, inv_temp, vocab_start, qa, pb);
+    row_stats_write<TS>(s, has_t, targets, out, row, V, inv_temp, vocab_start, st);
   }
 }
 

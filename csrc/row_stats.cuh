@@ -6,36 +6,34 @@
 
 namespace opd {
 
-
-
-// Adds n terms to the student state qa = (m_a, S_a, U_a, D_q) and the teacher state
-// pb = (m_b, S_b, D_p, unused). Zero-weight terms (-inf logits) are skipped: 0 * inf never occurs.
+// Adds n terms to the row state: both running maxima move first (move_to rebases the old sums),
+// then each term enters relative to them. Zero-weight terms (-inf logits) are skipped, so
+// 0 * inf never occurs; a term the target bans (b = -inf) makes D_q +inf, one the student bans
+// makes D_p +inf.
 template <int n>
-OPD_HD void add_terms(Online& qa, Online& pb, const float (&a)[n],
-                                          const float (&b)[n], bool has_t) {
-  float ma = qa.m;
-#pragma unroll
-  for (int j = 0; j < n; ++j) ma = fmaxf(ma, a[j]);
-  qa.raise_max(ma);
+OPD_HD void add_terms(RowState& st, const float (&a)[n], const float (&b)[n], bool has_t) {
+  float ma = st.ma, mb = st.mb;
 #pragma unroll
   for (int j = 0; j < n; ++j) {
-    const float w = weight(a[j], qa.m);
-    qa.S += w;
-    if (w > 0.f) {
-      qa.X += w * a[j];
-      if (has_t) qa.Y += w * (a[j] - b[j]);
-    }
+    ma = fmaxf(ma, a[j]);
+    if (has_t) mb = fmaxf(mb, b[j]);
   }
-  if (!has_t) return;
-  float mb = pb.m;
-#pragma unroll
-  for (int j = 0; j < n; ++j) mb = fmaxf(mb, b[j]);
-  pb.raise_max(mb);
+  if (ma != st.ma || mb != st.mb) st.move_to(ma, mb);
+  const float oa = origin(ma), ob = origin(mb);
 #pragma unroll
   for (int j = 0; j < n; ++j) {
-    const float w = weight(b[j], pb.m);
-    pb.S += w;
-    if (w > 0.f) pb.X += w * (b[j] - a[j]);
+    const float ra = a[j] - oa, rb = has_t ? b[j] - ob : 0.f;  // a - m_a, b - m_b
+    const float wa = weight(ra);
+    st.Sa += wa;
+    if (wa > 0.f) {
+      st.Ua += wa * ra;
+      if (has_t) st.Dq += wa * (ra - rb);
+    }
+    if (has_t) {
+      const float wb = weight(rb);
+      st.Sb += wb;
+      if (wb > 0.f) st.Dp += wb * (rb - ra);
+    }
   }
 }
 
@@ -43,14 +41,13 @@ OPD_HD void add_terms(Online& qa, Online& pb, const float (&a)[n],
 template <typename TS, typename TT>
 OPD_HD void row_stats_thread(const Logits& s, const Logits& t, const Logits& r, int64_t row,
                              int64_t tid, int64_t nthreads, int64_t V, float inv_temp, float lam,
-                             Online& qa, Online& pb) {
+                             RowState& st) {
   constexpr int E = chunk_elems<TS, TT>();
   const bool has_t = t.ptr != nullptr, has_r = r.ptr != nullptr;
   const TS* srow = row_ptr<TS>(s, row);
   const TT* trow = row_ptr<TT>(t, row);
   const TT* rrow = row_ptr<TT>(r, row);
-  qa.init();
-  pb.init();
+  st.init();
   const int64_t nchunks = V / E;
   for (int64_t c = tid; c < nchunks; c += nthreads) {
     float a[E], b[E], x[E];
@@ -63,7 +60,7 @@ OPD_HD void row_stats_thread(const Logits& s, const Logits& t, const Logits& r, 
 #pragma unroll
       for (int j = 0; j < E; ++j) b[j] = target_logit(b[j], has_r ? x[j] : 0.f, has_r, inv_temp, lam);
     }
-    add_terms<E>(qa, pb, a, b, has_t);
+    add_terms<E>(st, a, b, has_t);
   }
   for (int64_t col = nchunks * E + tid; col < V; col += nthreads) {  // V % E tail
     float a[1] = {to_float(srow[col]) * inv_temp}, b[1] = {0.f};
@@ -71,7 +68,7 @@ OPD_HD void row_stats_thread(const Logits& s, const Logits& t, const Logits& r, 
       b[0] = target_logit(to_float(trow[col]), has_r ? to_float(rrow[col]) : 0.f, has_r, inv_temp,
                           lam);
     }
-    add_terms<1>(qa, pb, a, b, has_t);
+    add_terms<1>(st, a, b, has_t);
   }
 }
 
@@ -80,11 +77,11 @@ OPD_HD void row_stats_thread(const Logits& s, const Logits& t, const Logits& r, 
 template <typename TS>
 OPD_HD void row_stats_write(const Logits& s, bool has_t, const int64_t* targets, float* out,
                             int64_t row, int64_t V, float inv_temp, int64_t vocab_start,
-                            const Online& qa, const Online& pb) {
+                            const RowState& st) {
   float* o = out + row * 8;
-  o[0] = qa.m, o[1] = qa.S, o[2] = qa.X;
-  o[3] = has_t ? pb.m : 0.f, o[4] = has_t ? pb.S : 0.f;
-  o[5] = has_t ? qa.Y : 0.f, o[6] = has_t ? pb.X : 0.f;
+  o[0] = st.ma, o[1] = st.Sa, o[2] = st.Ua;
+  o[3] = has_t ? st.mb : 0.f, o[4] = has_t ? st.Sb : 0.f;
+  o[5] = has_t ? st.Dq : 0.f, o[6] = has_t ? st.Dp : 0.f;
   float a_y = 0.f;
   if (targets != nullptr) {
     const int64_t y = targets[row] - vocab_start;

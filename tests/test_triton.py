@@ -136,6 +136,34 @@ def test_row_stats_all_neg_inf_row_and_splits(monkeypatch):
     assert_close(split[keep], ref.row_stats(*d64(s, t), None, y, inv_temp=1.0)[keep])
 
 
+def test_row_stats_nan_propagates():
+    """A NaN logit makes its row's statistics NaN (through S), in the student or the teacher."""
+    s, t = logits(4, 700), logits(4, 700)
+    s[0, 5] = float("nan")
+    t[1, 600] = float("nan")
+    rows = finish(tb.row_stats(s, t, None, None, inv_temp=1.0))
+    assert rows.reverse_kl[:2].isnan().all() and rows.forward_kl[:2].isnan().all() and rows.entropy[0].isnan()
+    assert torch.isfinite(torch.stack([rows.reverse_kl[2:], rows.forward_kl[2:], rows.entropy[1:3]])).all()
+
+
+def test_row_stats_offset_accuracy(monkeypatch):
+    """Student ~ teacher with logits offset by +50: the small KLs (~5e-5) and the entropy from
+    the online recurrence and the split merge are as accurate as naive fp32 log_softmax."""
+    monkeypatch.setattr(tb, "_n_splits", lambda row_blocks, n_tiles, device: min(3, n_tiles))
+    N, V = 8, 1100
+    s = logits(N, V, scale=2.0) + 50.0
+    t = s + 0.01 * torch.randn_like(s)
+    got = finish(tb.row_stats(s, t, None, None, inv_temp=1.0))
+    want = finish(ref.row_stats(*d64(s, t), None, None, inv_temp=1.0))
+    lq, lp = torch.log_softmax(s, -1), torch.log_softmax(t, -1)
+    naive = {"reverse_kl": (lq.exp() * (lq - lp)).sum(-1), "forward_kl": (lp.exp() * (lp - lq)).sum(-1),
+             "entropy": -(lq.exp() * lq).sum(-1)}
+    for name, x in naive.items():
+        exact = getattr(want, name)
+        err, naive_err = (((v.double() - exact).abs() / exact.abs()).max().item() for v in (getattr(got, name), x))
+        assert err <= 2 * naive_err + 1e-6, f"{name}: relative error {err:.2e}, naive fp32 {naive_err:.2e}"
+
+
 @pytest.mark.parametrize("beta", [0.3, 0.9])
 def test_jsd_sums(beta):
     N, V = 11, 517

@@ -1,8 +1,9 @@
 // Test-only: runs the kernels' per-thread code (row_stats.cuh, grad_logits.cuh) on the CPU, so
 // CI without a GPU still executes the real chunking, vector/scalar loads, tails, -inf handling
-// and formulas. A row's "threads" run one after another and their states are merged in order
-// (the GPU merges the same states with warp shuffles and shared memory, which this does NOT
-// exercise, nor the launch configuration on a device).
+// and formulas. A row's "threads" run one after another; their states are then merged in the
+// GPU's order (block_merge: an xor butterfly within each warp of 32, then one over the warps'
+// results), so the merge arithmetic and its rounding match the device (the warp shuffles and
+// shared memory themselves, and the launch configuration, are NOT exercised).
 //
 // Not part of the extension (setup.py compiles csrc/*.cu only). Built by tests/test_cuda.py:
 //   nvcc -std=c++17 -O2 -shared -Xcompiler -fPIC --expt-relaxed-constexpr \
@@ -24,20 +25,42 @@ Logits view(const void* ptr, int64_t stride, int dtype) {
   return Logits{ptr, stride, static_cast<DType>(dtype), vec};
 }
 
+// block_merge's result (thread 0's) for the per-thread states st[0..n), n % 32 == 0, n <= 512.
+RowState block_merge_order(RowState* st, int n) {
+  auto butterfly = [](RowState* v) {  // warp_merge: lane i merges lane i ^ off into itself
+    for (int off = 16; off > 0; off >>= 1) {
+      RowState next[32];
+      for (int i = 0; i < 32; ++i) {
+        next[i] = v[i];
+        next[i].merge(v[i ^ off]);
+      }
+      for (int i = 0; i < 32; ++i) v[i] = next[i];
+    }
+  };
+  RowState warp0[32];
+  for (int w = 0; w < 32; ++w) {
+    if (w < n / 32) {
+      butterfly(st + 32 * w);
+      warp0[w] = st[32 * w];
+    } else {
+      warp0[w].init();
+    }
+  }
+  butterfly(warp0);
+  return warp0[0];
+}
+
 template <typename TS, typename TT>
 void row_stats_rows(Logits s, Logits t, Logits r, const int64_t* targets, float* out, int64_t N,
                     int64_t V, float inv_temp, float lam, int64_t vocab_start) {
   const int nthreads = threads_for(V, chunk_elems<TS, TT>());
   for (int64_t row = 0; row < N; ++row) {
-    Online qa, pb, q1, p1;
-    qa.init();
-    pb.init();
+    RowState st[kMaxThreads];
     for (int tid = 0; tid < nthreads; ++tid) {
-      row_stats_thread<TS, TT>(s, t, r, row, tid, nthreads, V, inv_temp, lam, q1, p1);
-      qa.merge(q1.m, q1.S, q1.X, q1.Y);
-      pb.merge(p1.m, p1.S, p1.X, p1.Y);
+      row_stats_thread<TS, TT>(s, t, r, row, tid, nthreads, V, inv_temp, lam, st[tid]);
     }
-    row_stats_write<TS>(s, t.ptr != nullptr, targets, out, row, V, inv_temp, vocab_start, qa, pb);
+    row_stats_write<TS>(s, t.ptr != nullptr, targets, out, row, V, inv_temp, vocab_start,
+                        block_merge_order(st, nthreads));
   }
 }
 

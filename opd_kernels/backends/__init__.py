@@ -15,16 +15,23 @@ Logits level (required)::
 
     row_stats(s, t, r, targets, *, inv_temp, lam, vocab_start) -> Tensor[N, 8] float32
         t, r, targets may be None (t None => columns 3..6 are 0; r requires t).
-        columns (STAT_* below):
+        columns (STAT_* below), with the logits taken relative to the maxima in 2, 5, 6:
           0 m_a  = max_v a                      1 S_a = sum e^(a-m_a)
-          2 U_a  = sum e^(a-m_a) * a            3 m_b = max_v b
-          4 S_b  = sum e^(b-m_b)                5 D_q = sum e^(a-m_a) * (a-b)
-          6 D_p  = sum e^(b-m_b) * (b-a)        7 a_y = a[targets-vocab_start] if that
-                                                    index is in [0, V) else 0
-        (one streaming pass with the online max/rescale recurrence.) Rows are combined
-        across shards by ``opd_kernels._stats.merge_shards``; ``finish`` then gives A = logsumexp(a),
-        B = logsumexp(b), entropy = A - U_a/S_a, reverse_kl = D_q/S_a - A + B,
-        forward_kl = D_p/S_b - B + A, logprob = a_y - A.
+          2 U_a  = sum e^(a-m_a) * (a-m_a)      3 m_b = max_v b
+          4 S_b  = sum e^(b-m_b)                5 D_q = sum e^(a-m_a) * ((a-m_a) - (b-m_b))
+          6 D_p  = sum e^(b-m_b) * ((b-m_b) - (a-m_a))
+          7 a_y  = a[targets-vocab_start] if that index is in [0, V) else 0
+        (a common offset of the logits never enters U_a, D_q, D_p, so a small KL is not lost
+        to cancellation between large sums.) One streaming pass with the online max/rescale
+        recurrence: when the maxima move from (m_a, m_b) to (M_a, M_b), with d = m - M and
+        f = e^d, the partial sums become
+          S_a -> f_a S_a,  U_a -> f_a (U_a + d_a S_a),  D_q -> f_a (D_q + (d_a - d_b) S_a),
+          S_b -> f_b S_b,  D_p -> f_b (D_p + (d_b - d_a) S_b)
+        (a part with S = 0, m = -inf contributes 0); the same rule merges vocab splits and, in
+        ``opd_kernels._stats.merge_shards``, shards. ``finish`` then gives
+        A = m_a + log S_a = logsumexp(a), B = m_b + log S_b, entropy = log S_a - U_a/S_a,
+        reverse_kl = D_q/S_a - log S_a + log S_b, forward_kl = D_p/S_b - log S_b + log S_a,
+        logprob = a_y - A.
 
     jsd_sums(s, t, AB, *, inv_temp, beta) -> Tensor[N, 2] float32
         with A = AB[:, 0], B = AB[:, 1] the *global* log-normalizers, p = e^(b-B),

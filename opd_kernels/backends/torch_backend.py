@@ -5,7 +5,9 @@ fp32 buffers stay near ``OPD_CHUNK_BYTES`` (default 64 MB) whatever N is. Each c
 whole local vocabulary, so the statistics are computed directly (max, then sums), which is the
 same quantity the kernels' online recurrence produces:
 
-    m = max_v x,  S = sum_v e^(x - m),  and weighted sums  sum_v e^(x - m) * f(v).
+    m = max_v x,  S = sum_v e^(x - m),  and weighted sums  sum_v e^(x - m) * f(v),
+
+where ``f`` uses the logits relative to the maxima (``x - m``), never the raw logits.
 
 Terms whose weight e^(x - m) is 0 (``-inf`` logits) are masked to 0 so that ``0 * inf`` never
 produces NaN.
@@ -46,10 +48,13 @@ def _wsum(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return torch.nansum(w * x, -1)
 
 
-def _max_exp(x: torch.Tensor):
-    """(m, e^(x - m)) per row."""
+def _relative(x: torch.Tensor, inp: torch.Tensor):
+    """(m, x - m, e^(x - m)) per row; ``x - m`` is -inf where x is, also in an all -inf row
+    (m = -inf). ``x - m`` is written into ``x`` unless ``x`` is the input ``inp`` itself."""
     m = x.amax(-1, keepdim=True)
-    return m, (x - m).exp_()
+    shift = m.masked_fill(m == -float("inf"), 0.0)
+    rel = x - shift if x is inp else x.sub_(shift)
+    return m, rel, rel.exp()
 
 
 def _target_logits(b_t, b_r, lam):
@@ -84,24 +89,29 @@ def row_stats(s, t, r, targets, *, inv_temp, lam=1.0, vocab_start=0, need=None):
     out = torch.zeros(N, N_STATS, dtype=torch.float64 if s.dtype == torch.float64 else torch.float32,
                       device=s.device)
     for i, j in _chunks(N, V):
-        a = _scaled(s[i:j], inv_temp)
-        m_a, e_a = _max_exp(a)
+        # a, b below are the logits relative to their row max (temporaries, reused in place)
+        s_i = s[i:j]
+        m_a, a, e_a = _relative(_scaled(s_i, inv_temp), s_i)
         out[i:j, 0], out[i:j, 1] = m_a[:, 0], e_a.sum(-1)
-        if "U_a" in need:
-            out[i:j, 2] = _wsum(e_a, a)
+        diff = None
         if t is not None:
-            b = _target_logits(_scaled(t[i:j], inv_temp), None if r is None else _scaled(r[i:j], inv_temp), lam)
-            m_b, e_b = _max_exp(b)
+            t_i = t[i:j]
+            b = _target_logits(_scaled(t_i, inv_temp), None if r is None else _scaled(r[i:j], inv_temp), lam)
+            m_b, b, e_b = _relative(b, t_i)
             out[i:j, 3], out[i:j, 4] = m_b[:, 0], e_b.sum(-1)
             if "D_q" in need or "D_p" in need:
-                diff = a - b
-                if "D_q" in need:
-                    out[i:j, 5] = _wsum(e_a, diff)
-                if "D_p" in need:
-                    out[i:j, 6] = -_wsum(e_b, diff)
+                diff = torch.sub(a, b, out=b)  # (a - m_a) - (b - m_b)
+        if "U_a" in need:
+            out[i:j, 2] = torch.nansum(a.mul_(e_a), -1)  # nansum: 0 * -inf terms count as 0
+        if diff is not None:
+            if "D_q" in need:
+                out[i:j, 5] = torch.nansum(e_a.mul_(diff), -1)
+            if "D_p" in need:
+                out[i:j, 6] = -torch.nansum(diff.mul_(e_b), -1)
         if targets is not None:
             y, inside = _local_target(targets[i:j], vocab_start, V)
-            out[i:j, 7] = torch.where(inside, a.gather(1, y[:, None])[:, 0], 0.0)
+            a_y = _scaled(s_i.gather(1, y[:, None])[:, 0], inv_temp)
+            out[i:j, 7] = torch.where(inside, a_y, 0.0)
     return out
 
 

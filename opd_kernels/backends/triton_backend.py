@@ -17,7 +17,8 @@ from functools import lru_cache
 
 import torch
 
-from . import N_STATS
+from .._stats import rebase
+from . import N_STATS, STAT_M_A, STAT_M_B
 
 try:
     import triton
@@ -169,19 +170,13 @@ def _f32(x: torch.Tensor) -> torch.Tensor:
 
 
 def _merge_splits(part: torch.Tensor) -> torch.Tensor:
-    """[splits, N, 8] per-split row stats -> [N, 8], merged like vocab shards (no host sync)."""
+    """[splits, N, 8] per-split row stats -> [N, 8], merged like vocab shards (no host sync):
+    each split's sums are rebased onto the row maxima over splits, then added."""
     if part.shape[0] == 1:
         return part[0]
-    out = torch.empty_like(part[0])
-    for m_col, cols in ((0, (1, 2, 5)), (3, (4, 6))):
-        m_local = part[:, :, m_col]
-        m = m_local.amax(0)
-        scale = torch.exp(m_local - m)  # NaN/0 for splits that saw only -inf: dropped below
-        out[:, m_col] = m
-        for c in cols:
-            x = part[:, :, c]
-            out[:, c] = torch.where(scale > 0, x * scale, 0.0).sum(0)
-    out[:, 7] = part[:, :, 7].sum(0)
+    m_a, m_b = part[:, :, STAT_M_A].amax(0), part[:, :, STAT_M_B].amax(0)
+    out = rebase(part, m_a, m_b).sum(0)
+    out[:, STAT_M_A], out[:, STAT_M_B] = m_a, m_b
     return out
 
 

@@ -4,22 +4,29 @@ What it computes -- the backend contract's ``row_stats`` columns, per row ``i`` 
 vocabulary columns a program owns (``a = s / tau`` student, ``b`` the target's scaled logits,
 ``b = (lam t + (1 - lam) r) / tau`` for G-OPD)::
 
-    m_a = max a   S_a = sum e^(a-m_a)   U_a = sum e^(a-m_a) a
-    m_b = max b   S_b = sum e^(b-m_b)   D_q = sum e^(a-m_a) (a-b)   D_p = sum e^(b-m_b) (b-a)
+    m_a = max a   S_a = sum e^(a-m_a)   U_a = sum e^(a-m_a) (a-m_a)
+    m_b = max b   S_b = sum e^(b-m_b)   D_q = sum e^(a-m_a) ((a-m_a) - (b-m_b))
+                                        D_p = sum e^(b-m_b) ((b-m_b) - (a-m_a))
     a_y = a[y]  (the target's scaled logit, 0 when y is not in this program's columns)
 
-Online max/rescale recurrence, one tile ``x[:, j0:j0+BLOCK_V]`` at a time (the softmax of
-flash-attention / Milakov & Gimelshein 2018)::
+``U_a, D_q, D_p`` take the logits relative to the maxima, so a common offset of the logits
+never enters them (the absolute ``sum e^(a-m_a) a`` would lose a small KL to cancellation).
 
-    m' = max(m, max_j x_j),   alpha = e^(m - m')
-    S' = alpha * S + sum_j e^(x_j - m')      (and likewise every weighted sum sum e^(x - m) f)
+Online max/rescale recurrence, one tile ``x[:, j0:j0+BLOCK_V]`` at a time (the softmax of
+flash-attention / Milakov & Gimelshein 2018). Both maxima move first; with ``d = m - m'``
+(``<= 0``) and ``f = e^d`` the old sums are re-expressed relative to the new maxima, then the
+tile's terms (weights ``e^(x - m')``) are added::
+
+    S_a' = f_a S_a                      U_a' = f_a (U_a + d_a S_a)
+    D_q' = f_a (D_q + (d_a - d_b) S_a)  D_p' = f_b (D_p + (d_b - d_a) S_b)   (S_b' = f_b S_b)
 
 ``-inf`` logits and the padded columns of the last tile (loaded as ``-inf``) have weight exactly
 0; their terms are dropped with ``tl.where`` so ``0 * inf`` never makes NaN. While a row has
-seen only ``-inf``, ``m`` stays ``-inf``, ``alpha`` is 1 and the sums stay 0. A rescale factor
-that underflows to 0 drops the old sum even if it is ``+inf`` (as the reference does: a term
-whose weight underflows contributes 0). Nothing here is saved for backward: the backward
-kernels (``grad.py``) recompute tiles from ``A = m_a + log S_a`` and ``B = m_b + log S_b``.
+seen only ``-inf``, ``m`` stays ``-inf``, ``d`` is 0 and the sums stay 0 (the ``d * S`` products
+are dropped for ``S = 0``, where ``d`` may be ``-inf``). A factor that underflows to 0 drops the
+old sum even if it is ``+inf`` (as the reference does: a term whose weight underflows
+contributes 0). Nothing here is saved for backward: the backward kernels (``grad.py``)
+recompute tiles from ``A = m_a + log S_a`` and ``B = m_b + log S_b``.
 
 The vocabulary may be split across the second grid axis (``n_splits`` ranges of whole tiles) to
 fill the GPU when N is small; the launcher merges the per-split rows exactly like vocab shards.
@@ -29,31 +36,44 @@ import triton.language as tl
 
 
 @triton.jit
-def rescale(x, alpha):
-    """``x * alpha`` where an underflowed factor (0) drops ``x`` even when ``x`` is ``+inf``."""
-    return tl.where(alpha > 0, x * alpha, 0.0)
+def move_max(x, m_old):
+    """New running max ``m = max(m_old, max_j x_j)``, the gap ``d = m_old - m`` (0 when the max
+    did not move, also -inf -> -inf), ``x - m`` (-inf where x is, also while m is -inf) and the
+    weights ``e^(x - m)`` (exactly 0 for -inf; NaN for a NaN logit, so that S carries it)."""
+    m = tl.maximum(m_old, tl.max(x, 1))
+    d = tl.where(m_old == m, 0.0, m_old - m)
+    rel = x - tl.where(m == float("-inf"), 0.0, m)[:, None]
+    w = tl.where(x == float("-inf"), 0.0, tl.exp(rel))
+    return m, d, rel, w
 
 
 @triton.jit
-def softmax_weights(x, m_old):
-    """New running max ``m``, the factor ``e^(m_old - m)`` for old sums, weights ``e^(x - m)``."""
-    m_new = tl.maximum(m_old, tl.max(x, 1))
-    alpha = tl.where(m_new > float("-inf"), tl.exp(m_old - m_new), 1.0)
-    w = tl.where(x > float("-inf"), tl.exp(x - m_new[:, None]), 0.0)
-    return m_new, alpha, w
+def moved(x, s, d, f):
+    """``f * (x + d * s)``: a sum ``x`` of total weight ``s`` re-expressed relative to a max that
+    moved by ``-d``. ``d * s`` is 0 for ``s = 0`` (d may be -inf); ``f = 0`` drops x even if +inf."""
+    return tl.where(f == 0.0, 0.0, f * (x + tl.where(s == 0.0, 0.0, d * s)))
+
+
+@triton.jit
+def weighted_sum(w, x):
+    """``sum_j w_j x_j`` over terms with ``w > 0`` (no ``0 * inf``)."""
+    return tl.sum(tl.where(w > 0, w * x, 0.0), 1)
 
 
 @triton.jit
 def stats_update(a, b, m_a, s_a, u_a, m_b, s_b, d_q, d_p, HAS_T: tl.constexpr):
     """Fold one ``[BLOCK_N, BLOCK_V]`` tile of fp32 scaled logits into the running row stats."""
-    m_a, alpha, w_a = softmax_weights(a, m_a)
-    s_a = rescale(s_a, alpha) + tl.sum(w_a, 1)
-    u_a = rescale(u_a, alpha) + tl.sum(tl.where(w_a > 0, w_a * a, 0.0), 1)
+    m_a, d_a, ra, w_a = move_max(a, m_a)
+    f_a = tl.exp(d_a)
     if HAS_T:
-        d_q = rescale(d_q, alpha) + tl.sum(tl.where(w_a > 0, w_a * (a - b), 0.0), 1)
-        m_b, alpha_b, w_b = softmax_weights(b, m_b)
-        s_b = rescale(s_b, alpha_b) + tl.sum(w_b, 1)
-        d_p = rescale(d_p, alpha_b) + tl.sum(tl.where(w_b > 0, w_b * (b - a), 0.0), 1)
+        m_b, d_b, rb, w_b = move_max(b, m_b)
+        f_b = tl.exp(d_b)
+        diff = ra - rb  # (a - m_a) - (b - m_b)
+        d_q = moved(d_q, s_a, d_a - d_b, f_a) + weighted_sum(w_a, diff)
+        d_p = moved(d_p, s_b, d_b - d_a, f_b) - weighted_sum(w_b, diff)
+        s_b = f_b * s_b + tl.sum(w_b, 1)
+    u_a = moved(u_a, s_a, d_a, f_a) + weighted_sum(w_a, ra)
+    s_a = f_a * s_a + tl.sum(w_a, 1)
     return m_a, s_a, u_a, m_b, s_b, d_q, d_p
 
 
