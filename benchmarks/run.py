@@ -1,6 +1,6 @@
 """Benchmark every op x provider x pass over a shape sweep; write results.json, results.csv, plots.
 
-    python benchmarks/run.py --quick --out benchmarks/results/cpu-mybox     # CPU sizes, ~5 min
+    python benchmarks/run.py --quick --out benchmarks/results/cpu-mybox     # CPU sizes (~20 min on a busy 2-core VM)
     python benchmarks/run.py --out results/h100                             # GPU sizes, bf16
     python benchmarks/run.py --quick --ops fused_linear_distill_loss --providers naive torch
 
@@ -33,8 +33,8 @@ import cases  # noqa: E402
 import measure  # noqa: E402
 from cases import OPS, PASSES, PROVIDERS, Unavailable  # noqa: E402
 
-# (N, V, d) sweeps. d is ignored by the logits-level ops. The quick set fits a 2-core CPU in
-# about 5 minutes; its largest fused shape is the memory/time ratio check of the issue.
+# (N, V, d) sweeps. d is ignored by the logits-level ops. The quick set took 16-20 min on a
+# 2-core VM shared with other jobs (load 5-7); its largest fused shape is the ratio check.
 QUICK = {
     "logits": [(256, 32000, 0), (512, 32000, 0), (1024, 32000, 0), (1024, 8000, 0)],
     "fused": [(256, 32000, 256), (512, 32000, 256), (1024, 32000, 256), (1024, 8000, 256)],
@@ -268,7 +268,7 @@ def ratio_check(results, log, *, device=None, repeat=3, timeout=900) -> dict | N
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="CPU-sized shapes (fp32), about 5 min on 2 cores")
+    ap.add_argument("--quick", action="store_true", help="CPU-sized shapes (fp32): 16-20 min on a busy 2-core VM")
     ap.add_argument("--out", type=Path, default=None, help="output directory (default benchmarks/results/<device>)")
     ap.add_argument("--ops", nargs="+", default=list(OPS), choices=OPS)
     ap.add_argument("--providers", nargs="+", default=None, choices=PROVIDERS,
