@@ -42,11 +42,13 @@ def divergence_rows(s, t, divergence, beta=0.5, T=1.0, r=None, lam=1.0):
     if r is not None:  # G-OPD target; a token banned by either model is banned
         rr = r.double() / T
         b = torch.where(torch.isneginf(b) | torch.isneginf(rr), -float("inf"), lam * b + (1 - lam) * rr)
-    lp = torch.log_softmax(b, -1)
-    if divergence == "jsd" and beta == 0.0:
-        divergence = "forward_kl"
-    if divergence == "jsd" and beta == 1.0:
-        divergence = "reverse_kl"
+    return _divergence(lq, torch.log_softmax(b, -1), divergence, beta)
+
+
+def _divergence(lq, lp, divergence, beta):
+    """The divergence between log-distributions ``lq`` (student) and ``lp`` (teacher), per row."""
+    if divergence == "jsd" and beta in (0.0, 1.0):
+        divergence = "forward_kl" if beta == 0.0 else "reverse_kl"
     if divergence == "forward_kl":
         return _kl(lp, lq)
     if divergence == "reverse_kl":
@@ -73,16 +75,7 @@ def sparse_rows(s, ids, teacher_lp, divergence, beta=0.5, T=1.0):
     lp_tail = torch.log((1 - lp_k.exp().sum(-1, keepdim=True)).clamp_min(0))
     if ids.shape[-1] >= s.shape[-1]:
         lp_tail = torch.full_like(lp_tail, -float("inf"))
-    lq = torch.cat([lq_k, lq_tail], -1)
-    lp = torch.cat([lp_k, lp_tail], -1)
-    if divergence == "jsd" and beta in (0.0, 1.0):
-        divergence = "forward_kl" if beta == 0.0 else "reverse_kl"
-    if divergence == "forward_kl":
-        return _kl(lp, lq)
-    if divergence == "reverse_kl":
-        return _kl(lq, lp)
-    lm = _log_mix(lp, lq, beta)
-    return beta * _kl(lp, lm) + (1 - beta) * _kl(lq, lm)
+    return _divergence(torch.cat([lq_k, lq_tail], -1), torch.cat([lp_k, lp_tail], -1), divergence, beta)
 
 
 def reduce(rows, mask, reduction):
@@ -93,3 +86,18 @@ def reduce(rows, mask, reduction):
         return rows.sum()
     n = mask.sum().clamp(min=1) if mask is not None else rows.numel()
     return rows.sum() / n
+
+
+def saved_row_state(s, t, r, y, kind, inv_temp, lam=1.0, beta=0.5, vocab_start=0):
+    """(A, B, C, H) per row, as the ops save them for backward, from the float64 torch backend."""
+    from opd_kernels._stats import finish
+    from opd_kernels.backends import torch_backend
+
+    s, t, r = (None if x is None else x.double() for x in (s, t, r))
+    rows = finish(torch_backend.row_stats(s, t, r, y, inv_temp=inv_temp, lam=lam, vocab_start=vocab_start))
+    C = torch.zeros_like(rows.A)
+    if kind == "reverse_kl":
+        C = rows.reverse_kl
+    elif kind == "jsd":
+        C = torch_backend.jsd_sums(s, t, torch.stack([rows.A, rows.B], -1), inv_temp=inv_temp, beta=beta)[:, 1]
+    return torch.stack([rows.A, rows.B, C, rows.entropy], -1)

@@ -17,6 +17,7 @@ import pytest  # noqa: E402
 
 pytest.importorskip("triton")
 
+import reference  # noqa: E402
 from opd_kernels._stats import finish  # noqa: E402
 from opd_kernels.backends import KINDS  # noqa: E402
 from opd_kernels.backends import torch_backend as ref  # noqa: E402
@@ -65,16 +66,7 @@ def targets(N, V, vocab_start=0):
     return y
 
 
-def rs_ref(s, t, r, y, kind, inv_temp, lam=1.0, beta=0.5, vocab_start=0):
-    """(A, B, C, H) per row from the float64 reference, as the ops would save them."""
-    s, t, r = d64(s, t, r)
-    rows = finish(ref.row_stats(s, t, r, y, inv_temp=inv_temp, lam=lam, vocab_start=vocab_start))
-    C = torch.zeros_like(rows.A)
-    if kind == "reverse_kl":
-        C = rows.reverse_kl
-    elif kind == "jsd":
-        C = ref.jsd_sums(s, t, torch.stack([rows.A, rows.B], -1), inv_temp=inv_temp, beta=beta)[:, 1]
-    return torch.stack([rows.A, rows.B, C, rows.entropy], -1)
+rs_ref = reference.saved_row_state
 
 
 def upstream(N):
