@@ -98,14 +98,15 @@ class ArithmeticTask(Task):
         answer = "".join(digits) + (str(c) if op == "+" else "")
         return Example(prompt=f"{xs}{op}{ys}=", answer=answer, solution=" ".join(cols))
 
-    def sample(self, rng: random.Random, n: int, *, no_carry: bool = False) -> list[Example]:
-        """``n`` training problems; ``no_carry`` keeps only those without any carry or borrow."""
+    def sample(self, rng: random.Random, n: int, *, carry: bool | None = None) -> list[Example]:
+        """``n`` training problems; ``carry=False`` (``True``) keeps only those without (with) a
+        carry or borrow in some column, ``None`` takes them as drawn."""
         out = []
         while len(out) < n:
             a, b, op = self._draw(rng)
             if not self._is_heldout(a, b, op):
                 ex = self.make(a, b, op)
-                if not (no_carry and self.has_carry(ex)):
+                if carry is None or self.has_carry(ex) == carry:
                     out.append(ex)
         return out
 

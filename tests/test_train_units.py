@@ -55,6 +55,25 @@ def test_heldout_split_is_disjoint_and_verifier_is_exact_match():
     assert task.with_context(ex, "feedback", attempt="650").endswith("\n21+43=")
 
 
+
+def test_carry_filter_and_plain_carry_share(tok):
+    from opd_train.models import pretrain_batch
+
+    task, rng = ArithmeticTask(3, "+", eval_size=1), random.Random(0)
+    assert task.has_carry(task.make(5, 5, "+")) and not task.has_carry(task.make(123, 456, "+"))
+    assert all(task.has_carry(ex) for ex in task.sample(rng, 50, carry=True))
+    assert not any(task.has_carry(ex) for ex in task.sample(rng, 50, carry=False))
+    drawn = task.sample(rng, 400)
+    assert 0.7 < sum(map(task.has_carry, drawn)) / 400 < 0.95  # 1 - 0.55**3 ~ 0.83 need a carry as drawn
+
+    def carry_rate(share):  # plain rows only (no privileged context): the share of them that need a carry
+        s = pretrain_batch(task, tok, random.Random(1), 400, context_fraction=0.0, plain_carry_share=share)
+        prompts = [t.split("<|user|>")[1].split("<|assistant|>")[0] for t in tok.batch_decode(s.input_ids)]
+        return sum(task.has_carry(task.make(int(p[:3][::-1]), int(p[4:7][::-1]), "+")) for p in prompts) / 400
+
+    assert carry_rate(0.0) == 0.0 and carry_rate(1.0) == 1.0
+    assert 0.1 < carry_rate(0.2) < 0.3
+
 # -- tokenizer ----------------------------------------------------------------------------------
 def test_char_tokenizer_roundtrip_and_chat_template(tok):
     text = "sol 7+5+0=12\n347+085="
