@@ -35,7 +35,6 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 import transformers
-from transformers import AutoTokenizer
 
 from . import cli
 from . import rollout as R
@@ -43,6 +42,7 @@ from .data import JsonlTask
 from .methods import Method, get
 from .models import get_pretrained, load
 from .task import ArithmeticTask
+from .tokenizer import load_tokenizer
 
 PRETRAIN_SEED = 0  # the cached teacher/student do not depend on --seed
 RESUME_MAY_DIFFER = {"resume", "steps", "threads", "out"}
@@ -246,12 +246,12 @@ def run(args) -> dict:
     method_cls = get(args.method)
     student_path, teacher_path = model_paths(args, task, method_cls, rank, world, log)
     torch.manual_seed(args.seed + rank)
-    tok = AutoTokenizer.from_pretrained(student_path)
+    tok = load_tokenizer(student_path)
     student = load(ckpt / "model" if ckpt else student_path, device)
     teacher, vocab_size = None, args.vocab_size
     if teacher_path:
         teacher = load(teacher_path, device).eval().requires_grad_(False)
-        vocab_size = check_compatible(tok, AutoTokenizer.from_pretrained(teacher_path), student, teacher,
+        vocab_size = check_compatible(tok, load_tokenizer(teacher_path), student, teacher,
                                       args.vocab_size, student_path, teacher_path)
     lm = R.LM(student, vocab_size).train()
     fwd = lm

@@ -84,6 +84,25 @@ def test_char_tokenizer_roundtrip_and_chat_template(tok):
     assert R.encode_answers(tok, ["640"])[0][-1] == tok.eos_token_id
 
 
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_tokenizer_saved_next_to_a_model_loads_back_unchanged(tmp_path, arch):
+    """As in every bundled model dir. transformers 5 gives qwen2 dirs its own tokenizer class,
+    which rebuilds the pre-tokenizer and dropped spaces and newlines; load_tokenizer must not."""
+    from transformers import Qwen2Config
+
+    from opd_train.tokenizer import load_tokenizer
+
+    built = build_char_tokenizer()
+    cfg = {"qwen2": Qwen2Config, "llama": LlamaConfig}[arch](vocab_size=len(built))
+    cfg.save_pretrained(tmp_path)
+    built.save_pretrained(tmp_path)
+    tok = load_tokenizer(tmp_path)
+    text = "fb 8525 wrong x==x\nsol 2+7+0=09 4+1+0=05\n242+710="
+    assert tok(text, add_special_tokens=False).input_ids == built(text, add_special_tokens=False).input_ids
+    assert R.encode_prompts(tok, [text]) == R.encode_prompts(built, [text])
+    assert (tok.pad_token_id, tok.eos_token_id, tok.padding_side) == (built.pad_token_id, built.eos_token_id, "left")
+
 # -- packing and sampling ------------------------------------------------------------------------
 def test_pack_aligns_completions_under_different_prompts(tok):
     comp, mask = R.pad_completions(R.encode_answers(tok, ["640", "12"]), tok.pad_token_id)
