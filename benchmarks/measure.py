@@ -109,7 +109,7 @@ def measure(fn, x, *, device, warmup: int, repeat: int, tiny=None) -> dict:
 
     Order: one step on ``tiny()`` inputs (few rows, same V and d: compiles, lazy init, code
     pages), ``warmup`` untimed full-size steps, one untimed memory step, then ``repeat`` timed
-    steps. ``bwd`` is the backward alone, timed after an untimed forward of the same step;
+    steps (``repeat=0``: memory only, times ``None``). ``bwd`` is the backward alone, timed after an untimed forward of the same step;
     ``fwd+bwd`` is their sum within each step.
     """
     cuda = torch.device(device).type == "cuda"
@@ -141,10 +141,20 @@ def measure(fn, x, *, device, warmup: int, repeat: int, tiny=None) -> dict:
         times.append(_timed_step(fn, x, cuda))
         clear()
 
-    series = {"fwd": [f for f, _ in times], "bwd": [b for _, b in times], "fwd+bwd": [f + b for f, b in times]}
     peaks = {"fwd": peak_f, "bwd": peak_b, "fwd+bwd": max(peak_f, peak_b)}
-    return {p: {"median_ms": statistics.median(v), "p20_ms": _quantile(v, 0.2), "p80_ms": _quantile(v, 0.8),
-                "peak_mem_mb": round(peaks[p], 1)} for p, v in series.items()}
+    return {p: dict(summarize(v), peak_mem_mb=round(peaks[p], 1)) for p, v in series(times).items()}
+
+
+def series(times: list) -> dict:
+    """``[(fwd_ms, bwd_ms), ...]`` -> ``{pass: [ms, ...]}``."""
+    return {"fwd": [f for f, _ in times], "bwd": [b for _, b in times], "fwd+bwd": [f + b for f, b in times]}
+
+
+def summarize(v: list) -> dict:
+    """median, p20, p80 of a list of times (all ``None`` for an empty list: not timed)."""
+    if not v:
+        return {"median_ms": None, "p20_ms": None, "p80_ms": None}
+    return {"median_ms": statistics.median(v), "p20_ms": _quantile(v, 0.2), "p80_ms": _quantile(v, 0.8)}
 
 
 def gemm_tflops(M, K, Nn, dtype, device, repeat=10) -> float:
@@ -171,9 +181,9 @@ def gemm_tflops(M, K, Nn, dtype, device, repeat=10) -> float:
 
 
 def paired(fns: dict, x, *, device, rounds: int, tiny=None) -> dict:
-    """Interleaved fwd+bwd times ``{provider: [ms per round]}`` of several providers on the same
-    inputs: every round times each provider once, so load drift on a shared machine hits all
-    of them alike and per-round ratios stay meaningful."""
+    """Interleaved ``{provider: [[fwd_ms, bwd_ms] per round]}`` of several providers on the
+    same inputs: every round times each provider once, so load drift on a shared machine hits
+    all of them alike and per-round ratios stay meaningful."""
     cuda = torch.device(device).type == "cuda"
     leaves = grad_leaves(x)
     for fn in fns.values():
@@ -185,8 +195,7 @@ def paired(fns: dict, x, *, device, rounds: int, tiny=None) -> dict:
     times = {p: [] for p in fns}
     for _ in range(rounds):
         for p, fn in fns.items():
-            f, b = _timed_step(fn, x, cuda)
-            times[p].append(f + b)
+            times[p].append(_timed_step(fn, x, cuda))
             for t in leaves:
                 t.grad = None
     return times

@@ -33,7 +33,8 @@ def plot_op(op, rows, meta, out: Path, pass_) -> Path:
     for i, div in enumerate(divs):
         for prov in PROVIDER_ORDER:
             pts = sorted((r["N"], r["median_ms"], r["p20_ms"], r["p80_ms"], r["peak_mem_mb"]) for r in rows
-                         if r["divergence"] == div and r["provider"] == prov and (r["V"], r["d"]) == (V, d))
+                         if r["divergence"] == div and r["provider"] == prov and (r["V"], r["d"]) == (V, d)
+                         and r["median_ms"] is not None)  # None: a memory-only case whose timing failed
             if not pts:
                 continue
             n, med, lo, hi, mem = zip(*pts)

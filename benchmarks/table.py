@@ -1,6 +1,11 @@
 """Markdown table of a results.json: fwd+bwd time and peak memory per op and provider.
 
     python benchmarks/table.py benchmarks/results/cpu-epyc-2c [--pass fwd+bwd]
+    python benchmarks/table.py benchmarks/results/cpu-epyc-2c --readme README.md   # rewrite its table
+
+``--readme`` replaces what lies between ``<!-- bench-table: DIR -->`` and
+``<!-- bench-table: end -->`` with the rendered table, so the README shows exactly what the
+committed run produced (``tests/test_readme.py`` checks that they agree).
 
 One row per (op, divergence) at the sweep's largest N of the main (V, d), plus larger shapes
 measured for one divergence only (the ratio check); one column pair (median ms, peak MB beyond inputs) per provider measured.
@@ -37,7 +42,8 @@ def render(data: dict, pass_: str = "fwd+bwd") -> str:
         cells = [op, div or "-", str(N), str(V), str(d) if d else "-"]
         for p in provs:
             r = by.get((op, div, N, V, d, p))
-            cells.append(f"{r['median_ms']:.0f} ({r['p20_ms']:.0f}-{r['p80_ms']:.0f})" if r else "n/a")
+            timed = r and r["median_ms"] is not None
+            cells.append(f"{r['median_ms']:.0f} ({r['p20_ms']:.0f}-{r['p80_ms']:.0f})" if timed else "n/a")
         for p in provs:
             r = by.get((op, div, N, V, d, p))
             cells.append(f"{r['peak_mem_mb']:.0f}" if r else "n/a")
@@ -54,9 +60,36 @@ def render(data: dict, pass_: str = "fwd+bwd") -> str:
     return "\n".join(head + lines)
 
 
+END = "<!-- bench-table: end -->"
+
+
+def readme_blocks(text: str) -> list[tuple[str, str]]:
+    """``(results dir, table)`` of every marked block of a README."""
+    out = []
+    for part in text.split("<!-- bench-table: ")[1:]:
+        head, _, rest = part.partition(" -->\n")
+        if head != "end":
+            out.append((head, rest.split(END)[0].strip()))
+    return out
+
+
+def update_readme(readme: Path, run_dir: str, table: str) -> None:
+    start = f"<!-- bench-table: {run_dir} -->\n"
+    text = readme.read_text()
+    if start not in text or END not in text.split(start, 1)[1]:
+        raise SystemExit(f"{readme}: no block '{start.strip()} ... {END}' to replace")
+    before, rest = text.split(start, 1)
+    readme.write_text(before + start + table + "\n" + END + rest.split(END, 1)[1])
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("dir", type=Path)
     ap.add_argument("--pass", dest="pass_", default="fwd+bwd")
+    ap.add_argument("--readme", type=Path, help="rewrite the table block for DIR in this markdown file")
     a = ap.parse_args()
-    print(render(json.loads((a.dir / "results.json").read_text()), a.pass_))
+    table = render(json.loads((a.dir / "results.json").read_text()), a.pass_)
+    if a.readme:
+        update_readme(a.readme, a.dir.as_posix().rstrip("/"), table)
+    else:
+        print(table)
