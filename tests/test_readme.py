@@ -23,3 +23,14 @@ def test_readme_table_matches_results(run_dir, shown):
     assert shown == table.render(data), (
         f"README table for {run_dir} differs from its results.json: "
         f"run `python benchmarks/table.py {run_dir} --readme README.md`")
+
+
+COMPARE = [part.split(" -->\n", 1) for part in (ROOT / "README.md").read_text().split("<!-- compare: ")[1:]]
+COMPARE = [(name, body.split("<!-- compare: end -->")[0].strip()) for name, body in COMPARE if name != "end"]
+
+
+@pytest.mark.parametrize("name,shown", COMPARE, ids=[c[0] for c in COMPARE])
+def test_readme_compare_table_matches_its_file(name, shown):
+    """Each `<!-- compare: NAME -->` block is the table `opd_train.compare` wrote to docs/compare/NAME.md."""
+    written = (ROOT / "docs" / "compare" / f"{name}.md").read_text().split("\n\n", 1)[1].strip()
+    assert shown == written, f"README compare table {name!r} differs from docs/compare/{name}.md"
