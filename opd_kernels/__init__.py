@@ -7,11 +7,12 @@ backend (``impl=``), and vocab-parallel with ``process_group=``. See DESIGN.md f
 from .ops.distill import DistillLoss, FusedLinearDistillLoss, distill_loss, fused_linear_distill_loss
 from .ops.gopd import fused_linear_gopd_loss, gopd_advantages, gopd_loss
 from .ops.logprobs import fused_linear_token_logprobs, token_logprobs
-from .ops.sparse import sparse_distill_loss
+from .ops.sparse import fused_linear_sparse_distill_loss, sparse_distill_loss
 
 __version__ = "0.1.0"
 __all__ = [
     "token_logprobs", "distill_loss", "sparse_distill_loss", "gopd_loss", "gopd_advantages",
     "fused_linear_token_logprobs", "fused_linear_distill_loss", "fused_linear_gopd_loss",
+    "fused_linear_sparse_distill_loss",
     "DistillLoss", "FusedLinearDistillLoss",
 ]

@@ -13,6 +13,7 @@ def loss_fn(s, t, h, w, ht, wt, y, mask):
     lp, ent = ok.token_logprobs(s, y, return_entropy=True)
     tlp, ids = torch.log_softmax(t, -1).topk(4, -1)
     e = ok.sparse_distill_loss(s, ids, tlp, divergence="jsd") + ok.gopd_loss(s, t, t * 0.5, reward_scale=1.25) \
+        + ok.fused_linear_sparse_distill_loss(h, w, ids, tlp, divergence="forward_kl", mask=mask) \
         + ok.fused_linear_gopd_loss(h, w, ht, wt, ht, wt * 0.5, reward_scale=1.5) + (lp + ent).sum()
     return a + b + c + d + e
 

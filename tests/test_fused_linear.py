@@ -166,6 +166,54 @@ def test_hf_model_distill_matches_naive():
         torch.testing.assert_close(g1[n], g2[n], msg=n)
 
 
+@pytest.mark.parametrize("impl", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("divergence,beta", [("forward_kl", .5), ("reverse_kl", .5), ("jsd", .3)])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("k,chunk", [(1, None), (13, 7)])
+def test_fused_linear_sparse_distill(impl, dtype, divergence, beta, reduction, k, chunk):
+    """Top-k teacher fused with the lm_head (SDPO): equals the logits-level reference on
+    hidden @ weight[:vocab_size].T + bias, gradients included (padded rows get none)."""
+    _impl(impl)
+    N, V, pad, d = 61, 257, 7, 33
+    hs, ws, bs = rand(3, N, d, dtype=dtype, grad=True), rand(V + pad, d, dtype=dtype, grad=True), \
+        rand(V + pad, dtype=dtype, grad=True)
+    tlp, ids = torch.log_softmax(rand(3, N, V).double() * 3, -1).topk(k, -1)
+    mask = torch.rand(3, N, device=DEVICE) > 0.25
+    loss = ok.fused_linear_sparse_distill_loss(hs, ws, ids, tlp, bias=bs, divergence=divergence, beta=beta,
+                                               temperature=0.7, mask=mask, reduction=reduction, vocab_size=V,
+                                               chunk_size=chunk, impl=impl)
+    xs = [x.detach().double().requires_grad_() for x in (hs, ws, bs)]
+    logits = (xs[0] @ xs[1][:V].T + xs[2][:V]).reshape(-1, V)
+    expected = ref.reduce(ref.sparse_rows(logits, ids.reshape(-1, k), tlp.reshape(-1, k), divergence, beta, 0.7),
+                          mask.reshape(-1), reduction)
+    expected = expected.view(3, N) if reduction == "none" else expected
+    ref.close(loss, expected, dtype)
+    up = torch.randn_like(expected) + 1.5
+    grads = torch.autograd.grad((loss * up).sum(), (hs, ws, bs))
+    for g, r in zip(grads, _ref_grads(expected, xs, up)):
+        assert g.dtype == dtype
+        if dtype == torch.bfloat16:
+            # The gradient is the sum of two branches (log-normalizer, top-k logits), each rounded
+            # to bf16 before autograd adds them: where they cancel, the error is ~1 ulp of the
+            # larger branch, not of the sum. Allow 2 ulp (2^-7) of the largest entry.
+            torch.testing.assert_close(g.double(), r, rtol=1.6e-2, atol=2.0 ** -7 * r.abs().max().item())
+        else:
+            ref.close(g, r, dtype, "grad")
+    assert (grads[1][V:] == 0).all() and (grads[2][V:] == 0).all()
+
+
+def test_fused_linear_sparse_never_builds_full_logits(monkeypatch):
+    """The top-k part gathers k weight rows per token; only the fused logprob op reads all V."""
+    calls = []
+    real = torch_backend.row_stats
+    monkeypatch.setattr(torch_backend, "row_stats", lambda s, *a, **kw: calls.append(s.shape) or real(s, *a, **kw))
+    h, w = rand(40, 16, grad=True), rand(300, 16, grad=True)
+    tlp, ids = torch.log_softmax(rand(40, 300), -1).topk(5, -1)
+    ok.fused_linear_sparse_distill_loss(h, w, ids, tlp, chunk_size=8, impl="torch").backward()
+    assert calls and all(shape[0] <= 8 for shape in calls)
+
+
 @pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_empty_batch(divergence, reduction):
@@ -174,6 +222,10 @@ def test_empty_batch(divergence, reduction):
     assert loss.numel() == 0 or loss.item() == 0
     g = torch.autograd.grad(loss.sum(), ws)[0]
     assert (g == 0).all()
+    ids, tlp = torch.zeros(0, 4, dtype=torch.long), torch.zeros(0, 4)
+    loss = ok.fused_linear_sparse_distill_loss(hs, ws, ids, tlp, divergence=divergence, reduction=reduction)
+    assert loss.numel() == 0 or loss.item() == 0
+    assert (torch.autograd.grad(loss.sum(), ws)[0] == 0).all()
 
 
 def test_accumulate_low_precision_weight():

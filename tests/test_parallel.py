@@ -105,6 +105,15 @@ def _worker(rank, world, port, sizes, errfile):
                                                     process_group=group)
                 exp = ref.reduce(ref.divergence_rows(logits(glob), Ht @ Wt.T, div), mask, red)
                 _check(f"fused {div} {red}", ours, exp, loc, glob, [same, wshard, wshard])
+        for div in ("forward_kl", "jsd"):  # sparse top-k teacher, fused (global ids)
+            loc = [full(Hs), wshard(Ws).clone().requires_grad_(), wshard(Bs).clone().requires_grad_()]
+            glob = [full(Hs), full(Ws), full(Bs)]
+            tlp, ids = torch.log_softmax(Ht @ Wt.T, -1).topk(9, -1)
+            ours = ok.fused_linear_sparse_distill_loss(loc[0], loc[1], ids, tlp, bias=loc[2], divergence=div,
+                                                       mask=mask, chunk_size=10, process_group=group)
+            exp = ref.reduce(ref.sparse_rows(logits(glob).reshape(-1, V), ids.reshape(-1, 9), tlp.reshape(-1, 9),
+                                             div), mask.reshape(-1), "mean")
+            _check(f"fused sparse {div}", ours, exp, loc, glob, [same, wshard, wshard])
         loc, glob = [full(Hs), wshard(Ws).clone().requires_grad_()], [full(Hs), full(Ws)]
         ours = ok.fused_linear_gopd_loss(loc[0], loc[1], Ht, wshard(Wt), Hr, wshard(Wr), reward_scale=1.5,
                                          process_group=group)

@@ -9,10 +9,9 @@ top-k logprobs (``--sdpo-topk``, 100 in the paper; at most the vocabulary) and t
 `opd_kernels.sparse_distill_loss`, each token weighted by the truncated importance ratio
 ``min(π/π_old, --sdpo-ratio-clip)`` (2; it is 1 unless ``--epochs-per-batch`` > 1).
 
-Student side without logits: the student's log-probs of the k teacher ids come from the fused
-logprob op, and its tail bucket is ``1 − Σ q_K``. Passing ``[log q_K, log q_tail]`` as
-(already normalised) logits with ids ``0..k-1`` gives the op exactly the k+1 buckets it would
-build from full student logits.
+Student side without logits: `opd_kernels.fused_linear_sparse_distill_loss` takes the
+student's hidden states and lm_head weight, reads the full vocabulary once for the
+log-normalizer and gathers only the k teacher ids' weight rows (2·k·d flops per token).
 """
 from __future__ import annotations
 
@@ -22,17 +21,6 @@ import opd_kernels as ok
 
 from .. import rollout as R
 from . import EMATeacher, Method, masked_mean
-
-
-def bucket_logits(lm: R.LM, hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """``[..., k+1]``: student log-probs of ``ids [..., k]`` then of the tail (all other tokens)."""
-    hk = hidden.unsqueeze(-2).expand(*ids.shape, hidden.shape[-1])
-    lq = ok.fused_linear_token_logprobs(hk, lm.weight, ids, bias=lm.bias)
-    tail = 1 - lq.exp().sum(-1)
-    pos = tail > 1e-6  # the double `where` keeps the gradient finite where the tail is empty
-    log_tail = torch.where(pos, torch.where(pos, tail, torch.ones_like(tail)).log(),
-                           torch.full_like(tail, float("-inf")))
-    return torch.cat([lq, log_tail.unsqueeze(-1)], dim=-1)
 
 
 class SDPO(Method):
@@ -65,10 +53,9 @@ class SDPO(Method):
     def loss(self, b):
         s, tr = b["seqs"], self.tr
         h = self.student_hidden(s)
-        student = bucket_logits(tr.student, h, b["topk_ids"])
-        bucket_ids = torch.arange(b["topk_ids"].shape[-1], device=h.device).expand_as(b["topk_ids"])
-        per = ok.sparse_distill_loss(student, bucket_ids, b["topk_logprobs"], divergence="jsd",
-                                     beta=self.args.sdpo_alpha, mask=s.mask, reduction="none")
+        per = ok.fused_linear_sparse_distill_loss(h, tr.student.weight, b["topk_ids"], b["topk_logprobs"],
+                                                  bias=tr.student.bias, divergence="jsd", beta=self.args.sdpo_alpha,
+                                                  mask=s.mask, reduction="none")
         lp = R.token_logprobs(tr.student, h, s)
         weight = torch.exp(lp - self.old_logprobs(b, lp)).clamp(max=self.args.sdpo_ratio_clip).detach()
         return masked_mean(weight * per, s.mask), {"sibling_fraction": b["sibling_fraction"]}
