@@ -63,13 +63,13 @@ def render(data: dict, pass_: str = "fwd+bwd") -> str:
 END = "<!-- bench-table: end -->"
 
 
-def readme_blocks(text: str) -> list[tuple[str, str]]:
-    """``(results dir, table)`` of every marked block of a README."""
-    out = []
-    for part in text.split("<!-- bench-table: ")[1:]:
+def readme_blocks(text: str, tag: str = "bench-table") -> list[tuple[str, str]]:
+    """``(name, body)`` of every ``<!-- TAG: NAME -->`` ... ``<!-- TAG: end -->`` block of a README."""
+    out, end = [], f"<!-- {tag}: end -->"
+    for part in text.split(f"<!-- {tag}: ")[1:]:
         head, _, rest = part.partition(" -->\n")
         if head != "end":
-            out.append((head, rest.split(END)[0].strip()))
+            out.append((head, rest.split(end)[0].strip()))
     return out
 
 

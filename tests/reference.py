@@ -101,3 +101,16 @@ def saved_row_state(s, t, r, y, kind, inv_temp, lam=1.0, beta=0.5, vocab_start=0
     elif kind == "jsd":
         C = torch_backend.jsd_sums(s, t, torch.stack([rows.A, rows.B], -1), inv_temp=inv_temp, beta=beta)[:, 1]
     return torch.stack([rows.A, rows.B, C, rows.entropy], -1)
+
+
+def assert_not_worse_than_naive(ours: dict, exact: dict, s, t, factor=2.0):
+    """Per-row reverse KL, forward KL and entropy (whichever ``exact`` names) are within
+    ``factor`` x the max relative error of the naive fp32 ``log_softmax`` computation on the
+    same logits (student ``s``, teacher ``t``)."""
+    lq, lp = torch.log_softmax(s, -1), torch.log_softmax(t, -1)
+    naive = {"reverse_kl": (lq.exp() * (lq - lp)).sum(-1), "forward_kl": (lp.exp() * (lp - lq)).sum(-1),
+             "entropy": -(lq.exp() * lq).sum(-1)}
+    for name, want in exact.items():
+        want = want.double()
+        err, naive_err = (((x.double() - want).abs() / want.abs()).max().item() for x in (ours[name], naive[name]))
+        assert err <= factor * naive_err + 1e-6, f"{name}: max relative error {err:.2e}, naive fp32 {naive_err:.2e}"

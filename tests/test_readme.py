@@ -9,7 +9,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import table  # noqa: E402
 
-BLOCKS = table.readme_blocks((ROOT / "README.md").read_text())
+README = (ROOT / "README.md").read_text()
+BLOCKS = table.readme_blocks(README)
 
 
 def test_readme_has_a_benchmark_table():
@@ -25,8 +26,7 @@ def test_readme_table_matches_results(run_dir, shown):
         f"run `python benchmarks/table.py {run_dir} --readme README.md`")
 
 
-COMPARE = [part.split(" -->\n", 1) for part in (ROOT / "README.md").read_text().split("<!-- compare: ")[1:]]
-COMPARE = [(name, body.split("<!-- compare: end -->")[0].strip()) for name, body in COMPARE if name != "end"]
+COMPARE = table.readme_blocks(README, tag="compare")
 
 
 @pytest.mark.parametrize("name,shown", COMPARE, ids=[c[0] for c in COMPARE])

@@ -12,7 +12,7 @@ import torch
 from .. import _validate as V
 from . import _engine
 from ._common import backend_name, flat_mask, jsd_kind, reduce_rows, row_weights, rows2d
-from .logprobs import check_linear, linear_args
+from .logprobs import check_linear, check_no_padding_with_group, linear_args
 
 
 def logits_loss(s, t, r, *, kind, beta, lam, temperature, mask, reduction, vocab_size, impl, group):
@@ -20,8 +20,7 @@ def logits_loss(s, t, r, *, kind, beta, lam, temperature, mask, reduction, vocab
     vocab = V.check_pair("student_logits", s, "teacher_logits", t, vocab_size)
     if r is not None:
         vocab = V.check_pair("student_logits", s, "ref_logits", r, vocab_size)
-    if group is not None and vocab_size is not None:
-        raise ValueError("vocab_size is not supported with process_group: pass the unpadded shard instead")
+    check_no_padding_with_group(vocab_size, group)
     lead = s.shape[:-1]
     m = flat_mask(mask, lead, s.device)
     rows = [None if x is None else rows2d(x.detach() if x is not s else x, vocab) for x in (s, t, r)]
@@ -63,8 +62,7 @@ def linear_loss(models, *, kind, beta, lam, temperature, mask, reduction, vocab_
                              f"got {tuple(h.shape[:-1])}")
         if name != sn:
             vocab = V.check_vocab("student_weight", ws.shape[0], f"{name}_weight", w.shape[0], vocab_size)
-    if group is not None and vocab_size is not None:
-        raise ValueError("vocab_size is not supported with process_group: pass the unpadded shard instead")
+    check_no_padding_with_group(vocab_size, group)
     V.check_same_device(mask=mask, **{f"{n}_{k}": x for n, h, w, b in models
                                       for k, x in (("hidden", h), ("weight", w), ("bias", b))})
     m = flat_mask(mask, lead, hs.device)

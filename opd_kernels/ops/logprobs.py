@@ -63,6 +63,19 @@ def check_linear(hname, hidden, wname, weight, bname=None, bias=None):
     return hidden.shape[-1]
 
 
+def check_no_padding_with_group(vocab_size, group):
+    if group is not None and vocab_size is not None:
+        raise ValueError("vocab_size is not supported with process_group: pass the unpadded shard instead")
+
+
+def linear_vocab(weight, vocab_size, group) -> int:
+    """Rows of a single fused ``weight`` in use: all, or the first ``vocab_size`` (padded)."""
+    check_no_padding_with_group(vocab_size, group)
+    if vocab_size is None:
+        return weight.shape[0]
+    return V.check_vocab("weight", weight.shape[0], "weight", weight.shape[0], vocab_size)
+
+
 def linear_args(hidden, weight, bias, vocab):
     """(h [N, d], W[:vocab], b[:vocab]) with h flattened over the leading dims."""
     h = hidden.reshape(-1, hidden.shape[-1])
@@ -82,10 +95,7 @@ def fused_linear_token_logprobs(hidden, weight, targets, *, bias=None, temperatu
     V.check_same_device(hidden=hidden, weight=weight, targets=targets, bias=bias)
     V.check_options(temperature=temperature)
     lead = hidden.shape[:-1]
-    if process_group is not None and vocab_size is not None:
-        raise ValueError("vocab_size is not supported with process_group: pass the unpadded shard instead")
-    vocab = weight.shape[0] if vocab_size is None else V.check_vocab("weight", weight.shape[0], "weight",
-                                                                     weight.shape[0], vocab_size)
+    vocab = linear_vocab(weight, vocab_size, process_group)
     y, valid, start = _targets(targets, lead, vocab, ignore_index, process_group)
     h, w, b = linear_args(hidden, weight, bias, vocab)
     main, ent = _engine.fl_rows((h, w, b) + (None,) * 6, y, kind="logprob", inv_temp=1.0 / temperature,

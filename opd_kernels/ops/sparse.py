@@ -25,7 +25,7 @@ from .._stats import all_reduce_sum
 from ..backends import torch_backend
 from . import _engine
 from ._common import backend_name, flat_mask, jsd_kind, reduce_rows, rows2d, shard_layout_or_local
-from .logprobs import check_linear, linear_args
+from .logprobs import check_linear, linear_args, linear_vocab
 from ..parallel import sum_across_shards
 
 
@@ -166,12 +166,9 @@ def fused_linear_sparse_distill_loss(hidden, weight, teacher_topk_ids, teacher_t
     V.check_same_device(hidden=hidden, weight=weight, teacher_topk_ids=teacher_topk_ids,
                         teacher_topk_logprobs=teacher_topk_logprobs, bias=bias, mask=mask)
     V.check_options(temperature=temperature, divergence=divergence, beta=beta, reduction=reduction)
-    if process_group is not None and vocab_size is not None:
-        raise ValueError("vocab_size is not supported with process_group: pass the unpadded shard instead")
     lead = hidden.shape[:-1]
     k = _check_topk(teacher_topk_ids, teacher_topk_logprobs, lead)
-    vocab = weight.shape[0] if vocab_size is None else V.check_vocab("weight", weight.shape[0], "weight",
-                                                                     weight.shape[0], vocab_size)
+    vocab = linear_vocab(weight, vocab_size, process_group)
     ids = teacher_topk_ids.reshape(-1, k)
     start, total = shard_layout_or_local(vocab, process_group)
     V.check_targets(ids, ids.shape, total, ignore_index=None, name="teacher_topk_ids")
