@@ -26,7 +26,7 @@ import torch
 
 import helpers
 import reference as oracle
-from helpers import DTYPES, GPU, INF, assert_close, assert_rel, d64, logits, targets, torch_backend_ref, upstream
+from helpers import DTYPES, GPU, assert_close, assert_rel, d64, logits, targets, torch_backend_ref, upstream
 from opd_kernels.backends import KINDS
 from opd_kernels.backends import cuda_backend as cb
 
