@@ -3,23 +3,14 @@ import pytest
 import torch
 
 import opd_kernels as ok
-import reference as ref
+import reference as oracle
+from helpers import BACKENDS, DTYPES
+from helpers import DEV as DEVICE
+from helpers import require_impl as _impl
 from opd_kernels._stats import finish, rebase
-from opd_kernels.backends import torch_backend as tb
+from opd_kernels.backends import torch_backend
 
-GPU = torch.cuda.is_available()
-BACKENDS = ["torch"] + (["triton", "cuda"] if GPU else [])
-DEVICE = "cuda" if GPU else "cpu"
-DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 DIVS = [("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.5), ("jsd", 0.1), ("jsd", 0.0), ("jsd", 1.0)]
-
-
-def _impl(impl):
-    try:
-        ok.distill_loss(torch.zeros(1, 2, device=DEVICE), torch.zeros(1, 2, device=DEVICE), impl=impl)
-    except ValueError as e:
-        pytest.skip(str(e))
-    return impl
 
 
 def rand(*shape, dtype=torch.float32, scale=2.0, grad=False):
@@ -38,16 +29,16 @@ def test_token_logprobs(impl, dtype, T, shape):
     targets = torch.randint(0, V, shape[:-1], device=DEVICE)
     targets.view(-1)[::7] = -100
     lp, ent = ok.token_logprobs(logits, targets, temperature=T, return_entropy=True, impl=impl)
-    rlp, rent = ref.token_logprobs(logits.detach(), targets, T)
-    ref.close(lp, rlp, dtype)
-    ref.close(ent, rent, dtype)
+    rlp, rent = oracle.token_logprobs(logits.detach(), targets, T)
+    oracle.close(lp, rlp, dtype)
+    oracle.close(ent, rent, dtype)
     g1, g2 = torch.randn_like(rlp), torch.randn_like(rent)
     (grad,) = torch.autograd.grad((lp * g1).sum() + (ent * g2).sum(), logits)
     x = logits.detach().double().requires_grad_()
-    a, b = ref.token_logprobs(x, targets, T)
+    a, b = oracle.token_logprobs(x, targets, T)
     (rgrad,) = torch.autograd.grad((a * g1).sum() + (b * g2).sum(), x)
     assert grad.dtype == dtype
-    ref.close(grad, rgrad, dtype, "grad")
+    oracle.close(grad, rgrad, dtype, "grad")
     assert ok.token_logprobs(logits, targets, impl=impl).shape == targets.shape
 
 
@@ -64,12 +55,12 @@ def test_distill_loss(impl, dtype, divergence, beta, T, reduction):
     loss = ok.distill_loss(s, t, divergence=divergence, beta=beta, temperature=T, mask=mask,
                            reduction=reduction, impl=impl)
     x = s.detach().double().requires_grad_()
-    expected = ref.reduce(ref.divergence_rows(x, t, divergence, beta, T), mask, reduction)
-    ref.close(loss, expected, dtype)
+    expected = oracle.reduce(oracle.divergence_rows(x, t, divergence, beta, T), mask, reduction)
+    oracle.close(loss, expected, dtype)
     up = torch.randn_like(expected) * 3  # non-unit upstream gradient
     (grad,) = torch.autograd.grad((loss * up).sum(), s)
     (rgrad,) = torch.autograd.grad((expected * up).sum(), x)
-    ref.close(grad, rgrad, dtype, "grad")
+    oracle.close(grad, rgrad, dtype, "grad")
 
 
 @pytest.mark.parametrize("impl", BACKENDS)
@@ -81,14 +72,14 @@ def test_gopd_loss(impl, lam, reduction):
     s, t, r = rand(N, V, grad=True), rand(N, V), rand(N, V)
     loss = ok.gopd_loss(s, t, r, reward_scale=lam, temperature=0.9, reduction=reduction, impl=impl)
     x = s.detach().double().requires_grad_()
-    expected = ref.reduce(ref.divergence_rows(x, t, "reverse_kl", T=0.9, r=r, lam=lam), None, reduction)
-    ref.close(loss, expected, torch.float32)
+    expected = oracle.reduce(oracle.divergence_rows(x, t, "reverse_kl", T=0.9, r=r, lam=lam), None, reduction)
+    oracle.close(loss, expected, torch.float32)
     up = torch.randn_like(expected)
-    ref.close(torch.autograd.grad((loss * up).sum(), s)[0], torch.autograd.grad((expected * up).sum(), x)[0],
-              torch.float32, "grad")
+    oracle.close(torch.autograd.grad((loss * up).sum(), s)[0], torch.autograd.grad((expected * up).sum(), x)[0],
+                 torch.float32, "grad")
     if lam == 1.0:  # plain OPD is reverse KL to the teacher
-        ref.close(loss, ok.distill_loss(s, t, divergence="reverse_kl", temperature=0.9, reduction=reduction,
-                                        impl=impl), torch.float32)
+        oracle.close(loss, ok.distill_loss(s, t, divergence="reverse_kl", temperature=0.9, reduction=reduction,
+                                           impl=impl), torch.float32)
 
 
 def test_gopd_advantages():
@@ -110,9 +101,9 @@ def test_sparse_distill_loss(impl, divergence, beta, k):
     loss = ok.sparse_distill_loss(s, ids, tlp, divergence=divergence, beta=beta, temperature=1.3, mask=mask,
                                   impl=impl)
     x = s.detach().double().requires_grad_()
-    expected = ref.reduce(ref.sparse_rows(x, ids, tlp, divergence, beta, 1.3), mask, "mean")
-    ref.close(loss, expected, torch.float32)
-    ref.close(torch.autograd.grad(loss, s)[0], torch.autograd.grad(expected, x)[0], torch.float32, "grad")
+    expected = oracle.reduce(oracle.sparse_rows(x, ids, tlp, divergence, beta, 1.3), mask, "mean")
+    oracle.close(loss, expected, torch.float32)
+    oracle.close(torch.autograd.grad(loss, s)[0], torch.autograd.grad(expected, x)[0], torch.float32, "grad")
 
 
 def test_sparse_full_topk_equals_dense():
@@ -131,7 +122,7 @@ def test_low_precision_not_worse_than_naive(impl):
     _impl(impl)
     for dtype in (torch.bfloat16, torch.float16):
         s, t = rand(64, 2003, dtype=dtype), rand(64, 2003, dtype=dtype)
-        exact = ref.divergence_rows(s, t, "reverse_kl").mean()
+        exact = oracle.divergence_rows(s, t, "reverse_kl").mean()
         ours = ok.distill_loss(s, t, divergence="reverse_kl", impl=impl)
         if s.device.type == "cpu" and dtype == torch.float16:
             naive_s, naive_t = s.float(), t.float()  # CPU has no fp16 log_softmax of note; naive upcasts
@@ -153,12 +144,12 @@ def test_neg_inf_logits(impl):
     x = s.detach().double().requires_grad_()
     for div in ("forward_kl", "reverse_kl", "jsd"):
         loss = ok.distill_loss(s, t, divergence=div, impl=impl)
-        expected = ref.divergence_rows(x, t, div).mean()
+        expected = oracle.divergence_rows(x, t, div).mean()
         assert torch.isfinite(loss)
-        ref.close(loss, expected, torch.float32)
+        oracle.close(loss, expected, torch.float32)
         (g,) = torch.autograd.grad(loss, s)
         assert torch.isfinite(g).all() and (g[:, :5] == 0).all()
-        ref.close(g, torch.autograd.grad(expected, x)[0], torch.float32, "grad")
+        oracle.close(g, torch.autograd.grad(expected, x)[0], torch.float32, "grad")
     lp, ent = ok.token_logprobs(s, torch.full((6,), 7, device=DEVICE), return_entropy=True, impl=impl)
     assert torch.isfinite(lp).all() and torch.isfinite(ent).all()
     t2 = t.clone()
@@ -244,17 +235,17 @@ def test_gopd_banned_tokens(impl, lam):
         r[:, 10] = -float("inf")  # banned by the reference only
     loss = ok.gopd_loss(s, t, r, reward_scale=lam, reduction="none", impl=impl)
     x = s.detach().double().requires_grad_()
-    expected = ref.divergence_rows(x, t, "reverse_kl", r=r, lam=lam)
+    expected = oracle.divergence_rows(x, t, "reverse_kl", r=r, lam=lam)
     assert torch.isinf(loss).all()  # the student gives token 10 mass the target bans
-    ref.close(loss, expected, torch.float32)
+    oracle.close(loss, expected, torch.float32)
     with torch.no_grad():
         s[:, 10] = -float("inf")
     loss = ok.gopd_loss(s, t, r, reward_scale=lam, impl=impl)
     x = s.detach().double().requires_grad_()
-    expected = ref.divergence_rows(x, t, "reverse_kl", r=r, lam=lam).mean()
+    expected = oracle.divergence_rows(x, t, "reverse_kl", r=r, lam=lam).mean()
     assert torch.isfinite(loss)
-    ref.close(loss, expected, torch.float32)
-    ref.close(torch.autograd.grad(loss, s)[0], torch.autograd.grad(expected, x)[0], torch.float32, "grad")
+    oracle.close(loss, expected, torch.float32)
+    oracle.close(torch.autograd.grad(loss, s)[0], torch.autograd.grad(expected, x)[0], torch.float32, "grad")
 
 
 @pytest.mark.parametrize("impl", BACKENDS)
@@ -269,8 +260,9 @@ def test_sparse_confident_teacher_is_finite(impl, divergence):
     s = (t * 1.5).detach().requires_grad_()
     tlp, ids = torch.log_softmax(t.double(), -1).topk(k, -1)
     loss = ok.sparse_distill_loss(s, ids, tlp.float(), divergence=divergence, impl=impl)
-    expected = ref.sparse_rows(s.detach(), ids, tlp, divergence).mean()
+    expected = oracle.sparse_rows(s.detach(), ids, tlp, divergence).mean()
     assert torch.isfinite(loss)
+    # one-off tolerance (not in oracle.TOL): the op gets the logprobs in fp32, whose rounding exceeds the ~1e-10 tail
     torch.testing.assert_close(loss.double(), expected, rtol=1e-3, atol=1e-4)
     bad = tlp.float().clone()
     bad[0, -1] = -float("inf")  # an infinite term, in a masked row
@@ -300,12 +292,12 @@ def test_kl_accuracy_with_logit_offset(impl, offset, scale):
     s = rand(N, V, scale=scale) + offset
     t = s + 0.01 * torch.randn_like(s)
     y = torch.randint(0, V, (N,), device=DEVICE)
-    exact = {d: ref.divergence_rows(s, t, d) for d in ("reverse_kl", "forward_kl")}
-    exact["entropy"] = ref.token_logprobs(s, y)[1]
+    exact = {d: oracle.divergence_rows(s, t, d) for d in ("reverse_kl", "forward_kl")}
+    exact["entropy"] = oracle.token_logprobs(s, y)[1]
     ours = {d: ok.distill_loss(s, t, divergence=d, reduction="none", impl=impl)
             for d in ("reverse_kl", "forward_kl")}
     ours["entropy"] = ok.token_logprobs(s, y, return_entropy=True, impl=impl)[1]
-    ref.assert_not_worse_than_naive(ours, exact, s, t)
+    oracle.assert_not_worse_than_naive(ours, exact, s, t)
 
 
 def test_shard_merge_keeps_offset_accuracy_and_inf_semantics():
@@ -318,19 +310,45 @@ def test_shard_merge_keeps_offset_accuracy_and_inf_semantics():
     s[0, :1000] = -float("inf")           # the teacher supports shard 0, the student not: forward = inf
     t[1, 1000:2500] = -float("inf")       # the reverse: reverse = inf
     s[2, 2500:], t[2, 2500:] = -float("inf"), -float("inf")   # both empty on shard 2
-    parts = torch.stack([tb.row_stats(s[:, i:j], t[:, i:j], None, None, inv_temp=1.0)
+    parts = torch.stack([torch_backend.row_stats(s[:, i:j], t[:, i:j], None, None, inv_temp=1.0)
                          for i, j in zip(cuts, cuts[1:])])
     m_a, m_b = parts[..., 0].amax(0), parts[..., 3].amax(0)
     stats = rebase(parts, m_a, m_b).sum(0)
     stats[:, 0], stats[:, 3] = m_a, m_b
     merged = finish(stats)
-    whole = finish(tb.row_stats(s, t, None, None, inv_temp=1.0))
-    exact = finish(tb.row_stats(s.double(), t.double(), None, None, inv_temp=1.0))
+    whole = finish(torch_backend.row_stats(s, t, None, None, inv_temp=1.0))
+    exact = oracle.rows_f64(s, t)
     assert merged.forward_kl[0] == float("inf") and merged.reverse_kl[1] == float("inf")
     for name in ("reverse_kl", "forward_kl", "entropy"):
-        got, one, want = getattr(merged, name), getattr(whole, name), getattr(exact, name)
+        got, one, want = getattr(merged, name), getattr(whole, name), exact[name]
         fin = torch.isfinite(want)
         assert torch.equal(torch.isfinite(got), fin) and not got.isnan().any()
         err = ((got[fin].double() - want[fin]).abs() / want[fin].abs()).max().item()
         one_err = ((one[fin].double() - want[fin]).abs() / want[fin].abs()).max().item()
         assert err <= 2 * one_err + 1e-6, f"{name}: merged {err:.2e}, one pass {one_err:.2e}"
+
+
+@pytest.mark.parametrize("kind,gopd", [("logprob", False), ("forward_kl", False), ("reverse_kl", False),
+                                       ("jsd", False), ("reverse_kl", True)])
+def test_oracle_saved_row_state_matches_the_ops(kind, gopd):
+    """The backend-primitive tests feed ``oracle.saved_row_state`` to ``grad_logits``: it must be the
+    (A, B, C, H) the ops save (``_stats.finish`` of the torch backend's statistics, C from ``jsd_sums``)."""
+    N, V, inv_temp, lam, beta = 9, 301, 1 / 0.8, 1.5, 0.35
+    s = rand(N, V, dtype=torch.float64)
+    t = None if kind == "logprob" else rand(N, V, dtype=torch.float64)
+    r = rand(N, V, dtype=torch.float64) if gopd else None
+    s[2, :20] = -float("inf")
+    if t is not None:
+        t[2, 5:30] = -float("inf")
+        s[3, 40:50], t[3, 40:50] = -float("inf"), -float("inf")
+    rows = finish(torch_backend.row_stats(s, t, r, None, inv_temp=inv_temp, lam=lam))
+    C = torch.zeros_like(rows.A)
+    if kind == "reverse_kl":
+        C = rows.reverse_kl
+    elif kind == "jsd":
+        C = torch_backend.jsd_sums(s, t, torch.stack([rows.A, rows.B], -1), inv_temp=inv_temp, beta=beta)[:, 1]
+    want = torch.stack([rows.A, rows.B, C, rows.entropy], -1)
+    got = oracle.saved_row_state(s, t, r, kind, inv_temp, lam=lam, beta=beta)
+    assert torch.equal(torch.isinf(got), torch.isinf(want))
+    fin = torch.isfinite(want)
+    oracle.close(got[fin], want[fin], torch.float64)
