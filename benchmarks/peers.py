@@ -48,7 +48,10 @@ def _import(what: str, package: str):
     try:
         if what == "trl_gkd":
             os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
-            from trl.experimental.gkd import GKDTrainer
+            try:  # TRL >= 0.2x keeps GKD in trl.experimental
+                from trl.experimental.gkd import GKDTrainer
+            except ImportError:
+                from trl import GKDTrainer
             return GKDTrainer
         if what == "trl_utils":
             from trl.trainer.utils import selective_log_softmax
@@ -72,11 +75,26 @@ def _logits(x, m, fused):
     return x[f"{m}_hidden"] @ x[f"{m}_weight"].T if fused else x[f"{m}_logits"]
 
 
+def missing(op: str, provider: str, device) -> str | None:
+    """Why ``provider`` cannot run ``op`` on ``device``, known without importing it (else None)."""
+    if op.endswith("gopd_loss"):
+        return f"{provider} has no G-OPD loss"
+    if provider == "liger_chunked" and op != "fused_linear_distill_loss":
+        return f"Liger chunked_loss has no {op} (fused-linear distillation only)"
+    if provider == "cce" and op != "fused_linear_token_logprobs":
+        return f"cut-cross-entropy has no {op} (linear_cross_entropy: fused-linear token logprobs only)"
+    if provider == "liger" and torch.device(device).type != "cuda":
+        return "Liger-Kernel's Triton ops need a CUDA device"
+    return None
+
+
 def build(op: str, divergence, provider: str, device, *, beta: float, temperature: float):
     fused = op.startswith("fused_linear_")
     cuda = torch.device(device).type == "cuda"
-    if op.endswith("gopd_loss"):
-        raise Unavailable(f"{provider} has no G-OPD loss")
+    if provider not in PEERS:
+        raise ValueError(f"unknown peer {provider!r}; choose from {PEERS}")
+    if missing(op, provider, device):
+        raise Unavailable(missing(op, provider, device))
 
     if provider == "trl":
         if op.endswith("distill_loss"):
@@ -88,8 +106,6 @@ def build(op: str, divergence, provider: str, device, *, beta: float, temperatur
         return lambda x: sls(_logits(x, "student", fused) / temperature, x["targets"])
 
     if provider == "liger_chunked":
-        if op != "fused_linear_distill_loss":
-            raise Unavailable(f"Liger chunked_loss has no {op} (fused-linear distillation only)")
         cls = _import("liger_chunked", "liger-kernel")
         mod = cls(weight_hard_loss=0.0, weight_soft_loss=1.0, beta=liger_beta(divergence, beta),
                   temperature=temperature, compiled=True)
@@ -97,20 +113,14 @@ def build(op: str, divergence, provider: str, device, *, beta: float, temperatur
                              x["targets"])
 
     if provider == "cce":
-        if op != "fused_linear_token_logprobs":
-            raise Unavailable(f"cut-cross-entropy has no {op} (linear_cross_entropy: fused-linear token logprobs only)")
         lce = _import("cce", "cut-cross-entropy")
         impl = "cce" if cuda else "torch_compile"
         if temperature != 1.0:
             raise Unavailable("cut-cross-entropy has no temperature argument")
         return lambda x: -lce(x["student_hidden"], x["student_weight"], x["targets"], reduction="none", impl=impl)
 
-    if provider == "liger":
-        lk = _import("liger", "liger-kernel")
-        if not cuda:
-            raise Unavailable("Liger-Kernel's Triton ops need a CUDA device")
-        return _liger_triton(lk, op, divergence, beta, temperature)
-    raise ValueError(f"unknown peer {provider!r}; choose from {PEERS}")
+    lk = _import("liger", "liger-kernel")  # provider == "liger", on CUDA
+    return _liger_triton(lk, op, divergence, beta, temperature)
 
 
 def _liger_triton(lk, op, divergence, beta, temperature):
