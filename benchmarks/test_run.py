@@ -3,6 +3,7 @@ import argparse
 
 import pytest
 
+import report
 import run
 import table
 
@@ -42,7 +43,7 @@ def test_targets_vs_fastest_peer_and_floor(ours_ms, ours_mb, expect):
     rows = [_row(op, "jsd", "torch", 512, ours_ms, ours_mb, floor_ms=7.0, floor_multiple=ours_ms / 7.0, gemm_passes=4),
             _row(op, "jsd", "liger_chunked", 512, 10.0, 20.0), _row(op, "jsd", "trl", 512, 40.0, 5.0),
             _row(op, "jsd", "torch", 128, 1.0, 1.0)]  # smaller shape: not the one checked
-    ts = run.targets(rows, log=lambda m: None)
+    ts = report.targets(rows, log=lambda m: None)
     peer = next(t for t in ts if t["kind"] == "vs_fastest_peer")
     assert (peer["N"], peer["peer"], peer["passed"]) == (512, "liger_chunked", expect)
     floor = next(t for t in ts if t["kind"] == "gemm_floor")
@@ -52,7 +53,7 @@ def test_targets_vs_fastest_peer_and_floor(ours_ms, ours_mb, expect):
 def test_targets_logits_level_vs_naive_and_no_peer():
     rows = [_row("distill_loss", "forward_kl", "torch", 256, 5.0, 1.0), _row("distill_loss", "forward_kl", "naive", 256, 4.0, 9.0),
             _row("fused_linear_gopd_loss", "gopd", "torch", 256, 5.0, 1.0, floor_ms=2.0, floor_multiple=2.5, gemm_passes=5)]
-    ts = run.targets(rows, log=lambda m: None)
+    ts = report.targets(rows, log=lambda m: None)
     naive = next(t for t in ts if t["kind"] == "vs_naive")
     assert naive["time_ratio"] == 1.25 and naive["passed"] is False
     gopd = next(t for t in ts if t["kind"] == "gemm_floor")
@@ -65,7 +66,7 @@ def test_table_shows_peers_floor_and_targets():
     rows = [_row(op, None, "torch", 512, 9.0, 10.0, floor_ms=7.0, floor_multiple=9.0 / 7.0, gemm_passes=3),
             _row(op, None, "cce", 512, 10.0, 20.0, first_call_ms=12345.0), _row(op, None, "naive", 512, 10.0, 20.0)]
     meta = dict(device="cpu", torch="x", date="2026-01-01", ratio_check=None,
-                targets=run.targets(rows, log=lambda m: None), first_call=run.first_calls(rows))
+                targets=report.targets(rows, log=lambda m: None), first_call=report.first_calls(rows))
     text = table.render(dict(meta=meta, results=rows, skipped=[]))
     head = next(line for line in text.splitlines() if line.startswith("| op"))
     assert "cce ms" in head and "torch x floor" in head
