@@ -13,30 +13,31 @@ Providers:
 * ``naive_compile``: the same function under ``torch.compile`` (compile time is excluded by
   the warm-up; the batch dimension is marked dynamic so one compile serves every N).
 * ``torch`` / ``triton`` / ``cuda``: ``opd_kernels`` with ``impl=`` that backend.
-* ``liger``: Liger-Kernel's module for the ops it has (fused linear JSD -- forward/reverse KL
-  as its beta=0/1 endpoints --, JSD/KL on log-probs, (fused linear) cross entropy for token
-  logprobs), when ``liger_kernel`` is importable and the tensors are on CUDA.
+* peers (``peers.py``): ``liger_chunked`` (Liger-Kernel's ``chunked_loss``, torch.compile),
+  ``liger`` (Liger-Kernel's Triton ops, CUDA only), ``cce`` (Cut-Cross-Entropy), ``trl`` (TRL's
+  ``generalized_jsd_loss`` / ``selective_log_softmax`` on full logits), when importable.
 """
 from __future__ import annotations
 
 import math
+import time
 
 import torch
 import torch.nn.functional as F
 
+import peers
+from peers import PEERS, Unavailable  # noqa: F401 (Unavailable: cases.Unavailable for callers)
+
 OPS = ("token_logprobs", "distill_loss", "gopd_loss",
        "fused_linear_token_logprobs", "fused_linear_distill_loss", "fused_linear_gopd_loss")
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
-PROVIDERS = ("naive", "naive_compile", "torch", "triton", "cuda", "liger")
+PROVIDERS = ("naive", "naive_compile", "torch", "triton", "cuda") + PEERS
+COMPILED = ("naive_compile",) + peers.COMPILED  # first call compiles: reported, never timed
 PASSES = ("fwd", "bwd", "fwd+bwd")
 
 BETA = 0.5           # jsd skew (symmetric, so every library's beta convention agrees)
 TEMPERATURE = 1.0
 REWARD_SCALE = 1.25  # G-OPD lambda (ExOPD default)
-
-
-class Unavailable(Exception):
-    """A provider cannot run this case here; the message is the reason written to the results."""
 
 
 def divergences(op: str) -> tuple:
@@ -153,28 +154,6 @@ def _ours(op, divergence, impl):
     return fn
 
 
-def _liger(op, divergence):
-    try:
-        import liger_kernel.transformers as lk
-    except Exception as exc:  # noqa: BLE001
-        raise Unavailable(f"liger-kernel not importable ({type(exc).__name__}: {exc})") from None
-    beta = {"forward_kl": 0.0, "reverse_kl": 1.0, "jsd": BETA}.get(divergence)
-    if op == "fused_linear_distill_loss":
-        mod = lk.LigerFusedLinearJSD(jsd_beta=beta, temperature=TEMPERATURE)
-        return lambda x: mod(x["student_hidden"], x["student_weight"], x["teacher_hidden"], x["teacher_weight"])
-    if op == "distill_loss":
-        mod = lk.LigerJSD(beta=beta)
-        return lambda x: mod(torch.log_softmax(x["student_logits"].float() / TEMPERATURE, -1),
-                             torch.log_softmax(x["teacher_logits"].float() / TEMPERATURE, -1))
-    if op == "fused_linear_token_logprobs":
-        mod = lk.LigerFusedLinearCrossEntropyLoss(reduction="none")
-        return lambda x: -mod(x["student_weight"], x["student_hidden"], x["targets"])
-    if op == "token_logprobs":
-        mod = lk.LigerCrossEntropyLoss(reduction="none")
-        return lambda x: -mod(x["student_logits"], x["targets"])
-    raise Unavailable(f"liger-kernel has no {op}")
-
-
 def _compiled(op, divergence):
     fn = torch.compile(naive_fn(op, divergence))
 
@@ -203,11 +182,8 @@ def build(op, divergence, provider, device):
             raise Unavailable(f"impl={provider!r} on CPU runs the Triton interpreter: a correctness "
                               "tool, never a speed number")
         return fn
-    if provider == "liger":
-        fn = _liger(op, divergence)
-        if torch.device(device).type != "cuda":
-            raise Unavailable("liger-kernel needs a CUDA device")
-        return fn
+    if provider in PEERS:
+        return peers.build(op, divergence, provider, device, beta=BETA, temperature=TEMPERATURE)
     raise ValueError(f"unknown provider {provider!r}; choose from {PROVIDERS}")
 
 
@@ -221,10 +197,13 @@ def describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {msg.splitlines()[0][:300] if msg else ''}"
 
 
-def probe(op, divergence, provider, device, dtype):
+def probe(op, divergence, provider, device, dtype, inputs=None, timing=None):
     """Build ``provider`` and, for library providers, run it forward+backward on a tiny case.
 
     Returns ``fn`` or raises ``Unavailable`` with the library's own error message as the reason.
+    ``inputs``: the tiny case (default 8 rows, V=96, d=16); ``timing``: a dict that receives
+    ``first_call_ms``, the wall time of this first forward+backward (a compiled provider's compile,
+    a Triton kernel's JIT; the library import is not in it).
     (``naive_compile`` is not probed: a tiny compile costs as much as the real one; a compile
     failure surfaces in the warm-up and is reported the same way.)
     """
@@ -232,7 +211,13 @@ def probe(op, divergence, provider, device, dtype):
     if provider.startswith("naive"):
         return fn
     try:
-        backward(fn(make_inputs(op, 8, 96, 16, dtype, device)))
+        x = inputs if inputs is not None else make_inputs(op, 8, 96, 16, dtype, device)
+        t0 = time.perf_counter()
+        backward(fn(x))
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize()
+        if timing is not None:
+            timing["first_call_ms"] = (time.perf_counter() - t0) * 1e3
     except Exception as exc:  # noqa: BLE001 - whatever the library says is the reason
         raise Unavailable(f"{provider} failed on a tiny {op} case: {describe(exc)}") from None
     return fn

@@ -105,7 +105,8 @@ def _quantile(xs, q):
 
 
 def measure(fn, x, *, device, warmup: int, repeat: int, tiny=None) -> dict:
-    """``{pass: {median_ms, p20_ms, p80_ms, peak_mem_mb}}`` for fwd, bwd and fwd+bwd.
+    """``{pass: {median_ms, p20_ms, p80_ms, peak_mem_mb, tiny_step_ms, first_step_ms}}`` for fwd,
+    bwd and fwd+bwd (the last two: wall time of the tiny step and of the first full-size step).
 
     Order: one step on ``tiny()`` inputs (few rows, same V and d: compiles, lazy init, code
     pages), ``warmup`` untimed full-size steps, one untimed memory step, then ``repeat`` timed
@@ -119,13 +120,24 @@ def measure(fn, x, *, device, warmup: int, repeat: int, tiny=None) -> dict:
         for t in leaves:
             t.grad = None
 
-    if tiny is not None:
-        backward(fn(tiny()))
+    def wall(step):
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        step()
+        if cuda:
+            torch.cuda.synchronize()
+        return (time.perf_counter() - t0) * 1e3
+
+    tiny_ms = wall(lambda: backward(fn(tiny()))) if tiny is not None else None
+    first_ms = None  # the first full-size step (recompiles for a new shape land here)
     for _ in range(warmup):
-        backward(fn(x))
+        ms = wall(lambda: backward(fn(x)))
+        first_ms = ms if first_ms is None else first_ms
         clear()
 
     mem = CudaMemory() if cuda else CpuMemory()
+    t0 = time.perf_counter()
     mem.baseline()
     mem.reset()
     out = fn(x)
@@ -133,6 +145,8 @@ def measure(fn, x, *, device, warmup: int, repeat: int, tiny=None) -> dict:
     mem.reset()
     backward(out)
     peak_b = mem.peak()
+    if first_ms is None:
+        first_ms = (time.perf_counter() - t0) * 1e3  # includes the (cheap) /proc bookkeeping
     del out
     clear()
 
@@ -142,7 +156,8 @@ def measure(fn, x, *, device, warmup: int, repeat: int, tiny=None) -> dict:
         clear()
 
     peaks = {"fwd": peak_f, "bwd": peak_b, "fwd+bwd": max(peak_f, peak_b)}
-    return {p: dict(summarize(v), peak_mem_mb=round(peaks[p], 1)) for p, v in series(times).items()}
+    steps = {"tiny_step_ms": None if tiny_ms is None else round(tiny_ms, 1), "first_step_ms": round(first_ms, 1)}
+    return {p: dict(summarize(v), peak_mem_mb=round(peaks[p], 1), **steps) for p, v in series(times).items()}
 
 
 def series(times: list) -> dict:
@@ -157,25 +172,39 @@ def summarize(v: list) -> dict:
     return {"median_ms": statistics.median(v), "p20_ms": _quantile(v, 0.2), "p80_ms": _quantile(v, 0.8)}
 
 
-def gemm_tflops(M, K, Nn, dtype, device, repeat=10) -> float:
-    """Dense ``[M, K] @ [K, Nn]`` rate (TFLOP/s) in ``dtype``: the matmul floor's denominator."""
-    a = torch.randn(M, K, device=device, dtype=dtype)
-    b = torch.randn(Nn, K, device=device, dtype=dtype)
+def gemm_rates(N, V, d, dtype, device, repeat=10) -> dict:
+    """Dense rates (TFLOP/s) of the three GEMM shapes of a fused-linear step, each ``2*N*V*d``
+    flops: ``logits = h @ W.T`` (``[N,d] @ [d,V]``), ``dh = G @ W`` (``[N,V] @ [V,d]``),
+    ``dW = G.T @ h`` (``[V,N] @ [N,d]``). The floor uses ``logits`` (the issue's "dense GEMM rate
+    for that shape"); the other two show how far the backward shapes run from it."""
+    return {"logits": gemm_tflops(N, d, V, dtype, device, repeat),
+            "dh": gemm_tflops(N, V, d, dtype, device, repeat, b_layout="kn"),
+            "dW": gemm_tflops(V, N, d, dtype, device, repeat, a_layout="km", b_layout="kn")}
+
+
+def gemm_tflops(M, K, Nn, dtype, device, repeat=10, a_layout="mk", b_layout="nk") -> float:
+    """Dense ``[M, K] @ [K, Nn]`` rate (TFLOP/s) in ``dtype``: the matmul floor's denominator.
+    ``a_layout="km"``: A is stored ``[K, M]`` and used transposed (``G.T``); ``b_layout="nk"``:
+    B is stored ``[Nn, K]`` and used transposed (``W.T``), ``"kn"``: stored as used."""
+    a = torch.randn(*((M, K) if a_layout == "mk" else (K, M)), device=device, dtype=dtype)
+    b = torch.randn(*((Nn, K) if b_layout == "nk" else (K, Nn)), device=device, dtype=dtype)
+    a = a if a_layout == "mk" else a.T
+    b = b.T if b_layout == "nk" else b
     cuda = torch.device(device).type == "cuda"
     for _ in range(3):
-        a @ b.T
+        a @ b
     ts = []
     for _ in range(repeat):
         if cuda:
             e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             e0.record()
-            a @ b.T
+            a @ b
             e1.record()
             torch.cuda.synchronize()
             ts.append(e0.elapsed_time(e1) / 1e3)
         else:
             t0 = time.perf_counter()
-            a @ b.T
+            a @ b
             ts.append(time.perf_counter() - t0)
     return 2.0 * M * K * Nn / statistics.median(ts) / 1e12
 

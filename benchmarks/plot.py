@@ -14,7 +14,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-PROVIDER_ORDER = ("naive", "naive_compile", "torch", "triton", "cuda", "liger")
+PROVIDER_ORDER = ("naive", "naive_compile", "torch", "triton", "cuda", "liger_chunked", "liger", "cce", "trl")
 
 
 def plot_all(data: dict, out: Path, pass_: str = "fwd+bwd") -> list[Path]:

@@ -1,12 +1,15 @@
 """Benchmark every op x provider x pass over a shape sweep; write results.json, results.csv, plots.
 
-    python benchmarks/run.py --quick --out benchmarks/results/cpu-mybox     # CPU sizes (~5-6 min on 2 idle cores)
+    python benchmarks/run.py --quick --out benchmarks/results/cpu-mybox     # CPU sizes, fp32, ours + peers
     python benchmarks/run.py --out results/h100                             # GPU sizes, bf16
     python benchmarks/run.py --quick --ops fused_linear_distill_loss --providers naive torch
+    python benchmarks/run.py --ops fused_linear_distill_loss --providers torch liger liger_chunked \
+        --shapes 8192,128256,4096 16384,151936,2048 --dtype bfloat16 --out results/h200
 
 On CPU each (op, provider) group runs in a fresh subprocess (peak RSS is per process); on CUDA
 everything runs in this process with the allocator's peak statistics. Unavailable providers
-and failed cases (OOM, compile errors) are listed under ``skipped`` with the reason.
+and failed cases (OOM, compile errors) are listed under ``skipped`` with the reason. The run
+ends with the GEMM floor, the ratio check and the targets (pass / short), see README.md.
 """
 from __future__ import annotations
 
@@ -31,13 +34,19 @@ import torch  # noqa: E402
 
 import cases  # noqa: E402
 import measure  # noqa: E402
-from cases import OPS, PASSES, PROVIDERS, Unavailable  # noqa: E402
+import peers  # noqa: E402
+from report import add_floor, first_calls, targets  # noqa: E402
+from cases import COMPILED, OPS, PASSES, PEERS, PROVIDERS, Unavailable  # noqa: E402
 
 # (N, V, d) sweeps. d is ignored by the logits-level ops. The quick sweep is N = 128..512 at
-# V = 32000 plus one smaller V; its largest fused shape is the ratio check's (N = 6144).
+# V = 32000 plus one smaller V (peers: V = 32000 only; a new V costs a compiled peer a
+# recompile), one larger fused shape for ours and the peers (not naive: the ratio check
+# measures naive larger still), and the ratio check's shape (N = 6144).
 QUICK = {
     "logits": [(128, 32000, 0), (256, 32000, 0), (512, 32000, 0), (512, 8000, 0)],
     "fused": [(128, 32000, 256), (256, 32000, 256), (512, 32000, 256), (512, 8000, 256)],
+    "large": [(4096, 32000, 256)],  # fused ops, every provider but naive / naive_compile (--no-large: drop)
+    "peer_V": 32000,
     # the ratio-check shape, for this (op, divergence) only
     "check": ("fused_linear_distill_loss", "reverse_kl", (6144, 32000, 256)),
 }
@@ -47,7 +56,8 @@ GPU = {
     "check": None,
 }
 FIELDS = ["op", "divergence", "provider", "pass", "N", "V", "d", "dtype",
-          "median_ms", "p20_ms", "p80_ms", "peak_mem_mb", "floor_ms", "frac_of_floor"]
+          "median_ms", "p20_ms", "p80_ms", "peak_mem_mb", "floor_ms", "frac_of_floor", "floor_multiple",
+          "first_call_ms", "first_step_ms"]
 TAG = "@@bench@@ "  # worker result lines on stdout
 
 
@@ -55,10 +65,12 @@ TAG = "@@bench@@ "  # worker result lines on stdout
 
 def plan(args) -> list[dict]:
     """Every (op, divergence, provider, shape) case to run, in order (small shapes first)."""
-    sweep = QUICK if args.quick else GPU
+    sweep = dict(QUICK if args.quick else GPU)
     if args.shapes:
         shapes = [tuple(int(v) for v in s.split(",")) for s in args.shapes]
         sweep = {"logits": shapes, "fused": shapes, "check": None}
+    if getattr(args, "no_large", False):
+        sweep.pop("large", None)
     out = []
     # fused-linear ops first, compile last: what matters most runs before a --budget cuts in
     ops = sorted(args.ops, key=lambda op: not cases.is_fused(op))
@@ -69,7 +81,11 @@ def plan(args) -> list[dict]:
             if sweep["check"] and sweep["check"][:2] == (op, div):
                 shapes.append(sweep["check"][2])
             for prov in providers:
-                for N, V, d in shapes:
+                for N, V, d in shapes + (sweep.get("large", []) if cases.is_fused(op) else []):
+                    if (N, V, d) in sweep.get("large", []) and prov.startswith("naive"):
+                        continue
+                    if sweep.get("peer_V") and prov in PEERS and V != sweep["peer_V"]:
+                        continue
                     c = dict(op=op, divergence=div, provider=prov, N=N, V=V, d=d if cases.is_fused(op) else 0,
                              dtype=args.dtype)
                     if sweep["check"] and (op, div, (N, V, d)) == sweep["check"] and not args.device.startswith("cuda"):
@@ -82,7 +98,7 @@ def plan(args) -> list[dict]:
 
 def run_cases(todo: list[dict], *, device: str, warmup: int, repeat: int, emit, deadline=None):
     """Run cases of one process; calls ``emit(record)`` per measured pass or skipped case."""
-    built = {}
+    built, first = {}, {}
     for c in todo:
         if deadline and time.time() > deadline:
             emit(dict(c, skipped="time budget (--budget) exhausted before this case"))
@@ -90,17 +106,26 @@ def run_cases(todo: list[dict], *, device: str, warmup: int, repeat: int, emit, 
         key = (c["op"], c["divergence"], c["provider"])
         dtype = getattr(torch, c["dtype"])
         try:
-            if key not in built:
-                try:
-                    built[key] = cases.probe(*key, device, dtype)
+            tiny = lambda: cases.make_inputs(c["op"], 64, c["V"], c["d"], dtype, device)  # noqa: E731
+            new = key not in built
+            if new:
+                timing = {}
+                try:  # the first call of a library provider: at this case's V, d with 64 rows
+                    built[key] = cases.probe(*key, device, dtype, inputs=tiny(), timing=timing)
                 except Unavailable as exc:
                     built[key] = exc
             if isinstance(built[key], Unavailable):
                 raise built[key]
             x = cases.make_inputs(c["op"], c["N"], c["V"], c["d"], dtype, device)
-            tiny = lambda: cases.make_inputs(c["op"], 64, c["V"], c["d"], dtype, device)  # noqa: E731
-            res = measure.measure(built[key], x, device=device, warmup=warmup, tiny=tiny,
+            # a compiled provider recompiles for dynamic shapes at its second shape: in a warm-up
+            # step, not in the memory step
+            w = max(warmup, 1) if new and c["provider"] in COMPILED else warmup
+            res = measure.measure(built[key], x, device=device, warmup=w, tiny=tiny,
                                   repeat=0 if c.get("memory_only") else repeat)
+            if new:  # naive_compile is not probed: its first call is this case's tiny step
+                first[key] = round(timing.get("first_call_ms", res["fwd"]["tiny_step_ms"]), 1)
+                for p in PASSES:
+                    res[p]["first_call_ms"] = first[key]
         except Unavailable as exc:
             emit(dict(c, skipped=str(exc)))
             continue
@@ -201,23 +226,6 @@ def meta(args, device) -> dict:
     }
 
 
-def add_floor(results, device, dtype_name, log):
-    """Measure the dense GEMM rate at each fused shape; add floor_ms / frac_of_floor to results."""
-    dtype = getattr(torch, dtype_name)
-    rates = {}
-    for r in results:
-        if cases.is_fused(r["op"]) and (r["N"], r["V"], r["d"]) not in rates:
-            N, V, d = r["N"], r["V"], r["d"]
-            rates[N, V, d] = measure.gemm_tflops(N, d, V, dtype, device)
-            log(f"dense {dtype_name} GEMM [{N}x{d}] @ [{d}x{V}]: {rates[N, V, d]:.1f} TFLOP/s")
-    for r in results:
-        if (r["N"], r["V"], r["d"]) in rates and cases.is_fused(r["op"]):
-            n = cases.gemm_passes(r["op"], r["pass"])
-            floor = n * 2.0 * r["N"] * r["V"] * r["d"] / (rates[r["N"], r["V"], r["d"]] * 1e12) * 1e3
-            r.update(floor_ms=round(floor, 3), frac_of_floor=round(floor / r["median_ms"], 3), gemm_passes=n)
-    return [dict(N=N, V=V, d=d, dtype=dtype_name, tflops=round(t, 2)) for (N, V, d), t in rates.items()]
-
-
 def write(out: Path, data: dict):
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(data, indent=1) + "\n")
@@ -281,7 +289,7 @@ def ratio_check(results, log, *, device=None, repeat=3, timeout=900) -> dict | N
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="CPU-sized shapes (fp32): ~5-6 min on 2 idle cores")
+    ap.add_argument("--quick", action="store_true", help="CPU-sized shapes (fp32), incl. N=4096 fused for ours + peers (--no-large: without)")
     ap.add_argument("--out", type=Path, default=None, help="output directory (default benchmarks/results/<device>)")
     ap.add_argument("--ops", nargs="+", default=list(OPS), choices=OPS)
     ap.add_argument("--providers", nargs="+", default=None, choices=PROVIDERS,
@@ -297,6 +305,9 @@ def main(argv=None):
     ap.add_argument("--budget", type=float, default=None,
                     help="seconds: cases not started by then are skipped (results so far are kept)")
     ap.add_argument("--note", default="", help="free text stored in meta.notes (e.g. 'CPU shared with other jobs')")
+    ap.add_argument("--no-large", action="store_true",
+                    help="--quick without its large fused shape (N=4096, V=32000, d=256: ours and the peers)")
+    ap.add_argument("--no-floor", action="store_true", help="skip the GEMM-rate measurement (no floor columns)")
     ap.add_argument("--no-plots", action="store_true")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -338,12 +349,18 @@ def main(argv=None):
         write(out, {"meta": dict(m, partial=True), "results": results, "skipped": _dedupe_skips(skipped)})
 
     groups = {}
-    for c in todo:
-        groups.setdefault((c["op"], c["provider"]), []).append(c)
-    for (op, prov), group in groups.items():
+    for c in todo:  # a compiled provider gets a fresh process per divergence (its recompile limit)
+        groups.setdefault((c["op"], c["provider"], c["divergence"] if c["provider"] in COMPILED else None),
+                          []).append(c)
+    for (op, prov, _), group in groups.items():
         if cuda:
+            if prov in COMPILED:  # as a fresh process would: own compile, own recompile budget
+                torch._dynamo.reset()
             run_cases(group, device=args.device, warmup=args.warmup, repeat=args.repeat, emit=emit, deadline=deadline)
-        elif prov in ("triton", "cuda", "liger"):  # build() refuses CPU with the reason: record it
+        elif prov in PEERS and peers.missing(op, prov, args.device):  # known without a worker
+            for c in group:
+                emit(dict(c, skipped=peers.missing(op, prov, args.device)))
+        elif prov in ("triton", "cuda"):  # build() refuses CPU with the reason: record it
             for c in group:
                 try:
                     cases.build(op, c["divergence"], prov, args.device)
@@ -355,12 +372,19 @@ def main(argv=None):
             run_in_subprocess(group, device=args.device, warmup=args.warmup, repeat=args.repeat,
                               emit=emit, timeout=args.timeout, deadline=deadline)
         flush()
-        if not cuda and prov not in ("triton", "cuda", "liger"):
+        if not cuda and prov not in ("triton", "cuda") and not (prov in PEERS and peers.missing(op, prov, args.device)):
             log(f"load average {os.getloadavg()[0]:.1f}")
 
-    if cuda or not args.quick:
-        m["gemm"] = add_floor(results, args.device, args.dtype, log)
     m["ratio_check"] = ratio_check(results, log, device=args.device, repeat=args.repeat, timeout=args.timeout)
+    if not args.no_floor:
+        m["gemm"] = add_floor(results, args.device, args.dtype, log, repeat=10 if cuda else 5)
+    m["first_call"] = first_calls(results)
+    for f in m["first_call"]:
+        if f["provider"] in COMPILED:
+            log(f"first call (compile) {f['op']} {f['divergence'] or '-'} {f['provider']}: {f['first_call_ms'] / 1e3:.1f} s; "
+                f"first full-size step (N={f['N']}) {(f['first_step_ms'] or 0) / 1e3:.1f} s, "
+                f"steady {(f['steady_ms'] or 0) / 1e3:.2f} s")
+    m["targets"] = targets(results, log)
     m["wall_s"] = round(time.time() - t_start, 1)
     m["loadavg_end"] = [round(v, 2) for v in os.getloadavg()]
     data = {"meta": m, "results": results, "skipped": _dedupe_skips(skipped)}

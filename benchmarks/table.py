@@ -30,13 +30,18 @@ def render(data: dict, pass_: str = "fwd+bwd") -> str:
         V, d = Counter((r["V"], r["d"]) for r in ops).most_common(1)[0][0]
         divs = list(dict.fromkeys(r["divergence"] for r in ops))
         Ns = {div: {r["N"] for r in ops if r["divergence"] == div and (r["V"], r["d"]) == (V, d)} for div in divs}
-        top = max(set.intersection(*Ns.values()))  # the sweep's largest N, shared by all divergences
+        shared = set.intersection(*Ns.values())
+        width = {n: len({r["provider"] for r in ops if r["N"] == n and (r["V"], r["d"]) == (V, d)}) for n in shared}
+        # the sweep's largest N shared by all divergences and measured by the most providers
+        top = max(n for n in shared if width[n] == max(width.values()))
         for div in divs:
             keys += [(op, div, n, V, d) for n in sorted(Ns[div]) if n >= top]  # + extra shapes (ratio check)
     m = data["meta"]
     head = [f"Device: {m['device']}; torch {m['torch']}; {m['date'][:10]}; {pass_}, "
             f"{rows[0]['dtype'] if rows else ''}; median ms (p20-p80) / peak MB beyond the inputs.", ""]
+    floor = any(r.get("floor_ms") is not None for r in rows)
     cols = ["op", "divergence", "N", "V", "d"] + [f"{p} ms" for p in provs] + [f"{p} MB" for p in provs]
+    cols += ["GEMM floor ms", "torch x floor"] if floor else []
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for op, div, N, V, d in keys:
         cells = [op, div or "-", str(N), str(V), str(d) if d else "-"]
@@ -47,17 +52,57 @@ def render(data: dict, pass_: str = "fwd+bwd") -> str:
         for p in provs:
             r = by.get((op, div, N, V, d, p))
             cells.append(f"{r['peak_mem_mb']:.0f}" if r else "n/a")
+        if floor:
+            r = by.get((op, div, N, V, d, "torch")) or next((by[k] for k in by if k[:5] == (op, div, N, V, d)), None)
+            cells.append(f"{r['floor_ms']:.0f}" if r and r.get("floor_ms") is not None else "-")
+            r = by.get((op, div, N, V, d, "torch"))
+            cells.append(f"{r['floor_multiple']:.2f}" if r and r.get("floor_multiple") is not None else "-")
         lines.append("| " + " | ".join(cells) + " |")
     rc = m.get("ratio_check")
     if rc:
         lines += ["", f"Ratio check (fused_linear_distill_loss, reverse_kl, fwd+bwd, N={rc['N']} V={rc['V']} "
                       f"d={rc['d']}): torch/naive peak memory {rc['mem_ratio']:.3f} (target <= 0.25), "
                       f"time {rc['time_ratio']:.2f}x (target <= 1.5x): {'pass' if rc['passed'] else 'FAIL'}."]
+    lines += _targets(m.get("targets")) + _first_calls(m.get("first_call"))
     skipped = sorted({(s["provider"], s["reason"]) for s in data.get("skipped", [])
                       if not s["reason"].startswith("failed")})
     if skipped:
         lines += ["", "Not measured: " + "; ".join(f"{p}: {why}" for p, why in dict(skipped).items()) + "."]
     return "\n".join(head + lines)
+
+
+def _targets(ts) -> list[str]:
+    """The issue's targets (``meta.targets``), one line each."""
+    if not ts:
+        return []
+    out = ["", "Targets (fwd+bwd, ours = `torch`):", ""]
+    for t in ts:
+        name, shape = f"{t['op']} {t['divergence'] or '-'}", f"N={t['N']}"
+        if t["kind"] == "vs_fastest_peer":
+            out.append(f"- {name}, {shape}: vs fastest peer `{t['peer']}` time {t['time_ratio']:.2f}x, peak memory "
+                       f"{t['mem_ratio']:.2f}x (target <= 1.0x): {'pass' if t['passed'] else 'short'}")
+        elif t["kind"] == "gemm_floor":
+            verdict = "no target" if t["target"] is None else \
+                f"target <= {t['target']}x: {'pass' if t['passed'] else 'short'}"
+            out.append(f"- {name}, {shape}: {t['floor_multiple']:.2f}x the GEMM floor ({t['gemm_passes']} passes, "
+                       f"{t['floor_ms']:.0f} ms; {verdict})")
+        else:
+            out.append(f"- {name}, {shape}: vs naive time {t['time_ratio']:.2f}x (target <= 1.0x): "
+                       f"{'pass' if t['passed'] else 'short'}")
+    return out
+
+
+def _first_calls(fc) -> list[str]:
+    """First-call (compile) time of the compiled providers (``meta.first_call``)."""
+    from cases import COMPILED
+    rows = [f for f in fc or [] if f["provider"] in COMPILED]
+    if not rows:
+        return []
+    def one(f):
+        step = f.get("first_step_ms")
+        rest = f" (first N={f['N']} step {step / 1e3:.1f})" if step is not None else ""
+        return f"{f['provider']} {f['op']} {f['divergence'] or '-'} {f['first_call_ms'] / 1e3:.1f}{rest}"
+    return ["", "First call (compile included), s: " + "; ".join(one(f) for f in rows) + "."]
 
 
 END = "<!-- bench-table: end -->"
