@@ -16,6 +16,7 @@ the class. ``verify`` checks one model numerically against its own ``forward``.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from typing import Optional
 
 import torch
@@ -181,17 +182,39 @@ def hidden_states(model, input_ids=None, attention_mask=None, **kw) -> torch.Ten
     receives in ``model(input_ids, attention_mask)`` -- without computing the logits.
 
     Extra keywords go to the backbone (``position_ids``, ``inputs_embeds``, ...); ``use_cache``
-    defaults to False. Runs the backbone module directly: under DDP or FSDP, call the wrapped model
-    instead so that its hooks run (not covered here).
+    defaults to False. The backbone module is called directly, except under
+    ``DistributedDataParallel``: DDP all-reduces gradients only for a forward that went through
+    it, so there the wrapped model's own forward runs with ``logits_to_keep`` = no position (a
+    ``[B, 0, V]`` logits tensor) and the backbone's output is taken by a temporary forward hook.
+    FSDP / DeepSpeed ZeRO-3 (sharded parameters) are not supported.
     """
+    outer = model
     model = unwrap(model)
     body = backbone(model)
     kw.setdefault("use_cache", False)
-    out = body(input_ids=input_ids, attention_mask=attention_mask, **kw)
+    if isinstance(outer, torch.nn.parallel.DistributedDataParallel):
+        return _through_forward(outer, model, body, input_ids, attention_mask, kw)
+    return _last(body(input_ids=input_ids, attention_mask=attention_mask, **kw))
+
+
+def _last(out):
     h = getattr(out, "last_hidden_state", None)
-    if h is None:
-        h = out[0]
-    return h
+    return out[0] if h is None else h
+
+
+def _through_forward(outer, model, body, input_ids, attention_mask, kw):
+    if "logits_to_keep" not in inspect.signature(type(model).forward).parameters:
+        raise ValueError(f"{_name(model)}.forward takes no logits_to_keep: under DistributedDataParallel "
+                         "opd_kernels.hf.hidden_states needs it to run the forward without computing logits")
+    seen = []
+    hook = body.register_forward_hook(lambda module, args, out: seen.append(out))
+    device = (input_ids if input_ids is not None else kw["inputs_embeds"]).device
+    try:
+        outer(input_ids=input_ids, attention_mask=attention_mask,
+              logits_to_keep=torch.zeros(0, dtype=torch.long, device=device), **kw)
+    finally:
+        hook.remove()
+    return _last(seen[-1])
 
 
 def verify(model, input_ids=None, *, tokenizer=None, strict: bool = True, atol: float = 1e-4) -> Head:

@@ -273,3 +273,25 @@ def test_unwrap_and_hidden_state_is_what_lm_head_sees():
     for m in (model, dp):
         torch.testing.assert_close(ok.hf.hidden_states(m, ids, attn), seen["x"], rtol=0, atol=0)
     assert ok.hf.head(dp).weight is model.lm_head.weight
+
+
+def test_hidden_states_under_ddp_go_through_its_forward(tmp_path):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        model = build("gpt2")
+        ids, attn, _ = batch()
+        want = ok.hf.hidden_states(model, ids, attn)
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        calls = []
+        ddp.register_forward_pre_hook(lambda m, a: calls.append(1))
+        got = ok.hf.hidden_states(ddp, ids, attn)
+        assert calls == [1]  # DDP's forward ran (its gradient hooks expect that)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        assert not model.lm_head._forward_hooks and not model.transformer._forward_hooks
+        head = ok.hf.head(ddp)
+        y = torch.where(attn[:, 1:] > 0, ids[:, 1:], -100)
+        ok.fused_linear_token_logprobs(got[:, :-1], head.weight, y).sum().backward()
+        assert model.transformer.wte.weight.grad.abs().sum() > 0
+    finally:
+        dist.destroy_process_group()
