@@ -177,22 +177,28 @@ def head(model, tokenizer=None, *, strict: bool = True) -> Head:
     return Head(weight=lm.weight, bias=lm.bias, softcap=softcap, logit_scale=logit_scale, vocab_size=vocab_size)
 
 
-def hidden_states(model, input_ids=None, attention_mask=None, **kw) -> torch.Tensor:
+def hidden_states(model, input_ids=None, attention_mask=None, *, through_forward=None, **kw) -> torch.Tensor:
     """``[B, L, d]``: the backbone's last hidden state after its final norm, i.e. what ``lm_head``
     receives in ``model(input_ids, attention_mask)`` -- without computing the logits.
 
     Extra keywords go to the backbone (``position_ids``, ``inputs_embeds``, ...); ``use_cache``
-    defaults to False. The backbone module is called directly, except under
-    ``DistributedDataParallel``: DDP all-reduces gradients only for a forward that went through
-    it, so there the wrapped model's own forward runs with ``logits_to_keep`` = no position (a
-    ``[B, 0, V]`` logits tensor) and the backbone's output is taken by a temporary forward hook.
-    FSDP / DeepSpeed ZeRO-3 (sharded parameters) are not supported.
+    defaults to False. ``through_forward=False`` calls the backbone module directly. ``True`` runs
+    the model's own forward (with whatever wraps it) with ``logits_to_keep`` = no position (a
+    ``[B, 0, V]`` logits tensor) and takes the backbone's output with a temporary forward hook.
+    ``None`` (default) picks ``True`` when the forward is wrapped: under ``DistributedDataParallel``
+    (it all-reduces gradients only for a forward that went through it) or when the model's
+    ``forward`` was replaced on the instance (accelerate's mixed-precision autocast wrapper, as
+    the HF/TRL Trainer installs it with ``bf16=True``), so the hidden state is the one the model's
+    forward computes. FSDP / DeepSpeed ZeRO-3 (sharded parameters) are not supported.
     """
     outer = model
     model = unwrap(model)
     body = backbone(model)
     kw.setdefault("use_cache", False)
-    if isinstance(outer, torch.nn.parallel.DistributedDataParallel):
+    if through_forward is None:
+        through_forward = (isinstance(outer, torch.nn.parallel.DistributedDataParallel)
+                           or "forward" in vars(model) or "forward" in vars(outer))
+    if through_forward:
         return _through_forward(outer, model, body, input_ids, attention_mask, kw)
     return _last(body(input_ids=input_ids, attention_mask=attention_mask, **kw))
 
@@ -204,8 +210,9 @@ def _last(out):
 
 def _through_forward(outer, model, body, input_ids, attention_mask, kw):
     if "logits_to_keep" not in inspect.signature(type(model).forward).parameters:
-        raise ValueError(f"{_name(model)}.forward takes no logits_to_keep: under DistributedDataParallel "
-                         "opd_kernels.hf.hidden_states needs it to run the forward without computing logits")
+        raise ValueError(f"{_name(model)}.forward takes no logits_to_keep: opd_kernels.hf.hidden_states needs it to "
+                         "run the model's (wrapped) forward without computing logits; pass through_forward=False "
+                         "to call the backbone directly")
     seen = []
     hook = body.register_forward_hook(lambda module, args, out: seen.append(out))
     device = (input_ids if input_ids is not None else kw["inputs_embeds"]).device
