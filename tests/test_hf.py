@@ -295,3 +295,27 @@ def test_hidden_states_under_ddp_go_through_its_forward(tmp_path):
         assert model.transformer.wte.weight.grad.abs().sum() > 0
     finally:
         dist.destroy_process_group()
+
+
+def test_wrapped_forward_is_run_through():
+    """A forward replaced on the instance (as accelerate's autocast wrapper is under bf16 mixed
+    precision) is run, so the hidden state is the one the model's forward computes."""
+    model = build("llama")
+    ids, attn, _ = batch()
+    plain = ok.hf.hidden_states(model, ids, attn)
+    forward = model.forward
+
+    def autocast_forward(*args, **kwargs):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return forward(*args, **kwargs)
+
+    model.forward = autocast_forward
+    auto = ok.hf.hidden_states(model, ids, attn)
+    with torch.no_grad():
+        seen = {}
+        hook = model.lm_head.register_forward_hook(lambda m, args, out: seen.setdefault("x", args[0]))
+        model(input_ids=ids, attention_mask=attn)
+        hook.remove()
+    torch.testing.assert_close(auto, seen["x"], rtol=0, atol=0)
+    assert (auto - plain).abs().max() > 1e-3  # bf16 autocast really changed it
+    torch.testing.assert_close(ok.hf.hidden_states(model, ids, attn, through_forward=False), plain, rtol=0, atol=0)

@@ -18,8 +18,9 @@ Conventions, as TRL's ``GKDTrainer.compute_loss`` + ``generalized_jsd_loss`` (TR
 * reduction: sum over kept positions divided by ``num_items_in_batch`` when the Trainer passes
   it, else by the number of kept positions (at least 1).
 * the full rows of ``lm_head`` are used (padded vocabulary rows included), as stock TRL does.
-* precision: the hidden states come from the model's own (possibly autocast-wrapped) forward, and
-  the head runs in their dtype, as ``lm_head`` does under ``bf16=True`` (TRL's default).
+* precision: the hidden states come from the model's own (possibly autocast-wrapped) forward;
+  under mixed precision (``bf16=True``, TRL's default, or ``fp16``) the fused head runs in that
+  dtype (hidden states and weights cast; fp32 accumulation), as autocast runs ``lm_head``.
 """
 from __future__ import annotations
 
@@ -71,6 +72,9 @@ def gkd_loss(student_hidden, student_head, teacher_hidden, teacher_head, labels,
     return total / mask.sum().clamp_min(1)
 
 
+_MIXED = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def _in_dtype(head, hidden):
     """Under the Trainer's mixed precision (accelerate's autocast around the model's forward) the
     hidden states come out in bf16/fp16 and the model's own ``lm_head`` would run in that dtype:
@@ -106,6 +110,9 @@ class FusedGKDTrainer(GKDTrainer):
             ht = ok.hf.hidden_states(self.teacher_model, ids, attn)
         sh = ok.hf.head(model, strict=self.hf_strict)
         th = ok.hf.head(self.teacher_model, strict=self.hf_strict)
+        low = _MIXED.get(str(getattr(self.accelerator, "mixed_precision", "no")))
+        if low is not None:  # autocast would run lm_head in this dtype
+            hs, ht = hs.to(low), ht.to(low)
         loss = gkd_loss(hs[:, :-1], sh, ht[:, :-1], th, inputs["labels"][:, 1:], beta=self.beta,
                         num_items_in_batch=num_items_in_batch, **self.fused_kw)
         if return_outputs:
