@@ -235,3 +235,12 @@ def test_gkd_loss_matches_generalized_jsd_loss():
         t = teacher(input_ids=ids, attention_mask=attn).logits[:, :-1].double().detach()
         want = GKDTrainer.generalized_jsd_loss(s, t, labels=labels, beta=beta, temperature=T_, num_items_in_batch=n)
         torch.testing.assert_close(got.double(), want, rtol=2e-5, atol=2e-5)
+
+
+def test_missing_trl_fails_with_the_install_hint(monkeypatch):
+    import sys
+    monkeypatch.setitem(sys.modules, "trl", None)  # import trl -> ImportError
+    with pytest.raises(ImportError, match=r"needs TRL: pip install 'opd-kernels\[trl\]'"):
+        importlib.reload(okt)
+    monkeypatch.undo()
+    importlib.reload(okt)

@@ -35,7 +35,10 @@ TESTED_TRL = (">=1.16", "<1.17")  # the range tests/test_trl.py ran on; GKDTrain
 
 
 def _check_version():
-    import trl
+    try:
+        import trl
+    except ImportError as e:
+        raise ImportError("opd_kernels.integrations.trl needs TRL: pip install 'opd-kernels[trl]'") from e
     from packaging.version import Version
 
     v = Version(trl.__version__)
