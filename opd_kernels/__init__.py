@@ -8,6 +8,7 @@ from .ops.distill import DistillLoss, FusedLinearDistillLoss, distill_loss, fuse
 from .ops.gopd import fused_linear_gopd_loss, gopd_advantages, gopd_loss
 from .ops.logprobs import fused_linear_token_logprobs, token_logprobs
 from .ops.sparse import fused_linear_sparse_distill_loss, sparse_distill_loss
+from . import hf
 
 __version__ = "0.1.0"
 __all__ = [
