@@ -34,3 +34,17 @@ def test_compile_fullgraph(backend):
     torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
     for a, b in zip(gc, ge):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_value_checks_are_device_asserts():
+    """Under torch.compile the value checks (ids in range, top-k logprobs <= 0) cannot read the
+    tensor on the host; they become device-side asserts that still stop a bad call."""
+    torch._dynamo.reset()
+    s, ids = torch.randn(4, 10), torch.zeros(4, 2, dtype=torch.long)
+    sparse = torch.compile(lambda s, i, lp: ok.sparse_distill_loss(s, i, lp), fullgraph=True, backend="aot_eager")
+    assert torch.isfinite(sparse(s, ids, torch.full((4, 2), -1.0)))
+    with pytest.raises(RuntimeError, match=r"teacher_topk_logprobs must be log-probabilities <= 0"):
+        sparse(s, ids, torch.full((4, 2), 1.0))
+    logprobs = torch.compile(lambda s, y: ok.token_logprobs(s, y), fullgraph=True, backend="aot_eager")
+    with pytest.raises(RuntimeError, match=r"targets must be in \[0, 10\)"):
+        logprobs(s, torch.tensor([0, 1, 10, 2]))
