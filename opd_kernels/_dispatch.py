@@ -48,10 +48,7 @@ def resolve(impl: str, device: torch.device):
     if impl != "torch" and device.type != "cuda" and not _interpreting(impl):
         raise ValueError(f"impl={impl!r} is not available here: no CUDA device "
                          f"(tensors are on {device})")
-    mod, reason = _load(impl)
-    if mod is None:
-        raise ValueError(f"impl={impl!r} is not available here: {reason}")
-    return mod
+    return backend(impl)
 
 
 def resolved_name(impl: str, device: torch.device) -> str:

@@ -6,8 +6,9 @@ weighted by ``e^(a - m_a)`` or ``e^(b - m_b)`` and ``U_a, D_q, D_p`` sum logits 
 the maxima* (``a - m_a``, ``b - m_b``), so a common offset of the logits never enters them and
 a small KL does not come out of the cancellation of large absolute sums. Shards merge like the
 online-softmax recurrence itself (``rebase``): with ``M = max_r m_r`` each shard's sums are
-re-expressed relative to ``M`` and added (``opd_kernels.parallel.merge_shards`` does that across ranks). ``finish`` gives the
-per-row quantities, ``row_outputs`` what one op kind returns and saves for its backward.
+re-expressed relative to ``M`` and added (across ranks: ``opd_kernels.parallel.merge_shards``).
+``finish`` gives the per-row quantities, ``row_outputs`` what one op kind returns and saves for
+its backward.
 """
 from __future__ import annotations
 

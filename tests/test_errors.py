@@ -57,8 +57,9 @@ S, T = torch.randn(4, 10), torch.randn(4, 10)
     # top-k "logprobs" above 0 (probabilities or logits passed by mistake) name the values seen
     (lambda: ok.sparse_distill_loss(S, torch.zeros(4, 2, dtype=torch.long), torch.tensor([[1.0, -2.0]] * 4)),
      ValueError, r"^teacher_topk_logprobs must be log-probabilities <= 0 .*got values \[1\.0\]$"),
-    (lambda: ok.fused_linear_sparse_distill_loss(torch.randn(4, 8), torch.randn(10, 8), torch.zeros(4, 2, dtype=torch.long),
-                                                 torch.full((4, 2), 0.5)), ValueError,
+    (lambda: ok.fused_linear_sparse_distill_loss(torch.randn(4, 8), torch.randn(10, 8),
+                                                 torch.zeros(4, 2, dtype=torch.long), torch.full((4, 2), 0.5)),
+     ValueError,
      r"teacher_topk_logprobs.*<= 0.*\[0\.5\]"),
     (lambda: ok.token_logprobs(S, torch.zeros(4, dtype=torch.long), process_group=ok.VocabShard(8, 12)), ValueError,
      r"VocabShard\(start=8, size_total=12\).*10 vocabulary entries"),

@@ -5,11 +5,11 @@ The teacher is served as top-k ids ``K [..., k]`` with full-vocabulary-normalize
 ``{K_1..K_k, tail}``: ``p_tail = 1 - sum e^l``, ``q_K = e^(a_K - A)``, ``q_tail = 1 - sum q_K``.
 Only the student's log-normalizer ``A`` needs the full vocabulary (``_rows.log_normalizer``:
 one streaming pass through the backend; its backward spreads ``q`` over all entries); the
-k-sized rest is plain torch, in float64. Tails are ``-expm1(logsumexp(...))``, floored at the smallest normal number when
-rounding ate them (see ``_tail_log``), so a top-k covering nearly all mass stays finite.
-The teacher's logprobs are taken as given (already at the teacher's temperature; each must be
-<= 0, checked like the ids' range, see ``_validate``); the ``temperature`` option divides the
-student's logits.
+k-sized rest is plain torch, in float64. Tails are ``-expm1(logsumexp(...))``, floored at the
+smallest normal number when rounding ate them (see ``_tail_log``), so a top-k covering nearly
+all mass stays finite. The teacher's logprobs are taken as given (already at the teacher's
+temperature; each must be <= 0, checked like the ids' range, see ``_validate``); the
+``temperature`` option divides the student's logits.
 
 Fused with the lm_head (``fused_linear_sparse_distill_loss``), ``A`` comes from
 ``_fused.log_normalizer`` (row chunks or fused kernels, never ``[N, V]``) and the k student logits
