@@ -70,7 +70,8 @@ class RowSpec:
 
 
 SPEC_FIELDS = tuple(f.name for f in dataclasses.fields(RowSpec))
-_SPEC_SCHEMA = tuple(f"{_SCHEMA_TYPES[f.type]} {f.name}" for f in dataclasses.fields(RowSpec))
+_SPEC_SCHEMA = tuple(f"{_SCHEMA_TYPES[getattr(f.type, '__name__', f.type)]} {f.name}"
+                     for f in dataclasses.fields(RowSpec))
 
 
 def pad_grads(n_inputs: int, grads) -> tuple:

@@ -67,7 +67,7 @@ def linear_loss(models, *, kind, beta, lam, temperature, mask, reduction, vocab_
             vocab = check_vocab("student_weight", ws.shape[0], f"{name}_weight", w.shape[0], vocab_size)
     check_no_padding_with_group(vocab_size, group)
     check_same_device(mask=mask, **{f"{n}_{k}": x for n, h, w, b in models
-                                      for k, x in (("hidden", h), ("weight", w), ("bias", b))})
+                                    for k, x in (("hidden", h), ("weight", w), ("bias", b))})
     m = flat_mask(mask, lead, hs.device)
     args = list(linear_args(hs, ws, bs, vocab))
     for _, h, w, b in models[1:]:
