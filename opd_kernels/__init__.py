@@ -2,12 +2,14 @@
 
 Every op works on logits ``[..., V]`` or fused with the lm_head (``hidden [..., d]`` and
 ``weight [V, d]``, never materializing ``[N, V]``), on the ``torch``, ``triton`` or ``cuda``
-backend (``impl=``), and vocab-parallel with ``process_group=``. See DESIGN.md for the math.
+backend (``impl=``), and vocab-parallel with ``process_group=`` (a ``ProcessGroup`` or a
+``VocabShard``). See DESIGN.md for the math.
 """
 from .ops.distill import DistillLoss, FusedLinearDistillLoss, distill_loss, fused_linear_distill_loss
 from .ops.gopd import fused_linear_gopd_loss, gopd_advantages, gopd_loss
 from .ops.logprobs import fused_linear_token_logprobs, token_logprobs
 from .ops.sparse import fused_linear_sparse_distill_loss, sparse_distill_loss
+from .parallel import VocabShard
 from . import hf
 
 __version__ = "0.1.0"
@@ -15,5 +17,5 @@ __all__ = [
     "token_logprobs", "distill_loss", "sparse_distill_loss", "gopd_loss", "gopd_advantages",
     "fused_linear_token_logprobs", "fused_linear_distill_loss", "fused_linear_gopd_loss",
     "fused_linear_sparse_distill_loss",
-    "DistillLoss", "FusedLinearDistillLoss",
+    "DistillLoss", "FusedLinearDistillLoss", "VocabShard",
 ]

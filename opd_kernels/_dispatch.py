@@ -1,9 +1,12 @@
-"""The one place where ``impl=`` becomes a backend module.
+"""The one place where ``impl=`` becomes a backend module (public as ``opd_kernels.backends.get``).
 
 ``impl`` is "auto" | "torch" | "triton" | "cuda"; "auto" (or the ``OPD_KERNELS_IMPL`` env var
 when ``impl="auto"``) picks: the CUDA extension if built and the tensors are on CUDA, else
 Triton on CUDA, else torch. Asking for an unavailable backend raises a ``ValueError`` that
 names the reason ("CUDA extension not built", "no CUDA device", ...).
+
+The ops resolve once per call (``resolved_name``) and pass the backend's *name* across the
+custom-op boundary; inside, ``backend(name)`` turns it back into the module.
 """
 from __future__ import annotations
 
@@ -45,9 +48,24 @@ def resolve(impl: str, device: torch.device):
     if impl != "torch" and device.type != "cuda" and not _interpreting(impl):
         raise ValueError(f"impl={impl!r} is not available here: no CUDA device "
                          f"(tensors are on {device})")
-    mod, reason = _load(impl)
+    return backend(impl)
+
+
+def resolved_name(impl: str, device: torch.device) -> str:
+    """``resolve(impl, device).NAME``: once per call in eager mode, once per trace when compiled."""
+    return _resolved_name(impl, device.type)
+
+
+@torch.compiler.assume_constant_result
+def _resolved_name(impl: str, device_type: str) -> str:
+    return resolve(impl, torch.device(device_type)).NAME
+
+
+def backend(name: str):
+    """The module of an already resolved backend ``name`` (see ``resolved_name``)."""
+    mod, reason = _load(name)
     if mod is None:
-        raise ValueError(f"impl={impl!r} is not available here: {reason}")
+        raise ValueError(f"impl={name!r} is not available here: {reason}")
     return mod
 
 

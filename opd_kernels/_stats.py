@@ -1,4 +1,4 @@
-"""Turn per-shard row statistics into per-row results (and combine them across vocab shards).
+"""Pure math from per-shard row statistics to per-row results (no communication here).
 
 A backend's ``row_stats`` gives, per row and over its local vocabulary columns,
 ``(m_a, S_a, U_a, m_b, S_b, D_q, D_p, a_y)`` (see ``opd_kernels.backends``); every sum is
@@ -6,16 +6,15 @@ weighted by ``e^(a - m_a)`` or ``e^(b - m_b)`` and ``U_a, D_q, D_p`` sum logits 
 the maxima* (``a - m_a``, ``b - m_b``), so a common offset of the logits never enters them and
 a small KL does not come out of the cancellation of large absolute sums. Shards merge like the
 online-softmax recurrence itself (``rebase``): with ``M = max_r m_r`` each shard's sums are
-re-expressed relative to ``M`` and added. Vocab-parallel therefore costs two all-reduces per op
-(MAX over 2 floats/row, then SUM over 6 floats/row), plus one SUM over 2 floats/row for JSD's
-second pass, and never moves logits.
+re-expressed relative to ``M`` and added (across ranks: ``opd_kernels.parallel.merge_shards``).
+``finish`` gives the per-row quantities, ``row_outputs`` what one op kind returns and saves for
+its backward.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
 from .backends import STAT_A_Y, STAT_D_P, STAT_D_Q, STAT_M_A, STAT_M_B, STAT_S_A, STAT_S_B, STAT_U_A
 
@@ -68,24 +67,9 @@ def rebase(stats: torch.Tensor, M_a: torch.Tensor, M_b: torch.Tensor) -> torch.T
     return out
 
 
-def all_reduce_sum(x: torch.Tensor, group) -> torch.Tensor:
-    if group is not None:
-        dist.all_reduce(x, op=dist.ReduceOp.SUM, group=group)
-    return x
-
-
-_SUMS = [STAT_S_A, STAT_U_A, STAT_S_B, STAT_D_Q, STAT_D_P, STAT_A_Y]
-
-
-def merge_shards(stats: torch.Tensor, group) -> torch.Tensor:
-    """Global statistics from each rank's local ones (no-op without a process group)."""
-    if group is None:
-        return stats
-    m = stats[:, [STAT_M_A, STAT_M_B]].contiguous()
-    dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
-    out = rebase(stats, m[:, 0], m[:, 1])
-    out[:, _SUMS] = all_reduce_sum(out[:, _SUMS].contiguous(), group)
-    return out
+# columns that add up across vocabulary parts once rebased to common maxima
+SUM_COLUMNS = [STAT_S_A, STAT_U_A, STAT_S_B, STAT_D_Q, STAT_D_P, STAT_A_Y]
+MAX_COLUMNS = [STAT_M_A, STAT_M_B]
 
 
 def finish(stats: torch.Tensor) -> Rows:
@@ -104,3 +88,26 @@ def finish(stats: torch.Tensor) -> Rows:
     A, B = m_a + log_S_a, m_b + torch.log(S_b)
     return Rows(A=A, B=B, entropy=log_S_a - U_a / S_a, reverse_kl=D_q / S_a + torch.log(S_b / S_a),
                 forward_kl=D_p / S_b + torch.log(S_a / S_b), logprob=a_y - A)
+
+
+def row_outputs(rows: Rows, kind: str, beta: float = 0.5, jsd: torch.Tensor | None = None):
+    """``(main, entropy, rs)`` of one op ``kind``, with ``rs [N, 4] = (A, B, C, H)`` the row state
+    its backward recomputes from (``C``: the reverse-KL value, or ``KL(q||M)`` for ``jsd``).
+
+    ``kind`` is a backend kind or ``"log_normalizer"`` (main = ``A``); ``jsd [N, 2]`` are the
+    global JSD sums (``KL(p||M)``, ``KL(q||M)``), needed for ``kind == "jsd"`` only.
+    """
+    C = torch.zeros_like(rows.A)
+    if kind == "logprob":
+        main = rows.logprob
+    elif kind == "log_normalizer":
+        main = rows.A
+    elif kind == "forward_kl":
+        main = rows.forward_kl
+    elif kind == "reverse_kl":
+        main = C = rows.reverse_kl
+    elif kind == "jsd":  # 0 < beta < 1
+        main, C = beta * jsd[:, 0] + (1.0 - beta) * jsd[:, 1], jsd[:, 1]
+    else:
+        raise ValueError(f"unknown kind {kind!r}")
+    return main, rows.entropy, torch.stack([rows.A, rows.B, C, rows.entropy], -1)

@@ -34,3 +34,32 @@ def test_compile_fullgraph(backend):
     torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
     for a, b in zip(gc, ge):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_value_checks_are_device_asserts():
+    """Under torch.compile the value checks (ids in range, top-k logprobs <= 0) cannot read the
+    tensor on the host; they become device-side asserts that still stop a bad call."""
+    torch._dynamo.reset()
+    s, ids = torch.randn(4, 10), torch.zeros(4, 2, dtype=torch.long)
+    sparse = torch.compile(lambda s, i, lp: ok.sparse_distill_loss(s, i, lp), fullgraph=True, backend="aot_eager")
+    assert torch.isfinite(sparse(s, ids, torch.full((4, 2), -1.0)))
+    with pytest.raises(RuntimeError, match=r"teacher_topk_logprobs must be log-probabilities <= 0"):
+        sparse(s, ids, torch.full((4, 2), 1.0))
+    logprobs = torch.compile(lambda s, y: ok.token_logprobs(s, y), fullgraph=True, backend="aot_eager")
+    with pytest.raises(RuntimeError, match=r"targets must be in \[0, 10\)"):
+        logprobs(s, torch.tensor([0, 1, 10, 2]))
+
+
+def test_custom_op_schemas_follow_rowspec():
+    """Every custom op ends with the RowSpec fields, in order, so a new option (e.g. a logit
+    transform) is one new field; backward's None padding comes from the input count."""
+    import dataclasses
+
+    from opd_kernels.ops import _spec
+    names = tuple(f.name for f in dataclasses.fields(_spec.RowSpec))
+    for op in ("rows", "rows_backward", "fl_rows", "fl_rows_backward", "fl_loss"):
+        args = getattr(torch.ops.opd_kernels, op).default._schema.arguments
+        assert tuple(a.name for a in args[-len(names):]) == names, op
+    assert _spec.pad_grads(4, [1]) == (1, None, None, None)
+    with pytest.raises(AssertionError, match="3 gradients for 2 inputs"):
+        _spec.pad_grads(2, [1, 2, 3])

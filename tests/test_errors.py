@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import opd_kernels as ok
+import opd_kernels.backends  # noqa: F401  (ok.backends.get)
 
 S, T = torch.randn(4, 10), torch.randn(4, 10)
 
@@ -53,6 +54,18 @@ S, T = torch.randn(4, 10), torch.randn(4, 10)
      r"student_bias.*\(10,\).*\(9,\)"),
     (lambda: ok.fused_linear_token_logprobs(torch.randn(4, 8), torch.randn(10, 8), torch.tensor([0, 1, 2, 10])),
      ValueError, r"targets.*\[0, 10\)"),
+    # top-k "logprobs" above 0 (probabilities or logits passed by mistake) name the values seen
+    (lambda: ok.sparse_distill_loss(S, torch.zeros(4, 2, dtype=torch.long), torch.tensor([[1.0, -2.0]] * 4)),
+     ValueError, r"^teacher_topk_logprobs must be log-probabilities <= 0 .*got values \[1\.0\]$"),
+    (lambda: ok.fused_linear_sparse_distill_loss(torch.randn(4, 8), torch.randn(10, 8),
+                                                 torch.zeros(4, 2, dtype=torch.long), torch.full((4, 2), 0.5)),
+     ValueError,
+     r"teacher_topk_logprobs.*<= 0.*\[0\.5\]"),
+    (lambda: ok.token_logprobs(S, torch.zeros(4, dtype=torch.long), process_group=ok.VocabShard(8, 12)), ValueError,
+     r"VocabShard\(start=8, size_total=12\).*10 vocabulary entries"),
+    (lambda: ok.sparse_distill_loss(S, torch.zeros(4, 2, dtype=torch.long), torch.zeros(4, 2),
+                                    process_group=ok.VocabShard(-1, 10)), ValueError, r"VocabShard.start.*-1"),
+    (lambda: ok.backends.get("tpu"), ValueError, r"impl.*'tpu'"),
 ])
 def test_bad_input(call, exc, pattern):
     with pytest.raises(exc, match=pattern):
@@ -63,6 +76,14 @@ def test_env_impl_is_validated(monkeypatch):
     monkeypatch.setenv("OPD_KERNELS_IMPL", "fast")
     with pytest.raises(ValueError, match="OPD_KERNELS_IMPL.*'fast'"):
         ok.distill_loss(S, T)
+
+
+def test_topk_logprobs_rounding_slack():
+    """A top-k logprob a hair above 0 (a producer's rounding, <= 1e-4) is accepted."""
+    tlp = torch.tensor([[1e-5, -3.0]] * 4)
+    assert torch.isfinite(ok.sparse_distill_loss(S, torch.tensor([[0, 1]] * 4), tlp))
+    with pytest.raises(ValueError, match=r"teacher_topk_logprobs.*\[0\.0010"):
+        ok.sparse_distill_loss(S, torch.tensor([[0, 1]] * 4), tlp + 1e-3)
 
 
 def test_padded_vocab_with_vocab_size():

@@ -1,6 +1,9 @@
 """Vocab-parallel: 2 and 3 gloo processes with uneven vocabulary shards must reproduce the
 single-process float64 reference: loss, per-token values, and gradients of the local logits /
-lm_head shard and of the replicated hidden states."""
+lm_head shard and of the replicated hidden states. With a bare group the ops read no tensor on
+the host (``all_gather_object``, ``.item()``, ``.tolist()`` raise while they run); with a
+``VocabShard`` (here in reverse rank order) they run no layout collective at all."""
+import contextlib
 import os
 import socket
 import tempfile
@@ -22,8 +25,37 @@ def _free_port():
         return s.getsockname()[1]
 
 
+_OWNERS = {"all_gather_object": dist, "all_gather": dist, "item": torch.Tensor, "tolist": torch.Tensor}
+_ACTIVE = set()  # names that raise while the ops run
+
+
+def _install_guards():
+    """Wrap host reads (``all_gather_object``, ``item``, ``tolist``) and the layout collective
+    (``all_gather``) so that they raise while their name is in ``_ACTIVE``."""
+    for name, owner in _OWNERS.items():
+        def guarded(*a, _name=name, _orig=getattr(owner, name), **k):
+            if _name in _ACTIVE:
+                raise AssertionError(f"an op called {_name} (a host sync or a layout collective)")
+            return _orig(*a, **k)
+        setattr(owner, name, guarded)
+
+
+@contextlib.contextmanager
+def _guards(*names):
+    """Exactly ``names`` raise inside the block (none: lift the guards, e.g. for the reference)."""
+    saved = set(_ACTIVE)
+    _ACTIVE.clear()
+    _ACTIVE.update(names)
+    try:
+        yield
+    finally:
+        _ACTIVE.clear()
+        _ACTIVE.update(saved)
+
+
 def _close(a, b, what):
-    torch.testing.assert_close(a.double(), b.double(), rtol=1e-7, atol=1e-9, msg=what)
+    with _guards():
+        torch.testing.assert_close(a.double(), b.double(), rtol=1e-7, atol=1e-9, msg=what)
 
 
 def _check(name, ours, expected, our_inputs, ref_inputs, shard_of):
@@ -62,6 +94,8 @@ def _worker(rank, world, port, sizes, errfile):
         def full(x):
             return x.clone().requires_grad_()
 
+        _install_guards()
+        _ACTIVE.update(("all_gather_object", "item", "tolist"))  # a bare group: no host reads in the ops
         # token logprobs + entropy
         s, x = local(S), full(S)
         lp, ent = ok.token_logprobs(s, y, temperature=0.7, return_entropy=True, process_group=group)
@@ -126,12 +160,60 @@ def _worker(rank, world, port, sizes, errfile):
         s2, x2 = S[0, :, lo2:lo2 + cut[rank]].clone().requires_grad_(), full(S[0, :, :sum(cut)])
         _check("token_logprobs, new layout", ok.token_logprobs(s2, y2, process_group=group),
                ref.token_logprobs(x2, y2)[0], [s2], [x2], [lambda x: x[:, lo2:lo2 + cut[rank]]])
+        _vocab_shard_checks(rank, world, sizes, group, S, T, y, mask, (Hs, Ws, Bs, Ht, Wt))
         dist.destroy_process_group()
     except Exception:
         import traceback
         with open(errfile, "a") as f:
             f.write(f"rank {rank}:\n{traceback.format_exc()}\n")
         raise
+
+
+def _vocab_shard_checks(rank, world, sizes, group, S, T, y, mask, weights):
+    """``process_group=VocabShard(...)``: rank r holds the shard at position world-1-r (not rank
+    order), and no op runs the layout all-gather (it raises, as do the host reads)."""
+    pos = world - 1 - rank
+    lo = sum(sizes[:pos])
+    hi, V = lo + sizes[pos], sum(sizes)
+    shard, wshard, same = (lambda x: x[..., lo:hi]), (lambda x: x[lo:hi]), (lambda x: x)
+    vs = ok.VocabShard(lo, V, group)
+    Hs, Ws, Bs, Ht, Wt = weights
+    logits = lambda xs: xs[0] @ xs[1].T + xs[2]  # noqa: E731
+    tlp, ids = torch.log_softmax(T[1], -1).topk(9, -1)
+    with _guards("all_gather_object", "item", "tolist", "all_gather"):
+        s, x = shard(S).clone().requires_grad_(), S.clone().requires_grad_()
+        lp, ent = ok.token_logprobs(s, y, temperature=0.7, return_entropy=True, process_group=vs)
+        rlp, rent = ref.token_logprobs(x, y, 0.7)
+        _check("VocabShard token_logprobs", torch.stack([lp, ent]), torch.stack([rlp, rent]), [s], [x], [shard])
+        s, x = shard(S).clone().requires_grad_(), S.clone().requires_grad_()
+        ours = ok.distill_loss(s, shard(T), divergence="jsd", beta=0.2, mask=mask, process_group=vs)
+        _check("VocabShard distill", ours, ref.reduce(ref.divergence_rows(x, T, "jsd", 0.2), mask, "mean"),
+               [s], [x], [shard])
+        s, x = shard(S[1]).clone().requires_grad_(), S[1].clone().requires_grad_()
+        ours = ok.sparse_distill_loss(s, ids, tlp, divergence="jsd", process_group=vs)
+        _check("VocabShard sparse", ours, ref.sparse_rows(x, ids, tlp, "jsd").mean(), [s], [x], [shard])
+
+        def linear():
+            return ([Hs.clone().requires_grad_(), wshard(Ws).clone().requires_grad_(),
+                     wshard(Bs).clone().requires_grad_()], [Hs.clone().requires_grad_(), Ws.clone().requires_grad_(),
+                                                            Bs.clone().requires_grad_()])
+
+        loc, glob = linear()
+        lp = ok.fused_linear_token_logprobs(*loc[:2], y, bias=loc[2], chunk_size=7, process_group=vs)
+        _check("VocabShard fused token_logprobs", lp, ref.token_logprobs(logits(glob), y)[0], loc, glob,
+               [same, wshard, wshard])
+        loc, glob = linear()
+        ours = ok.fused_linear_distill_loss(loc[0], loc[1], Ht, wshard(Wt), student_bias=loc[2], mask=mask,
+                                            chunk_size=10, process_group=vs)
+        exp = ref.reduce(ref.divergence_rows(logits(glob), Ht @ Wt.T, "reverse_kl"), mask, "mean")
+        _check("VocabShard fused reverse_kl", ours, exp, loc, glob, [same, wshard, wshard])
+        loc, glob = linear()
+        tlp2, ids2 = torch.log_softmax(Ht @ Wt.T, -1).topk(9, -1)
+        ours = ok.fused_linear_sparse_distill_loss(loc[0], loc[1], ids2, tlp2, bias=loc[2], divergence="forward_kl",
+                                                   chunk_size=10, process_group=vs)
+        exp = ref.sparse_rows(logits(glob).reshape(-1, V), ids2.reshape(-1, 9), tlp2.reshape(-1, 9),
+                              "forward_kl").mean()
+        _check("VocabShard fused sparse", ours, exp, loc, glob, [same, wshard, wshard])
 
 
 @pytest.mark.parametrize("sizes", [[600, 413], [400, 400, 213]])

@@ -2,7 +2,7 @@
 
 The public ops (``opd_kernels.ops``) do validation, flattening, masking, reductions, autograd
 and vocab-parallel communication once, in Python. A backend only supplies these primitives on
-2-D inputs. Everything below is per row ``i`` (a token position), over the *local* vocabulary
+2-D inputs. ``get(impl, device)`` below is the one backend lookup (the ops use it too). Everything below is per row ``i`` (a token position), over the *local* vocabulary
 columns ``0..V-1`` of the tensors given (one vocabulary shard when running vocab-parallel).
 
 Notation: ``a = s * inv_temp`` (student), ``b = t * inv_temp`` (teacher) or, when a reference
@@ -28,7 +28,7 @@ Logits level (required)::
           S_a -> f_a S_a,  U_a -> f_a (U_a + d_a S_a),  D_q -> f_a (D_q + (d_a - d_b) S_a),
           S_b -> f_b S_b,  D_p -> f_b (D_p + (d_b - d_a) S_b)
         (a part with S = 0, m = -inf contributes 0); the same rule merges vocab splits and, in
-        ``opd_kernels._stats.merge_shards``, shards. ``finish`` then gives
+        ``opd_kernels.parallel.merge_shards``, shards. ``finish`` then gives
         A = m_a + log S_a = logsumexp(a), B = m_b + log S_b, entropy = log S_a - U_a/S_a,
         reverse_kl = D_q/S_a - log S_a + log S_b, forward_kl = D_p/S_b - log S_b + log S_a,
         logprob = a_y - A.
@@ -60,13 +60,27 @@ the logits-level primitives when a backend lacks them)::
         -> [N, 8] as row_stats with s = hs @ ws.T + bs, t = ht @ wt.T + bt, r = hr @ wr.T + br
     fused_jsd_sums(hs, ws, bs, ht, wt, bt, AB, *, inv_temp, beta) -> [N, 2]
     fused_grad(hs, ws, bs, ht, wt, bt, hr, wr, br, targets, rs, g, *, kind, inv_temp, lam, beta,
-               vocab_start, need_dw, need_db, with_entropy=False) -> (dh [N, d] float32, dw [V, d] float32 or None,
-                                                   db [V] float32 or None)
-        gradients of sum_i (g_main_i * main_i + g_ent_i * H_i) w.r.t. hs, ws, bs.
+               vocab_start, need_dw, need_db, with_entropy)
+        -> (dh [N, d] float32, dw [V, d] float32 or None, db [V] float32 or None)
+        gradients of sum_i (g_main_i * main_i + g_ent_i * H_i) w.r.t. hs, ws, bs. The ops always
+        pass ``with_entropy`` explicitly (a launcher's default for it is not part of the contract).
+
+The ops hand every primitive *local* ids (``targets`` already shifted to the shard, see
+``opd_kernels.parallel``), so they call these with the default ``vocab_start=0``.
 
 A backend is a module exposing these names plus ``NAME`` and ``available() -> (bool, reason)``.
 """
+import torch
+
+from .._dispatch import resolve
 
 STAT_M_A, STAT_S_A, STAT_U_A, STAT_M_B, STAT_S_B, STAT_D_Q, STAT_D_P, STAT_A_Y = range(8)
 N_STATS = 8
 KINDS = ("logprob", "forward_kl", "reverse_kl", "jsd")
+
+
+def get(impl: str = "auto", device="cpu"):
+    """The backend module that ``impl`` ("auto" | "torch" | "triton" | "cuda") resolves to for
+    tensors on ``device`` -- the lookup every op does; raises ``ValueError`` with the reason when
+    that backend is not available here."""
+    return resolve(impl, torch.device(device))

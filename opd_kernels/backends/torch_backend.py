@@ -14,23 +14,16 @@ produces NaN.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 
+from .._chunks import row_ranges
 from . import N_STATS
 
 NAME = "torch"
-CHUNK_BYTES = int(os.environ.get("OPD_CHUNK_BYTES", 64 * 2**20))
 
 
 def available():
     return True, ""
-
-
-def rows_per_chunk(V: int, bytes_per_elem: int = 4, budget: int | None = None) -> int:
-    """Rows whose ``[rows, V]`` fp32 buffer fits the chunk budget (at least 1)."""
-    return max(1, (budget or CHUNK_BYTES) // max(1, V * bytes_per_elem))
 
 
 def _f(x: torch.Tensor) -> torch.Tensor:
@@ -71,11 +64,6 @@ def _local_target(targets, vocab_start, V):
     return y.clamp(0, V - 1), inside
 
 
-def _chunks(N, V):
-    step = rows_per_chunk(V)
-    return [(i, min(N, i + step)) for i in range(0, N, step)]
-
-
 # Columns a given op needs (the engine passes ``need=`` to this backend only; the kernels of
 # the other backends compute all eight in the same memory-bound pass).
 ACCEPTS_NEED = True
@@ -88,7 +76,7 @@ def row_stats(s, t, r, targets, *, inv_temp, lam=1.0, vocab_start=0, need=None):
     need = need or {"U_a", "D_q", "D_p", "a_y"}
     out = torch.zeros(N, N_STATS, dtype=torch.float64 if s.dtype == torch.float64 else torch.float32,
                       device=s.device)
-    for i, j in _chunks(N, V):
+    for i, j in row_ranges(N, V):
         # a, b below are the logits relative to their row max (temporaries, reused in place)
         s_i = s[i:j]
         m_a, a, e_a = _relative(_scaled(s_i, inv_temp), s_i)
@@ -126,7 +114,7 @@ def _log_mixture(a, b, A, B, beta):
 def jsd_sums(s, t, AB, *, inv_temp, beta):
     N, V = s.shape
     out = torch.zeros(N, 2, dtype=AB.dtype, device=s.device)
-    for i, j in _chunks(N, V):
+    for i, j in row_ranges(N, V):
         a, b = _scaled(s[i:j], inv_temp), _scaled(t[i:j], inv_temp)
         log_q, log_p, log_m = _log_mixture(a, b, AB[i:j, 0], AB[i:j, 1], beta)
         out[i:j, 0] = _wsum(log_p.exp(), log_p - log_m)
@@ -170,7 +158,7 @@ def grad_logits(s, t, r, targets, rs, g, *, kind, inv_temp, lam=1.0, beta=0.5, v
                 out=None, with_entropy=False):
     N, V = s.shape
     out = torch.empty_like(s) if out is None else out
-    for i, j in _chunks(N, V):
+    for i, j in row_ranges(N, V):
         a = _scaled(s[i:j], inv_temp)
         b = None
         if t is not None:

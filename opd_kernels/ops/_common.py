@@ -1,11 +1,14 @@
-"""Helpers shared by the public ops: flattening, masks, reductions, backend and shard resolution."""
+"""Helpers shared by the public ops: dtypes, flattening, masks, reductions, lm_head slices."""
 from __future__ import annotations
 
 import torch
 
-from .. import _dispatch
-from .._validate import check_mask
-from ..parallel import shard_layout
+from .._validate import check_mask, check_no_padding_with_group, check_vocab
+
+
+def acc_dtype(x: torch.Tensor) -> torch.dtype:
+    """Accumulation/output dtype: float64 stays float64 (the oracle), everything else fp32."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def rows2d(x: torch.Tensor, V: int) -> torch.Tensor:
@@ -20,21 +23,6 @@ def flat_mask(mask, lead_shape, device) -> torch.Tensor:
     if mask is None:
         return torch.ones(int(torch.Size(lead_shape).numel()), dtype=torch.bool, device=device)
     return mask.reshape(-1).to(device)
-
-
-def backend_name(impl: str, device: torch.device) -> str:
-    return _backend_name(impl, device.type)
-
-
-@torch.compiler.assume_constant_result
-def _backend_name(impl: str, device_type: str) -> str:
-    """Resolved once per call in eager mode, once per trace under ``torch.compile``."""
-    return _dispatch.resolve(impl, torch.device(device_type)).NAME
-
-
-def shard_layout_or_local(V_local: int, group) -> tuple[int, int]:
-    """(vocab_start, global V): (0, V_local) without a process group."""
-    return (0, V_local) if group is None else shard_layout(V_local, group)
 
 
 def reduce_rows(values: torch.Tensor, mask: torch.Tensor, reduction: str, lead_shape):
@@ -63,3 +51,17 @@ def jsd_kind(divergence: str, beta: float) -> str:
     if divergence == "jsd" and beta == 1.0:
         return "reverse_kl"
     return divergence
+
+
+def linear_vocab(weight, vocab_size, group) -> int:
+    """Rows of a single fused ``weight`` in use: all, or the first ``vocab_size`` (padded)."""
+    check_no_padding_with_group(vocab_size, group)
+    if vocab_size is None:
+        return weight.shape[0]
+    return check_vocab("weight", weight.shape[0], "weight", weight.shape[0], vocab_size)
+
+
+def linear_args(hidden, weight, bias, vocab):
+    """(h [N, d], W[:vocab], b[:vocab]) with h flattened over the leading dims."""
+    h = hidden.reshape(-1, hidden.shape[-1])
+    return h, weight[:vocab], None if bias is None else bias[:vocab]

@@ -9,23 +9,26 @@ from __future__ import annotations
 
 import torch
 
-from .. import _validate as V
-from . import _engine
-from ._common import backend_name, flat_mask, jsd_kind, reduce_rows, row_weights, rows2d
-from .logprobs import check_linear, check_no_padding_with_group, linear_args
+from .. import parallel
+from .._dispatch import resolved_name
+from .._validate import (check_hidden_weight, check_logits, check_no_padding_with_group, check_options, check_pair,
+                         check_same_device, check_vocab)
+from . import _fused, _rows
+from ._common import acc_dtype, flat_mask, jsd_kind, linear_args, reduce_rows, row_weights, rows2d
+from ._spec import RowSpec
 
 
 def logits_loss(s, t, r, *, kind, beta, lam, temperature, mask, reduction, vocab_size, impl, group):
     """Shared body of ``distill_loss`` and ``gopd_loss`` (``r``: reference logits or None)."""
-    vocab = V.check_pair("student_logits", s, "teacher_logits", t, vocab_size)
+    vocab = check_pair("student_logits", s, "teacher_logits", t, vocab_size)
     if r is not None:
-        vocab = V.check_pair("student_logits", s, "ref_logits", r, vocab_size)
+        vocab = check_pair("student_logits", s, "ref_logits", r, vocab_size)
     check_no_padding_with_group(vocab_size, group)
     lead = s.shape[:-1]
     m = flat_mask(mask, lead, s.device)
     rows = [None if x is None else rows2d(x.detach() if x is not s else x, vocab) for x in (s, t, r)]
-    main, _ = _engine.rows(*rows, None, kind=kind, inv_temp=1.0 / temperature, lam=lam, beta=beta,
-                           impl=backend_name(impl, s.device), group=group)
+    spec = RowSpec(kind, 1.0 / temperature, lam=lam, beta=beta, impl=resolved_name(impl, s.device))
+    main, _ = _rows.rows(*rows, None, spec, parallel.group_of(group))
     return reduce_rows(main, m, reduction, lead)
 
 
@@ -39,9 +42,9 @@ def distill_loss(student_logits, teacher_logits, *, divergence="reverse_kl", bet
     floats per row), plus one of 2 floats per row for ``jsd``.
     """
     for name, x in (("student_logits", student_logits), ("teacher_logits", teacher_logits)):
-        V.check_logits(name, x)
-    V.check_same_device(student_logits=student_logits, teacher_logits=teacher_logits, mask=mask)
-    V.check_options(temperature=temperature, divergence=divergence, beta=beta, reduction=reduction)
+        check_logits(name, x)
+    check_same_device(student_logits=student_logits, teacher_logits=teacher_logits, mask=mask)
+    check_options(temperature=temperature, divergence=divergence, beta=beta, reduction=reduction)
     return logits_loss(student_logits, teacher_logits, None, kind=jsd_kind(divergence, beta), beta=beta, lam=1.0,
                        temperature=temperature, mask=mask, reduction=reduction, vocab_size=vocab_size,
                        impl=impl, group=process_group)
@@ -56,26 +59,26 @@ def linear_loss(models, *, kind, beta, lam, temperature, mask, reduction, vocab_
     lead = hs.shape[:-1]
     vocab = ws.shape[0]
     for name, h, w, b in models:
-        check_linear(f"{name}_hidden", h, f"{name}_weight", w, f"{name}_bias", b)
+        check_hidden_weight(f"{name}_hidden", h, f"{name}_weight", w, f"{name}_bias", b)
         if h.shape[:-1] != lead:
             raise ValueError(f"{name}_hidden must have the leading dims of student_hidden {tuple(lead)}, "
                              f"got {tuple(h.shape[:-1])}")
         if name != sn:
-            vocab = V.check_vocab("student_weight", ws.shape[0], f"{name}_weight", w.shape[0], vocab_size)
+            vocab = check_vocab("student_weight", ws.shape[0], f"{name}_weight", w.shape[0], vocab_size)
     check_no_padding_with_group(vocab_size, group)
-    V.check_same_device(mask=mask, **{f"{n}_{k}": x for n, h, w, b in models
-                                      for k, x in (("hidden", h), ("weight", w), ("bias", b))})
+    check_same_device(mask=mask, **{f"{n}_{k}": x for n, h, w, b in models
+                                    for k, x in (("hidden", h), ("weight", w), ("bias", b))})
     m = flat_mask(mask, lead, hs.device)
     args = list(linear_args(hs, ws, bs, vocab))
     for _, h, w, b in models[1:]:
         args += [None if x is None else x.detach() for x in linear_args(h, w, b, vocab)]
-    args += [None] * (9 - len(args))
-    kw = dict(kind=kind, inv_temp=1.0 / temperature, lam=lam, beta=beta, chunk=chunk_size or 0,
-              impl=backend_name(impl, hs.device))
+    args += [None] * (_fused.N_MODEL - len(args))
+    spec = RowSpec(kind, 1.0 / temperature, lam=lam, beta=beta, chunk=chunk_size or 0,
+                   impl=resolved_name(impl, hs.device))
     if reduction != "none" and group is None:
-        loss, _ = _engine.fl_loss(tuple(args), None, row_weights(m, reduction, _engine._acc(ws)), **kw)
+        loss, _ = _fused.fl_loss(tuple(args), None, row_weights(m, reduction, acc_dtype(ws)), spec)
         return loss
-    main, _ = _engine.fl_rows(tuple(args), None, group=group, **kw)
+    main, _ = _fused.fl_rows(tuple(args), None, spec, parallel.group_of(group))
     return reduce_rows(main, m, reduction, lead)
 
 
@@ -86,10 +89,11 @@ def fused_linear_distill_loss(student_hidden, student_weight, teacher_hidden, te
     the ``[N, V]`` logits are never materialized (row chunks or fused kernels).
 
     Teacher hidden size may differ from the student's. Differentiable w.r.t. the student's
-    hidden, weight and bias; the teacher gets no gradient. For scalar reductions the torch
-    backend computes gradients during forward (4 GEMM passes in all).
+    hidden, weight and bias; the teacher gets no gradient. For scalar reductions without a
+    process group the gradients are computed during forward, on every backend (see
+    ``opd_kernels.ops._fused``; 4 GEMM passes in all on the chunked path).
     """
-    V.check_options(temperature=temperature, divergence=divergence, beta=beta, reduction=reduction)
+    check_options(temperature=temperature, divergence=divergence, beta=beta, reduction=reduction)
     return linear_loss([("student", student_hidden, student_weight, student_bias),
                         ("teacher", teacher_hidden, teacher_weight, teacher_bias)],
                        kind=jsd_kind(divergence, beta), beta=beta, lam=1.0, temperature=temperature, mask=mask,
@@ -103,7 +107,7 @@ class DistillLoss(torch.nn.Module):
     def __init__(self, divergence="reverse_kl", beta=0.5, temperature=1.0, reduction="mean", vocab_size=None,
                  impl="auto", process_group=None):
         super().__init__()
-        V.check_options(temperature=temperature, divergence=divergence, beta=beta, reduction=reduction)
+        check_options(temperature=temperature, divergence=divergence, beta=beta, reduction=reduction)
         self.kw = dict(divergence=divergence, beta=beta, temperature=temperature, reduction=reduction,
                        vocab_size=vocab_size, impl=impl, process_group=process_group)
 

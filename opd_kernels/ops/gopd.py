@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import torch
 
-from .. import _validate as V
+from .._validate import (check_float_tensor, check_hidden_weight, check_logits, check_options, check_pair,
+                         check_same_device, check_vocab)
 from .distill import linear_loss, logits_loss
-from .logprobs import check_linear
 
 
 def gopd_loss(student_logits, teacher_logits, ref_logits, *, reward_scale=1.0, temperature=1.0, mask=None,
@@ -23,11 +23,11 @@ def gopd_loss(student_logits, teacher_logits, ref_logits, *, reward_scale=1.0, t
     """
     for name, x in (("student_logits", student_logits), ("teacher_logits", teacher_logits),
                     ("ref_logits", ref_logits)):
-        V.check_logits(name, x)
-    V.check_same_device(student_logits=student_logits, teacher_logits=teacher_logits, ref_logits=ref_logits,
+        check_logits(name, x)
+    check_same_device(student_logits=student_logits, teacher_logits=teacher_logits, ref_logits=ref_logits,
                         mask=mask)
-    V.check_options(temperature=temperature, reduction=reduction, reward_scale=reward_scale)
-    V.check_pair("student_logits", student_logits, "ref_logits", ref_logits, vocab_size)
+    check_options(temperature=temperature, reduction=reduction, reward_scale=reward_scale)
+    check_pair("student_logits", student_logits, "ref_logits", ref_logits, vocab_size)
     ref_logits = None if reward_scale == 1.0 else ref_logits  # lam = 1: OPD, the reference drops out
     return logits_loss(student_logits, teacher_logits, ref_logits, kind="reverse_kl", beta=0.5,
                        lam=float(reward_scale), temperature=temperature, mask=mask, reduction=reduction,
@@ -39,17 +39,17 @@ def fused_linear_gopd_loss(student_hidden, student_weight, teacher_hidden, teach
                            mask=None, reduction="mean", vocab_size=None, chunk_size=None, impl="auto",
                            process_group=None):
     """:func:`gopd_loss` on ``hidden @ weight.T + bias`` of the three models, without their logits."""
-    V.check_options(temperature=temperature, reduction=reduction, reward_scale=reward_scale)
+    check_options(temperature=temperature, reduction=reduction, reward_scale=reward_scale)
     models = [("student", student_hidden, student_weight, student_bias),
               ("teacher", teacher_hidden, teacher_weight, teacher_bias)]
     if reward_scale != 1.0:  # lam = 1: OPD, the reference drops out (after validation)
         models.append(("ref", ref_hidden, ref_weight, ref_bias))
     else:
-        check_linear("ref_hidden", ref_hidden, "ref_weight", ref_weight, "ref_bias", ref_bias)
+        check_hidden_weight("ref_hidden", ref_hidden, "ref_weight", ref_weight, "ref_bias", ref_bias)
         if ref_hidden.shape[:-1] != student_hidden.shape[:-1]:
             raise ValueError(f"ref_hidden must have the leading dims of student_hidden "
                              f"{tuple(student_hidden.shape[:-1])}, got {tuple(ref_hidden.shape[:-1])}")
-        V.check_vocab("student_weight", student_weight.shape[0], "ref_weight", ref_weight.shape[0], vocab_size)
+        check_vocab("student_weight", student_weight.shape[0], "ref_weight", ref_weight.shape[0], vocab_size)
     return linear_loss(models,
                        kind="reverse_kl", beta=0.5, lam=float(reward_scale), temperature=temperature, mask=mask,
                        reduction=reduction, vocab_size=vocab_size, chunk_size=chunk_size, impl=impl,
@@ -65,12 +65,12 @@ def gopd_advantages(teacher_logprobs, ref_logprobs, old_logprobs, *, reward_scal
     names = ("teacher_logprobs", "ref_logprobs", "old_logprobs")
     xs = (teacher_logprobs, ref_logprobs, old_logprobs)
     for name, x in zip(names, xs):
-        V.check_logits(name, x, ndim_min=0)
+        check_float_tensor(name, x)
         if x.shape != teacher_logprobs.shape:
             raise ValueError(f"{name} must have the shape of teacher_logprobs {tuple(teacher_logprobs.shape)}, "
                              f"got {tuple(x.shape)}")
-    V.check_same_device(**dict(zip(names, xs)))
-    V.check_options(reward_scale=reward_scale)
+    check_same_device(**dict(zip(names, xs)))
+    check_options(reward_scale=reward_scale)
     t, r, o = (x.detach().float() for x in xs)
     with torch.no_grad():
         return reward_scale * (t - r) - (o - r)

@@ -3,15 +3,16 @@
 The teacher is served as top-k ids ``K [..., k]`` with full-vocabulary-normalized logprobs
 ``l [..., k]`` (SDPO's top-100). Both distributions are collapsed to the k+1 buckets
 ``{K_1..K_k, tail}``: ``p_tail = 1 - sum e^l``, ``q_K = e^(a_K - A)``, ``q_tail = 1 - sum q_K``.
-Only the student's log-normalizer ``A`` needs the full vocabulary (one streaming pass through
-the backend; its backward spreads ``-q`` over all entries); the k-sized rest is plain torch,
-in float64. Tails are ``-expm1(logsumexp(...))``, floored at the smallest normal number when
-rounding ate them (see ``_tail_log``), so a top-k covering nearly all mass stays finite.
-The teacher's logprobs are taken as given (already at the teacher's temperature); the
+Only the student's log-normalizer ``A`` needs the full vocabulary (``_rows.log_normalizer``:
+one streaming pass through the backend; its backward spreads ``q`` over all entries); the
+k-sized rest is plain torch, in float64. Tails are ``-expm1(logsumexp(...))``, floored at the
+smallest normal number when rounding ate them (see ``_tail_log``), so a top-k covering nearly
+all mass stays finite. The teacher's logprobs are taken as given (already at the teacher's
+temperature; each must be <= 0, checked like the ids' range, see ``_validate``); the
 ``temperature`` option divides the student's logits.
 
-Fused with the lm_head (``fused_linear_sparse_distill_loss``), ``A`` comes from the fused
-logprob op (row chunks or fused kernels, never ``[N, V]``) and the k student logits
+Fused with the lm_head (``fused_linear_sparse_distill_loss``), ``A`` comes from
+``_fused.log_normalizer`` (row chunks or fused kernels, never ``[N, V]``) and the k student logits
 ``a_K = h · W[K] + b[K]`` from a gather-and-dot in row chunks (``_TopkLogits``): ``2 N k d``
 flops instead of the ``2 N V d`` of full logits, no ``[N, k, d]`` saved for backward, which
 gathers ``W[K]`` again for ``dh`` and scatter-adds ``g h`` into ``dW``.
@@ -20,13 +21,12 @@ from __future__ import annotations
 
 import torch
 
-from .. import _validate as V
-from .._stats import all_reduce_sum
-from ..backends import torch_backend
-from . import _engine
-from ._common import backend_name, flat_mask, jsd_kind, reduce_rows, rows2d, shard_layout_or_local
-from .logprobs import check_linear, linear_args, linear_vocab
-from ..parallel import sum_across_shards
+from .. import parallel
+from .._chunks import rows_per_chunk
+from .._dispatch import resolved_name
+from .._validate import check_hidden_weight, check_logits, check_options, check_same_device, check_targets, check_topk
+from . import _fused, _rows
+from ._common import acc_dtype, flat_mask, jsd_kind, linear_args, linear_vocab, reduce_rows, rows2d
 
 
 def _tail_log(logp_k: torch.Tensor, empty: bool) -> torch.Tensor:
@@ -34,12 +34,14 @@ def _tail_log(logp_k: torch.Tensor, empty: bool) -> torch.Tensor:
 
     A tail lost to rounding (a confident model whose top-k holds all but ~eps of the mass) is
     floored at the dtype's smallest normal number: finite, with zero gradient, never the
-    ``inf`` an exact 0 would give. ``empty`` (k covers the whole vocabulary) gives -inf.
+    ``inf`` an exact 0 would give. ``empty`` (k covers the whole vocabulary) gives -inf; it is a
+    bool, or a 0-dim bool tensor when the global vocabulary size is known on device only.
     """
-    if empty:
+    if isinstance(empty, bool) and empty:
         return torch.full_like(logp_k[:, :1], -float("inf"))
     tail = -torch.expm1(torch.logsumexp(logp_k, -1, keepdim=True))
-    return tail.clamp_min(torch.finfo(tail.dtype).tiny).log()
+    tail = tail.clamp_min(torch.finfo(tail.dtype).tiny).log()
+    return tail if isinstance(empty, bool) else tail.masked_fill(empty, -float("inf"))
 
 
 def _bucket_divergence(lq, lp, kind, beta):
@@ -59,19 +61,11 @@ def _bucket_divergence(lq, lp, kind, beta):
     return beta * kl(lp, lm) + (1.0 - beta) * kl(lq, lm)
 
 
-def _check_topk(teacher_topk_ids, teacher_topk_logprobs, lead):
-    V.check_logits("teacher_topk_logprobs", teacher_topk_logprobs)
-    if teacher_topk_ids.shape != teacher_topk_logprobs.shape or teacher_topk_ids.shape[:-1] != lead:
-        raise ValueError(f"teacher_topk_ids and teacher_topk_logprobs must both be [*{tuple(lead)}, k], got "
-                         f"{tuple(teacher_topk_ids.shape)} and {tuple(teacher_topk_logprobs.shape)}")
-    return teacher_topk_ids.shape[-1]
-
-
-def _bucket_loss(neg_A, a_k, teacher_topk_logprobs, total, m, divergence, beta, reduction, lead, out_dtype):
+def _bucket_loss(A, a_k, teacher_topk_logprobs, total, m, divergence, beta, reduction, lead, out_dtype):
     """The [N, k+1] bucket math, in float64: cheap, and tails near 0 stay meaningful.
-    ``neg_A [N]``: the student's -logsumexp; ``a_k [N, k]``: its (temperature-scaled) top-k logits."""
+    ``A [N]``: the student's logsumexp; ``a_k [N, k]``: its (temperature-scaled) top-k logits."""
     k = a_k.shape[-1]
-    lq_k = a_k + neg_A.double()[:, None]
+    lq_k = a_k - A.double()[:, None]
     lp_k = teacher_topk_logprobs.reshape(-1, k).detach().double()
     lq = torch.cat([lq_k, _tail_log(lq_k, k >= total)], -1)
     lp = torch.cat([lp_k, _tail_log(lp_k, k >= total)], -1)
@@ -83,28 +77,32 @@ def _bucket_loss(neg_A, a_k, teacher_topk_logprobs, total, m, divergence, beta, 
 def sparse_distill_loss(student_logits, teacher_topk_ids, teacher_topk_logprobs, *, divergence="reverse_kl",
                         beta=0.5, temperature=1.0, mask=None, reduction="mean", impl="auto", process_group=None):
     """Divergence over the teacher's top-k buckets + tail (see module docstring)."""
-    V.check_logits("student_logits", student_logits)
-    V.check_same_device(student_logits=student_logits, teacher_topk_ids=teacher_topk_ids,
-                        teacher_topk_logprobs=teacher_topk_logprobs, mask=mask)
-    V.check_options(temperature=temperature, divergence=divergence, beta=beta, reduction=reduction)
+    check_logits("student_logits", student_logits)
+    check_same_device(student_logits=student_logits, teacher_topk_ids=teacher_topk_ids,
+                      teacher_topk_logprobs=teacher_topk_logprobs, mask=mask)
+    check_options(temperature=temperature, divergence=divergence, beta=beta, reduction=reduction)
     lead, vocab = student_logits.shape[:-1], student_logits.shape[-1]
-    k = _check_topk(teacher_topk_ids, teacher_topk_logprobs, lead)
-    ids = teacher_topk_ids.reshape(-1, k)
-    start, total = shard_layout_or_local(vocab, process_group)
-    V.check_targets(ids, ids.shape, total, ignore_index=None, name="teacher_topk_ids")
+    local, inside, total, group = _topk_ids(teacher_topk_ids, teacher_topk_logprobs, lead, vocab, process_group,
+                                            student_logits.device)
     m = flat_mask(mask, lead, student_logits.device)
     s = rows2d(student_logits, vocab)
     inv_temp = 1.0 / temperature
-    # -A from the "logprob" kind with an off-shard target (a_y = 0): one pass, backward -q.
-    neg_A, _ = _engine.rows(s, None, None, torch.full_like(ids[:, 0], -1).long(), kind="logprob",
-                            inv_temp=inv_temp, vocab_start=start, impl=backend_name(impl, s.device),
-                            group=process_group)
-    local = ids.long() - start
+    A = _rows.log_normalizer(s, inv_temp=inv_temp, impl=resolved_name(impl, s.device), group=group)
+    a_k = torch.where(inside, s.gather(1, local).double() * inv_temp, 0.0)
+    a_k = parallel.sum_across_shards(a_k, group)
+    return _bucket_loss(A, a_k, teacher_topk_logprobs, total, m, divergence, beta, reduction, lead, acc_dtype(s))
+
+
+def _topk_ids(ids, logprobs, lead, vocab, process_group, device):
+    """Checked top-k ids as this shard's columns: ``(local [N, k] clamped into range, inside
+    [N, k], global vocabulary size, group)``."""
+    k = check_topk(ids, logprobs, lead)
+    ids = ids.reshape(-1, k)
+    shard = parallel.shard_of(process_group, vocab, device)
+    check_targets(ids, ids.shape, shard.total, ignore_index=None, name="teacher_topk_ids")
+    local = shard.local(ids.long())
     inside = (local >= 0) & (local < vocab)
-    a_k = torch.where(inside, s.gather(1, local.clamp(0, vocab - 1)).double() * inv_temp, 0.0)
-    a_k = sum_across_shards(a_k, process_group)
-    return _bucket_loss(neg_A, a_k, teacher_topk_logprobs, total, m, divergence, beta, reduction, lead,
-                        _engine._acc(s))
+    return local.clamp(0, vocab - 1), inside, shard.total, shard.group
 
 
 class _TopkLogits(torch.autograd.Function):
@@ -114,7 +112,7 @@ class _TopkLogits(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, w, b, idx, inside, rows, group):
-        acc = _engine._acc(w)
+        acc = acc_dtype(w)
         out = torch.empty(idx.shape, dtype=acc, device=h.device)
         for i in range(0, h.shape[0], rows):
             j = slice(i, i + rows)
@@ -129,14 +127,14 @@ class _TopkLogits(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         h, w, b, idx, inside = ctx.saved_tensors
-        g = torch.where(inside, g, 0.0).to(_engine._acc(w))
+        g = torch.where(inside, g, 0.0).to(acc_dtype(w))
         dh = dw = db = None
         if ctx.needs_input_grad[0]:
             dh = torch.empty(h.shape, dtype=g.dtype, device=h.device)
             for i in range(0, h.shape[0], ctx.rows):
                 j = slice(i, i + ctx.rows)
                 dh[j] = torch.einsum("nk,nkd->nd", g[j], w[idx[j]].to(g.dtype))
-            dh = all_reduce_sum(dh, ctx.group).to(h.dtype)
+            dh = parallel.all_reduce_sum(dh, ctx.group).to(h.dtype)
         if ctx.needs_input_grad[1]:
             dw = torch.zeros(w.shape, dtype=g.dtype, device=w.device)
             for i in range(0, h.shape[0], ctx.rows):
@@ -162,27 +160,21 @@ def fused_linear_sparse_distill_loss(hidden, weight, teacher_topk_ids, teacher_t
     top-k logits cost ``2 N k d`` flops (see module docstring). Differentiable w.r.t. hidden,
     weight and bias.
     """
-    check_linear("hidden", hidden, "weight", weight, "bias", bias)
-    V.check_same_device(hidden=hidden, weight=weight, teacher_topk_ids=teacher_topk_ids,
-                        teacher_topk_logprobs=teacher_topk_logprobs, bias=bias, mask=mask)
-    V.check_options(temperature=temperature, divergence=divergence, beta=beta, reduction=reduction)
+    check_hidden_weight("hidden", hidden, "weight", weight, "bias", bias)
+    check_same_device(hidden=hidden, weight=weight, teacher_topk_ids=teacher_topk_ids,
+                      teacher_topk_logprobs=teacher_topk_logprobs, bias=bias, mask=mask)
+    check_options(temperature=temperature, divergence=divergence, beta=beta, reduction=reduction)
     lead = hidden.shape[:-1]
-    k = _check_topk(teacher_topk_ids, teacher_topk_logprobs, lead)
     vocab = linear_vocab(weight, vocab_size, process_group)
-    ids = teacher_topk_ids.reshape(-1, k)
-    start, total = shard_layout_or_local(vocab, process_group)
-    V.check_targets(ids, ids.shape, total, ignore_index=None, name="teacher_topk_ids")
+    local, inside, total, group = _topk_ids(teacher_topk_ids, teacher_topk_logprobs, lead, vocab, process_group,
+                                            hidden.device)
     m = flat_mask(mask, lead, hidden.device)
     h, w, b = linear_args(hidden, weight, bias, vocab)
     inv_temp = 1.0 / temperature
-    neg_A, _ = _engine.fl_rows((h, w, b) + (None,) * 6, torch.full_like(ids[:, 0], -1).long(), kind="logprob",
-                               inv_temp=inv_temp, vocab_start=start, chunk=chunk_size or 0, entropy=False,
-                               impl=backend_name(impl, hidden.device), group=process_group)
-    local = ids.long() - start
-    inside = (local >= 0) & (local < vocab)
+    A = _fused.log_normalizer(h, w, b, inv_temp=inv_temp, chunk=chunk_size or 0,
+                              impl=resolved_name(impl, hidden.device), group=group)
     # rows per gather chunk: [rows, k, d] fp32 near the chunk budget (chunk_size overrides)
-    rows = chunk_size or torch_backend.rows_per_chunk(k * h.shape[-1])
-    a_k = _TopkLogits.apply(h, w, b, local.clamp(0, vocab - 1), inside, rows, process_group)
-    a_k = sum_across_shards(a_k.double() * inv_temp, process_group)
-    return _bucket_loss(neg_A, a_k, teacher_topk_logprobs, total, m, divergence, beta, reduction, lead,
-                        _engine._acc(w))
+    rows = chunk_size or rows_per_chunk(local.shape[-1] * h.shape[-1])
+    a_k = _TopkLogits.apply(h, w, b, local, inside, rows, group)
+    a_k = parallel.sum_across_shards(a_k.double() * inv_temp, group)
+    return _bucket_loss(A, a_k, teacher_topk_logprobs, total, m, divergence, beta, reduction, lead, acc_dtype(w))

@@ -1,0 +1,289 @@
+"""Row losses fused with the lm_head: ``logits = h @ W.T + b`` is never materialized as ``[N, V]``.
+
+``models`` is the flat 9-tuple ``(hs, ws, bs, ht, wt, bt, hr, wr, br)`` of student, teacher and
+reference (None where absent). A backend with ``fused_*`` kernels (triton) gets it whole;
+otherwise rows are processed in chunks ``h[i:j] @ W.T`` sized so each transient ``[c, V]`` fp32
+buffer stays near ``OPD_CHUNK_BYTES`` (``opd_kernels._chunks``), fed to the logits-level
+primitives as in ``_rows``. Entry points:
+
+* ``fl_rows``: per-row ``(main, entropy)``; backward recomputes the logits chunk by chunk.
+* ``fl_loss``: a scalar ``sum_i g_i . (main_i, H_i)`` without a process group. Every backend
+  computes its gradients during forward and backward only scales them by ``grad_output``
+  (Liger's trick): the chunked path (torch, cuda) in the same pass over the chunks, 4 GEMM
+  passes like the naive loss instead of 6 with recomputation; fused kernels (triton) by
+  running their gradient kernels right after the forward ones.
+* ``log_normalizer``: ``A = logsumexp(a)`` of one model, differentiable (the sparse ops).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import parallel
+from .._chunks import row_ranges
+from .._dispatch import backend
+from ..backends import N_STATS
+from ._common import acc_dtype
+from ._rows import rows_backward, rows_forward, rows_from_stats, upstream
+from ._spec import RowSpec, SpecOp, pad_grads
+
+MODEL_INPUTS = ("Tensor hs", "Tensor ws", "Tensor? bs", "Tensor? ht", "Tensor? wt", "Tensor? bt",
+                "Tensor? hr", "Tensor? wr", "Tensor? br")
+N_MODEL = len(MODEL_INPUTS)
+
+
+# ----------------------------------------------------------------------------- chunks and GEMMs
+def _compute_weight(w: Optional[Tensor]) -> Optional[Tensor]:
+    """Weight in its compute dtype, converted once per call (CPU has no fast bf16/fp16 GEMM)."""
+    if w is None or w.dtype in (torch.float32, torch.float64) or w.device.type != "cpu":
+        return w
+    return w.float()
+
+
+def _prepared(models):
+    """Three ``(h, W, b)`` triples with ``W`` in its compute dtype."""
+    return [(models[k], _compute_weight(models[k + 1]), models[k + 2]) for k in (0, 3, 6)]
+
+
+def _chunk_logits(prepared, i, j):
+    """Logits of rows ``i:j`` for each prepared model (None where a model is absent)."""
+    out = []
+    for h, w, b in prepared:
+        x = None if h is None else h[i:j].to(w.dtype) @ w.T
+        if b is not None:
+            x = x + b.to(x.dtype)
+        out.append(x if x is None or x.dtype in (torch.float32, torch.float64) else x.float())
+    return out
+
+
+def _ranges(models, spec: RowSpec):
+    return row_ranges(models[0].shape[0], models[1].shape[0], spec.chunk)
+
+
+def _part(x: Optional[Tensor], i: int, j: int) -> Optional[Tensor]:
+    return None if x is None else x[i:j]
+
+
+def grad_buffers(models, need):
+    """Zeroed (dh, dW, db) accumulators in the accumulation dtype (None where not needed)."""
+    hs, ws = models[:2]
+    acc = acc_dtype(ws)
+    dh = hs.new_zeros(hs.shape, dtype=acc) if need[0] else None
+    dw = ws.new_zeros(ws.shape, dtype=acc) if need[1] else None
+    db = ws.new_zeros(ws.shape[0], dtype=acc) if need[2] else None
+    return dh, dw, db
+
+
+def accumulate_grads(gs, h, w, i, j, bufs):
+    """dh[i:j] = gs @ W; dW += gs^T h; db += sum(gs) for one chunk of logit gradients."""
+    dh, dw, db = bufs
+    if db is not None:
+        db += gs.sum(0, dtype=db.dtype)
+    gs = gs.to(w.dtype)  # GEMMs in the weight's dtype (bf16 on GPU), accumulated in fp32
+    if dh is not None:
+        dh[i:j] = gs @ w
+    if dw is not None:
+        if dw.dtype == w.dtype:
+            dw.addmm_(gs.T, h[i:j].to(w.dtype))
+        else:
+            dw += (gs.T @ h[i:j].to(w.dtype)).to(dw.dtype)
+
+
+# ----------------------------------------------------------------------------- forward / backward
+def fl_forward(be, models, targets, spec: RowSpec, group=None):
+    """Per-row ``(main, entropy, rs)`` of the fused-linear ops."""
+    if hasattr(be, "fused_row_stats"):
+        stats = be.fused_row_stats(*models, targets, **spec.stats_kw(be))
+        return rows_from_stats(stats, lambda AB: be.fused_jsd_sums(*models[:6], AB, **spec.jsd_kw()), spec, group)
+    prepared, ranges = _prepared(models), _ranges(models, spec)
+    parts = [models[0].new_zeros(0, N_STATS, dtype=torch.float32)]
+    for i, j in ranges:
+        s, t, r = _chunk_logits(prepared, i, j)
+        parts.append(be.row_stats(s, t, r, _part(targets, i, j), **spec.stats_kw(be)))
+
+    def jsd(AB):  # second pass: recompute the logits chunk by chunk
+        out = [AB.new_zeros(0, 2)]
+        for i, j in ranges:
+            s, t = _chunk_logits(prepared[:2], i, j)
+            out.append(be.jsd_sums(s, t, AB[i:j], **spec.jsd_kw()))
+        return torch.cat(out)
+
+    return rows_from_stats(torch.cat(parts), jsd, spec, group)
+
+
+def fl_backward(be, models, targets, rs, g, spec: RowSpec, need, group=None):
+    """(dh, dw, db) in the accumulation dtype (None where not needed) for upstream ``g [N, 2]``."""
+    if hasattr(be, "fused_grad"):
+        tg, g = spec.grad_inputs(targets, g)
+        dh, dw, db = be.fused_grad(*models, tg, rs, g, need_dw=need[1], need_db=need[2], **spec.grad_kw())
+    else:
+        prepared, bufs = _prepared(models), grad_buffers(models, need)
+        for i, j in _ranges(models, spec):
+            s, t, r = _chunk_logits(prepared, i, j)
+            gs = rows_backward(be, s, t, r, _part(targets, i, j), rs[i:j], g[i:j], spec, out=s)
+            accumulate_grads(gs, models[0], prepared[0][1], i, j, bufs)
+        dh, dw, db = bufs
+    if group is not None and dh is not None:
+        parallel.all_reduce_sum(dh, group)  # every rank holds a vocab shard's share of dL/dh
+    return dh, dw, db
+
+
+def fl_loss_with_grads(be, models, targets, g, spec: RowSpec, need):
+    """Per-row ``(main, entropy)`` and the gradients of ``sum_i g_i . (main_i, H_i)``."""
+    if hasattr(be, "fused_grad"):
+        main, ent, rs = fl_forward(be, models, targets, spec)
+        grads = fl_backward(be, models, targets, rs, g, spec, need) if any(need) else (None, None, None)
+        return main, ent, grads
+    prepared, bufs = _prepared(models), grad_buffers(models, need)
+    mains, ents = [g.new_zeros(0)], [g.new_zeros(0)]
+    for i, j in _ranges(models, spec):
+        s, t, r = _chunk_logits(prepared, i, j)
+        tg = _part(targets, i, j)
+        main, ent, rs = rows_forward(be, s, t, r, tg, spec)
+        mains.append(main), ents.append(ent)
+        if any(need):
+            gs = rows_backward(be, s, t, r, tg, rs, g[i:j], spec, out=s)
+            accumulate_grads(gs, models[0], prepared[0][1], i, j, bufs)
+    return torch.cat(mains), torch.cat(ents), bufs
+
+
+# ----------------------------------------------------------------------------- custom ops
+def _need(models):
+    return [bool(x is not None and x.requires_grad) for x in models[:3]]
+
+
+def _cast_grads(models, grads, scale=None):
+    """Gradients for (hs, ws, bs) in their own dtypes, optionally times a scalar upstream grad."""
+    return [None if gx is None or x is None else (gx if scale is None else gx * scale).to(x.dtype)
+            for x, gx in zip(models[:3], grads)]
+
+
+def _to_op(grads, like):
+    """Custom ops cannot return None: an absent gradient travels as an empty tensor."""
+    return tuple(like.new_empty(0, dtype=acc_dtype(like)) if x is None else x for x in grads)
+
+
+def _from_op(grads):
+    return [None if x.dim() == 1 and x.shape[0] == 0 else x for x in grads]
+
+
+def _grad_fakes(hs, ws, need):
+    shapes = (hs.shape, ws.shape, ws.shape[:1])
+    return tuple(hs.new_empty(sh if n else (0,), dtype=acc_dtype(ws)) for sh, n in zip(shapes, need))
+
+
+def _rows_impl(*xs):
+    *models, targets, spec = xs
+    main, ent, rs = fl_forward(backend(spec.impl), models, targets, spec)
+    dt = acc_dtype(models[1])
+    return main.to(dt), ent.to(dt), rs.to(dt)
+
+
+def _rows_fake(hs, ws, *xs):
+    N, dt = hs.shape[0], acc_dtype(ws)
+    return hs.new_empty(N, dtype=dt), hs.new_empty(N, dtype=dt), hs.new_empty(N, 4, dtype=dt)
+
+
+def _backward_impl(*xs):
+    *models, targets, rs, g, need, spec = xs
+    return _to_op(fl_backward(backend(spec.impl), models, targets, rs, g, spec, need), models[1])
+
+
+def _loss_impl(*xs):
+    *models, targets, g, need, spec = xs
+    main, ent, grads = fl_loss_with_grads(backend(spec.impl), models, targets, g, spec, need)
+    terms = torch.where(g[:, 0] != 0, g[:, 0] * main, 0.0)
+    if spec.entropy:
+        terms = terms + torch.where(g[:, 1] != 0, g[:, 1] * ent, 0.0)
+    dt = acc_dtype(models[1])
+    return (terms.sum().to(dt), main.to(dt), ent.to(dt), *_to_op(grads, models[1]))
+
+
+def _loss_fake(hs, ws, *xs):
+    need, N, dt = xs[-2], hs.shape[0], acc_dtype(ws)
+    return (hs.new_empty((), dtype=dt), hs.new_empty(N, dtype=dt), hs.new_empty(N, dtype=dt),
+            *_grad_fakes(hs, ws, need))
+
+
+_TARGETS = ("Tensor? targets",)
+fl_rows_op = SpecOp("opd_kernels::fl_rows", MODEL_INPUTS + _TARGETS, "(Tensor, Tensor, Tensor)",
+                    _rows_impl, _rows_fake)
+fl_rows_backward_op = SpecOp("opd_kernels::fl_rows_backward",
+                             MODEL_INPUTS + _TARGETS + ("Tensor rs", "Tensor g", "bool[] need"),
+                             "(Tensor, Tensor, Tensor)", _backward_impl,
+                             lambda hs, ws, *xs: _grad_fakes(hs, ws, xs[-2]))
+fl_loss_op = SpecOp("opd_kernels::fl_loss", MODEL_INPUTS + _TARGETS + ("Tensor g", "bool[] need"),
+                    "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)", _loss_impl, _loss_fake)
+
+
+def _fl_rows_setup(ctx, inputs, spec, output):
+    ctx.save_for_backward(*inputs, output[2])
+    ctx.spec, ctx.need = spec, _need(inputs)
+
+
+def _fl_rows_bwd(ctx, g_main, g_ent, _g_rs):
+    *inputs, rs = ctx.saved_tensors
+    grads = fl_rows_backward_op(*inputs, rs, upstream(g_main, g_ent, rs[:, 0]), ctx.need, spec=ctx.spec)
+    return _cast_grads(inputs, _from_op(grads))
+
+
+def _fl_loss_setup(ctx, inputs, spec, output):
+    ctx.save_for_backward(*inputs[:3], *output[3:])
+    ctx.mark_non_differentiable(*output[1:])
+
+
+def _fl_loss_bwd(ctx, g_loss, *_):
+    saved = ctx.saved_tensors
+    return _cast_grads(saved[:3], _from_op(saved[3:]), g_loss)
+
+
+fl_rows_op.register_autograd(_fl_rows_bwd, _fl_rows_setup)
+fl_loss_op.register_autograd(_fl_loss_bwd, _fl_loss_setup)
+
+
+class _FusedRowsOverShards(torch.autograd.Function):
+    """Fused-linear rows over a vocabulary shard of the lm_head (``process_group`` given);
+    inputs ``(*models, targets, spec, group)``."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        *models, targets, spec, group = inputs
+        be = backend(spec.impl)
+        main, ent, rs = fl_forward(be, models, targets, spec, group)
+        ctx.save_for_backward(*models, targets, rs)
+        ctx.spec, ctx.group, ctx.need = spec, group, list(ctx.needs_input_grad[:3])
+        ctx.mark_non_differentiable(rs)
+        return main, ent, rs
+
+    @staticmethod
+    def backward(ctx, g_main, g_ent, _g_rs):
+        *models, targets, rs = ctx.saved_tensors
+        grads = fl_backward(backend(ctx.spec.impl), models, targets, rs, upstream(g_main, g_ent, rs[:, 0]),
+                            ctx.spec, ctx.need, ctx.group)
+        return pad_grads(len(ctx.needs_input_grad), _cast_grads(models, grads))
+
+
+# ----------------------------------------------------------------------------- entry points
+def fl_rows(models, targets, spec: RowSpec, group=None):
+    """Per-row ``(main, entropy)`` fused with the lm_head; differentiable w.r.t. hs, ws, bs.
+    ``targets`` are local ids (``parallel.Shard.local``)."""
+    if group is not None:
+        main, ent, _ = _FusedRowsOverShards.apply(*models, targets, spec, group)
+    else:
+        main, ent, _ = fl_rows_op(*models, targets, spec=spec)
+    return main, ent
+
+
+def fl_loss(models, targets, g, spec: RowSpec):
+    """``(sum_i g_i . (main_i, H_i), per-row main)`` with the gradients computed in forward."""
+    need = _need(models) if torch.is_grad_enabled() else [False, False, False]
+    loss, main, *_ = fl_loss_op(*models, targets, g, need, spec=spec)
+    return loss, main
+
+
+def log_normalizer(h, w, b, *, inv_temp: float, chunk: int, impl: str, group=None) -> Tensor:
+    """``A = logsumexp((h @ w.T + b) * inv_temp)`` per row (over all shards), differentiable."""
+    models = (h, w, b) + (None,) * (N_MODEL - 3)
+    return fl_rows(models, None, RowSpec("log_normalizer", inv_temp, impl=impl, chunk=chunk), group)[0]

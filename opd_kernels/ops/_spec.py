@@ -1,0 +1,113 @@
+"""``RowSpec``: the options of one row-loss call as ONE value, and ``SpecOp``: the custom-op
+boundary, the only place where the spec is unpacked into primitive arguments.
+
+Everything between the public ops and the backend primitives passes a ``RowSpec``; the keyword
+arguments of each primitive come from ``stats_kw`` / ``jsd_kw`` / ``grad_kw``. A custom op's
+schema is its tensor inputs followed by the spec's fields, derived from the dataclass, and its
+backward's ``None`` padding is derived from the input count. A new option (e.g. per-model logit
+transforms: softcap ``c`` with ``s -> c tanh(s / c)``, a ``logit_scale``) is therefore a new
+field (str/int/float/bool) plus its entries in the ``*_kw`` methods; no signature changes.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+_SCHEMA_TYPES = {"str": "str", "float": "float", "int": "int", "bool": "bool"}
+
+
+@dataclass(frozen=True)
+class RowSpec:
+    """What one call computes per row.
+
+    kind:     a backend kind (``backends.KINDS``) or ``"log_normalizer"`` (``A = logsumexp(a)``,
+              differentiable; the sparse ops' full-vocabulary part).
+    inv_temp: ``1 / temperature``.      lam: G-OPD ``reward_scale`` (1: no reference model).
+    beta:     JSD skew (kind ``jsd`` only, ``0 < beta < 1``).
+    entropy:  also compute the entropy (and its gradient).
+    impl:     a *resolved* backend name (``_dispatch.resolved_name``).
+    chunk:    rows per chunk of the chunked fused-linear path (0: from ``OPD_CHUNK_BYTES``).
+    """
+    kind: str
+    inv_temp: float
+    lam: float = 1.0
+    beta: float = 0.5
+    entropy: bool = False
+    impl: str = "torch"
+    chunk: int = 0
+
+    @property
+    def grad_kind(self) -> str:
+        """The backend kind whose gradient this row needs (``dA/da = q``: minus the
+        ``logprob`` gradient of a target on no shard, see ``grad_inputs``)."""
+        return "logprob" if self.kind == "log_normalizer" else self.kind
+
+    def stats_kw(self, be) -> dict:
+        """Keywords of ``row_stats`` / ``fused_row_stats`` (plus ``need=`` for backends that can
+        skip columns, i.e. torch)."""
+        kw = dict(inv_temp=self.inv_temp, lam=self.lam)
+        if getattr(be, "ACCEPTS_NEED", False):
+            kw["need"] = be.NEED["logprob+entropy" if self.grad_kind == "logprob" and self.entropy else self.grad_kind]
+        return kw
+
+    def jsd_kw(self) -> dict:
+        """Keywords of ``jsd_sums`` / ``fused_jsd_sums``."""
+        return dict(inv_temp=self.inv_temp, beta=self.beta)
+
+    def grad_kw(self) -> dict:
+        """Keywords of ``grad_logits`` / ``fused_grad``."""
+        return dict(kind=self.grad_kind, inv_temp=self.inv_temp, lam=self.lam, beta=self.beta,
+                    with_entropy=self.entropy)
+
+    def grad_inputs(self, targets, g: torch.Tensor):
+        """``(targets, g)`` for the gradient primitive: for ``log_normalizer``, targets on no
+        shard (-1) and ``-g_main`` (``dA/da = q = -(onehot(none) - q)``)."""
+        if self.kind != "log_normalizer":
+            return targets, g
+        return torch.full(g.shape[:1], -1, dtype=torch.long, device=g.device), torch.cat([-g[:, :1], g[:, 1:]], 1)
+
+
+SPEC_FIELDS = tuple(f.name for f in dataclasses.fields(RowSpec))
+_SPEC_SCHEMA = tuple(f"{_SCHEMA_TYPES[getattr(f.type, '__name__', f.type)]} {f.name}"
+                     for f in dataclasses.fields(RowSpec))
+
+
+def pad_grads(n_inputs: int, grads) -> tuple:
+    """Gradients of the leading inputs, ``None`` for the rest of ``n_inputs``."""
+    grads = tuple(grads)
+    if len(grads) > n_inputs:
+        raise AssertionError(f"{len(grads)} gradients for {n_inputs} inputs")
+    return grads + (None,) * (n_inputs - len(grads))
+
+
+class SpecOp:
+    """A ``torch.library`` custom op ``name(*inputs, *RowSpec fields) -> returns``.
+
+    ``inputs`` are schema declarations (``"Tensor s"``, ``"Tensor? t"``, ``"bool[] need"``);
+    ``impl`` and ``fake`` are called as ``fn(*inputs, spec)``. Call it as ``op(*inputs, spec=spec)``.
+    """
+
+    def __init__(self, name: str, inputs: tuple[str, ...], returns: str, impl, fake):
+        self.n = len(inputs)
+        schema = f"({', '.join(inputs + _SPEC_SCHEMA)}) -> {returns}"
+        self.op = torch.library.custom_op(name, self._unpacking(impl), mutates_args=(), schema=schema)
+        self.op.register_fake(self._unpacking(fake))
+
+    def _unpacking(self, fn):
+        n = self.n
+        return lambda *xs: fn(*xs[:n], RowSpec(*xs[n:]))
+
+    def __call__(self, *inputs, spec: RowSpec):
+        return self.op(*inputs, *(getattr(spec, f) for f in SPEC_FIELDS))
+
+    def register_autograd(self, backward, setup_context) -> None:
+        """``setup_context(ctx, inputs, spec, output)``; ``backward(ctx, *grad_outputs)`` returns
+        the gradients of the leading inputs (the rest, spec fields included, get ``None``)."""
+        n, total = self.n, self.n + len(SPEC_FIELDS)
+
+        def setup(ctx, inputs, output):
+            setup_context(ctx, inputs[:n], RowSpec(*inputs[n:]), output)
+
+        self.op.register_autograd(lambda ctx, *gs: pad_grads(total, backward(ctx, *gs)), setup_context=setup)
