@@ -28,18 +28,22 @@ def find(out: Path) -> Path | None:
     return None
 
 
-def open_run(out: Path, resume: bool, rank: int, log) -> Path | None:
-    """The checkpoint to resume from (``--resume``), else None after clearing an older run's."""
-    if resume:
-        ckpt = find(out)
-        if ckpt is None:
-            raise InputError(f"--resume: no checkpoint in {out}/ckpt")
-        return ckpt
+def to_resume(out: Path, resume: bool) -> Path | None:
+    """The checkpoint ``--resume`` continues from (None without ``--resume``)."""
+    if not resume:
+        return None
+    ckpt = find(out)
+    if ckpt is None:
+        raise InputError(f"--resume: no checkpoint in {out}/ckpt")
+    return ckpt
+
+
+def clear_old(out: Path, rank: int, log) -> None:
+    """A fresh run replaces an older run's checkpoint (called once setup has succeeded)."""
     if rank == 0 and find(out):
         log(f"note: starting over in {out} (an older checkpoint there is replaced; use --resume to continue it)")
         for d in ("ckpt", "ckpt.old", "ckpt.tmp"):
             shutil.rmtree(out / d, ignore_errors=True)
-    return None
 
 
 def _rng_state(tr) -> dict:

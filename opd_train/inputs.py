@@ -2,9 +2,11 @@
 
 Each check runs before anything is trained and fails with `InputError`: one line that names the
 flag, the path (and line) and what was expected. `opd_train.cli` turns the static checks (files
-exist, a model directory holds the files a model needs) into argparse errors; `opd_train.train`
-prints the ones found while loading (a malformed JSONL line, a tokenizer without a chat
-template) the same way, ``python -m opd_train: error: ...``, exit status 2.
+exist, a model directory holds the files a model needs) into argparse errors; `load_tokenizer` and
+`load_model` (used by the setup, `opd_train.trainer`) raise it for what only loading finds (a
+tokenizer without a chat template, a config that is not a causal LM), as `opd_train.data` does
+for a malformed JSONL line; `opd_train.train.main` prints those the same way,
+``python -m opd_train: error: ...``, exit status 2.
 """
 from __future__ import annotations
 

@@ -51,7 +51,7 @@ def run(args) -> dict:
     transformers.logging.disable_progress_bar()  # no "Loading weights" bars around ours
     log = (lambda *a: tqdm.write(" ".join(map(str, a)))) if rank == 0 else (lambda *a: None)
     out = Path(args.out)
-    ckpt = checkpoint.open_run(out, args.resume, rank, log)
+    ckpt = checkpoint.to_resume(out, args.resume)
     task = trainer.make_task(args)
     tr = trainer.build(args, task, ckpt, rank, world, device, log)
     method = METHODS[args.method](tr)
@@ -59,6 +59,8 @@ def run(args) -> dict:
     progress = {"step": 0, "samples": 0, "train_seconds": 0.0}
     if ckpt:
         progress = checkpoint.restore(ckpt, tr, opt, method, log)
+    else:
+        checkpoint.clear_old(out, rank, log)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "args.json").write_text(json.dumps(vars(args), default=str, indent=1))

@@ -118,6 +118,13 @@ def test_resume_refuses_changed_options(tmp_path, smoke_models, capsys):
     assert "--lr was 0.003, now 0.1" in one_line_error(capsys)
     assert main(["--method", "sft", *SMOKE, "--out", str(tmp_path / "empty"), "--resume"]) == 2
     assert "--resume: no checkpoint in" in one_line_error(capsys)
+    # a fresh run refused during setup (malformed data) leaves the older run's checkpoint in place
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "1+1="\n')
+    assert main(["--method", "sft", *SMOKE, "--out", out, "--student", str(smoke_models["student"]),
+                 "--data", str(bad)]) == 2
+    assert f"--data {bad}:1: not valid JSON" in one_line_error(capsys)
+    assert (Path(out) / "ckpt" / "state.pt").exists()
 
 
 # -- data parallel ----------------------------------------------------------------------------

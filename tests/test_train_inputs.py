@@ -145,3 +145,23 @@ def test_gopd_ref_with_another_vocabulary(tmp_path, capsys):
     err = refused(["--method", "gopd", "--preset", "smoke", "--steps", "1", "--eval-size", "4", "--student", str(s),
                    "--teacher", str(t), "--ref", str(ref), "--out", str(tmp_path / "run")], capsys)
     assert f"--ref {ref}: its lm_head has {m.config.vocab_size} rows, the student's {m.config.vocab_size - 5}" in err
+
+
+def test_tokenizer_without_pad_token_pads_with_eos(tmp_path):
+    d = tiny_model_dir(tmp_path / "m")
+    cfg = json.loads((d / "tokenizer_config.json").read_text())
+    cfg.pop("pad_token")
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+    notes = []
+    tok = inputs.load_tokenizer("--student", d, notes.append)
+    assert tok.pad_token_id == tok.eos_token_id is not None
+    assert notes == [f"note: --student {d}: the tokenizer has no pad token; padding with EOS ('<eos>')"]
+
+
+def test_config_that_is_not_a_causal_lm(tmp_path, capsys):
+    d = tiny_model_dir(tmp_path / "m")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["model_type"] = "no-such-model"
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(InputError, match=rf"--student {d}: cannot load it as a causal LM \(\w+Error: "):
+        inputs.load_model("--student", d, "cpu")
