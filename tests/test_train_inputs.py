@@ -17,14 +17,9 @@ from opd_train.data import EXAMPLE_ROW, load_jsonl
 from opd_train.inputs import InputError
 from opd_train.tokenizer import build_char_tokenizer
 from opd_train.train import main
+from test_train import one_line_error  # tests/ is on sys.path (conftest)
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def one_line_error(capsys) -> str:
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("python -m opd_train: error: ") and "\n" not in err, err
-    return err
 
 
 def refused(argv, capsys) -> str:
