@@ -64,9 +64,69 @@ the logits-level primitives when a backend lacks them)::
                                                    db [V] float32 or None)
         gradients of sum_i (g_main_i * main_i + g_ent_i * H_i) w.r.t. hs, ws, bs.
 
+Logit transforms (every primitive above, keyword-only, default the identity)::
+
+    tf_s, tf_t, tf_r = (scale, cap)   for the student s, the teacher t, the reference r
+                                      (row_stats / grad_logits / fused_row_stats / fused_grad take
+                                      all three; jsd_sums / fused_jsd_sums take tf_s and tf_t)
+
+    each model's raw logits x become  x -> cap * tanh(scale * x / cap)   (cap > 0: softcap)
+                                      x -> scale * x                     (cap = 0 or None: none)
+    *before* the temperature, so a = inv_temp * T_s(s), b = inv_temp * T_t(t), and the G-OPD
+    target is lam * inv_temp * T_t(t) + (1 - lam) * inv_temp * T_r(r). ``scale`` is a Cohere-style
+    ``logit_scale`` (applied first), ``cap`` Gemma 2/3's ``final_logit_softcapping``. Every
+    statistic, ``a_y`` included, is of the transformed logits. ``scale`` must be finite and > 0,
+    ``cap`` finite and >= 0 (``ValueError`` otherwise; see ``transform_consts``).
+    ``-inf`` (a banned token) stays ``-inf`` through the transform (cap * tanh(-inf) would be
+    -cap, which would un-ban it); +inf maps to +cap.
+    Gradients stay w.r.t. the raw student logits s (teacher and reference are constants):
+    ds = (d/da) * inv_temp * scale * (1 - tanh^2(scale * s / cap)) with a cap, (d/da) * inv_temp *
+    scale without; at a banned (-inf) student logit the capped slope is 0 (the limit). Where the
+    capped slope is exactly 0 (-inf, or tanh rounded to +-1) ds is 0 even if d/da is infinite.
+    In-kernel form (``transform_consts``): capped ``a = post * tanh(pre * x)`` with
+    ``pre = scale / cap``, ``post = cap * inv_temp`` and slope ``pre * post * (1 - tanh^2)``;
+    uncapped ``a = post * x`` with ``post = scale * inv_temp`` (so the identity transform is
+    exactly the old ``x * inv_temp``).
+
 A backend is a module exposing these names plus ``NAME`` and ``available() -> (bool, reason)``.
 """
+import math
+from typing import NamedTuple
 
 STAT_M_A, STAT_S_A, STAT_U_A, STAT_M_B, STAT_S_B, STAT_D_Q, STAT_D_P, STAT_A_Y = range(8)
 N_STATS = 8
 KINDS = ("logprob", "forward_kl", "reverse_kl", "jsd")
+
+IDENTITY = (1.0, 0.0)
+"""The identity logit transform ``(scale, cap)``: no logit scale, no softcap."""
+
+
+class TransformConsts(NamedTuple):
+    """A model's logit transform folded with ``inv_temp`` (see the module docstring)."""
+    capped: bool  # cap > 0
+    pre: float    # scale / cap (capped), else 0.0 (unused)
+    post: float   # cap * inv_temp (capped), else scale * inv_temp
+
+
+def check_transform(tf, name: str = "tf") -> tuple[float, float]:
+    """``(scale, cap)`` as floats, checked; ``None`` (the whole pair or the cap) = no transform/cap."""
+    if tf is None:
+        return IDENTITY
+    try:
+        scale, cap = tf
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a (scale, cap) pair, got {tf!r}") from None
+    scale, cap = float(scale), 0.0 if cap is None else float(cap)
+    if not (math.isfinite(scale) and scale > 0.0):
+        raise ValueError(f"{name}: the logit scale must be finite and > 0, got {scale!r}")
+    if not (math.isfinite(cap) and cap >= 0.0):
+        raise ValueError(f"{name}: the softcap must be finite and >= 0 (0 = no cap), got {cap!r}")
+    return scale, cap
+
+
+def transform_consts(tf, inv_temp: float, name: str = "tf") -> TransformConsts:
+    """(capped, pre, post) of ``tf = (scale, cap)`` with the temperature folded in."""
+    scale, cap = check_transform(tf, name)
+    if cap > 0.0:
+        return TransformConsts(True, scale / cap, cap * float(inv_temp))
+    return TransformConsts(False, 0.0, scale * float(inv_temp))
