@@ -269,6 +269,31 @@ def test_grad_logits(be, kind, tfname):
     reference.close(got, want, torch.float32, "grad")
 
 
+def test_vocab_shards(be):
+    """Two uneven vocabulary shards (vocab_start = the shard's first id), merged like ranks'
+    shards, give the full-vocabulary values: the transforms are per element."""
+    from opd_kernels._stats import rebase
+
+    tfs = TFS["all"]
+    s, t, r, y = case(dev_of(be))
+    s, y = s.contiguous(), y - START  # global ids 0..V-1 (and -105: ignored)
+    cut = 113
+    parts = [be.row_stats(s[:, a:b].contiguous(), t[:, a:b].contiguous(), r[:, a:b].contiguous(), y,
+                          inv_temp=1 / TEMP, lam=LAM, vocab_start=a, tf_s=tfs[0], tf_t=tfs[1], tf_r=tfs[2])
+             for a, b in ((0, cut), (cut, s.shape[1]))]
+    part = torch.stack(parts)
+    m_a, m_b = part[:, :, 0].amax(0), part[:, :, 3].amax(0)
+    merged = rebase(part, m_a, m_b).sum(0)
+    merged[:, 0], merged[:, 3] = m_a, m_b
+    rows = finish(merged)
+    want = f64_rows(*(v.double() for v in (s, t, r)), y + START, "gopd", tfs)
+    reference.close(rows.reverse_kl, want[0].to(rows.A.device), torch.float32)
+    reference.close(rows.entropy, want[1].to(rows.A.device), torch.float32)
+    keep = torch.arange(s.shape[0], device=y.device) != 0
+    want_lp = f64_rows(*(v.double() for v in (s, t, r)), y + START, "logprob", tfs)[0].to(rows.A.device)
+    reference.close(rows.logprob[keep], want_lp[keep], torch.float32)
+
+
 def test_torch_float64_is_the_formula():
     """The torch backend on float64 inputs agrees with the formulas at float64 tolerance."""
     tfs = TFS["all"]

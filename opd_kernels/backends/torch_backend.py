@@ -207,7 +207,7 @@ def grad_logits(s, t, r, targets, rs, g, *, kind, inv_temp, lam=1.0, beta=0.5, v
         d = grad_logits_chunk(a, b, tg, rs[i:j], g[i:j], kind=kind, beta=beta, vocab_start=vocab_start,
                               with_entropy=with_entropy)
         if isinstance(slope, torch.Tensor):  # chain rule through the softcap (0 * inf -> 0)
-            d = torch.where(slope == 0, 0.0, d.mul_(slope))
+            d.mul_(slope).masked_fill_(slope == 0, 0.0)
         elif slope != 1.0:
             d.mul_(slope)
         out[i:j] = d
