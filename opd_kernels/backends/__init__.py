@@ -6,14 +6,15 @@ and vocab-parallel communication once, in Python. A backend only supplies these 
 columns ``0..V-1`` of the tensors given (one vocabulary shard when running vocab-parallel).
 
 Notation: ``a = s * inv_temp`` (student), ``b = t * inv_temp`` (teacher) or, when a reference
-``r`` is given, ``b = (lam * t + (1 - lam) * r) * inv_temp`` (G-OPD target). Inputs may be
+``r`` is given, ``b = (lam * t + (1 - lam) * r) * inv_temp`` (G-OPD target), each of s, t, r
+first passed through its logit transform (below; the identity by default). Inputs may be
 fp32/bf16/fp16 (student and teacher may differ); all math is fp32; the last dim is contiguous,
 the row stride is arbitrary (``vocab_size=`` slices are views); offsets must be int64-safe.
 Terms whose weight ``e^(x - m)`` is exactly 0 (``-inf`` logits) contribute 0, never NaN.
 
 Logits level (required)::
 
-    row_stats(s, t, r, targets, *, inv_temp, lam, vocab_start) -> Tensor[N, 8] float32
+    row_stats(s, t, r, targets, *, inv_temp, lam, vocab_start, tf_s, tf_t, tf_r) -> Tensor[N, 8] float32
         t, r, targets may be None (t None => columns 3..6 are 0; r requires t).
         columns (STAT_* below), with the logits taken relative to the maxima in 2, 5, 6:
           0 m_a  = max_v a                      1 S_a = sum e^(a-m_a)
@@ -33,14 +34,14 @@ Logits level (required)::
         reverse_kl = D_q/S_a - log S_a + log S_b, forward_kl = D_p/S_b - log S_b + log S_a,
         logprob = a_y - A.
 
-    jsd_sums(s, t, AB, *, inv_temp, beta) -> Tensor[N, 2] float32
+    jsd_sums(s, t, AB, *, inv_temp, beta, tf_s, tf_t) -> Tensor[N, 2] float32
         with A = AB[:, 0], B = AB[:, 1] the *global* log-normalizers, p = e^(b-B),
         q = e^(a-A), M = beta*p + (1-beta)*q:
           col 0 = sum p * (log p - log M),   col 1 = sum q * (log q - log M)
         (only called with 0 < beta < 1; beta=0/1 are mapped to forward/reverse KL.)
 
     grad_logits(s, t, r, targets, rs, g, *, kind, inv_temp, lam, beta, vocab_start, out=None,
-                with_entropy=False)
+                with_entropy=False, tf_s, tf_t, tf_r)
         -> Tensor[N, V] in s.dtype (written into ``out`` when given; ``out`` may be ``s`` itself)
         rs: [N, 4] float32 = (A, B, C, H): log-normalizers, the row constant C
             (reverse_kl value for "reverse_kl", KL(q||M) for "jsd", else unused) and entropy H.
@@ -56,12 +57,13 @@ Logits level (required)::
 Fused with the lm_head (optional; ``opd_kernels.ops`` falls back to chunked matmuls feeding
 the logits-level primitives when a backend lacks them)::
 
-    fused_row_stats(hs, ws, bs, ht, wt, bt, hr, wr, br, targets, *, inv_temp, lam, vocab_start)
+    fused_row_stats(hs, ws, bs, ht, wt, bt, hr, wr, br, targets, *, inv_temp, lam, vocab_start,
+                    tf_s, tf_t, tf_r)
         -> [N, 8] as row_stats with s = hs @ ws.T + bs, t = ht @ wt.T + bt, r = hr @ wr.T + br
-    fused_jsd_sums(hs, ws, bs, ht, wt, bt, AB, *, inv_temp, beta) -> [N, 2]
+    fused_jsd_sums(hs, ws, bs, ht, wt, bt, AB, *, inv_temp, beta, tf_s, tf_t) -> [N, 2]
     fused_grad(hs, ws, bs, ht, wt, bt, hr, wr, br, targets, rs, g, *, kind, inv_temp, lam, beta,
-               vocab_start, need_dw, need_db, with_entropy=False) -> (dh [N, d] float32, dw [V, d] float32 or None,
-                                                   db [V] float32 or None)
+               vocab_start, need_dw, need_db, with_entropy=False, tf_s, tf_t, tf_r)
+        -> (dh [N, d] float32, dw [V, d] float32 or None, db [V] float32 or None)
         gradients of sum_i (g_main_i * main_i + g_ent_i * H_i) w.r.t. hs, ws, bs.
 
 Logit transforms (every primitive above, keyword-only, default the identity)::
