@@ -106,8 +106,9 @@ def _chunk(s, t, r, y, g, rs, kind: str, want: str, inv_temp: float, lam: float,
     lb = b - B if b is not None else None
     p = torch.exp(lb) if kind in ("forward_kl", "jsd") else None
     lm = None
-    if kind == "jsd":
-        lm = torch.logaddexp(lb + math.log(beta), la + math.log(1.0 - beta))
+    if kind == "jsd":  # log M from p and q (one log, not logaddexp's exp + log1p); M >= each
+        lp_, lq_ = lb + math.log(beta), la + math.log(1.0 - beta)  # term, which bounds log M below
+        lm = torch.maximum(torch.log(beta * p + (1.0 - beta) * q), torch.maximum(lp_, lq_))
     onehot = None
     if kind == "logprob":
         V = a.shape[1]
