@@ -34,3 +34,15 @@ def test_readme_compare_table_matches_its_file(name, shown):
     """Each `<!-- compare: NAME -->` block is the table `opd_train.compare` wrote to docs/compare/NAME.md."""
     written = (ROOT / "docs" / "compare" / f"{name}.md").read_text().split("\n\n", 1)[1].strip()
     assert shown == written, f"README compare table {name!r} differs from docs/compare/{name}.md"
+
+
+def test_readme_examples_are_the_tested_ones():
+    """The README's "use it in your trainer" blocks are copies of blocks of docs/examples.md, which
+    tests/test_examples.py executes."""
+    import re
+
+    section = README.split("<!-- examples: docs/examples.md -->", 1)[1].split("<!-- examples: end -->", 1)[0]
+    shown = re.findall(r"^```python\n(.*?)^```$", section, flags=re.S | re.M)
+    doc = (ROOT / "docs" / "examples.md").read_text()
+    tested = re.findall(r"^```python\n(.*?)^```$", doc, flags=re.S | re.M)
+    assert len(shown) >= 3 and all(b in tested for b in shown)
