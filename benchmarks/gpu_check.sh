@@ -118,8 +118,8 @@ bench() {
   for p in $PROVIDERS; do
     if [[ " $known " == *" $p "* ]]; then use+=("$p"); else echo "skip provider $p: not known to benchmarks/run.py (knows: $known)"; fi
   done
-  # stop starting cases 40 s before this step's timeout: the floor GEMMs and the files follow
-  local budget=$(( $(left) - 40 ))
+  # stop starting cases 60 s before this step's timeout: a running case, the floor GEMMs, the files
+  local budget=$(( $(left) - 60 ))
   [ "$budget" -lt 10 ] && budget=10
   # shellcheck disable=SC2086
   "$PY" benchmarks/run.py --out "$OUT" --shapes $SHAPES --ops $OPS --providers "${use[@]}" \

@@ -113,7 +113,9 @@ def _fused_cfg(N: int, V: int, d: int, dtype: torch.dtype, *, models: int = 2,
     sm_80 and sm_90a (``python -m opd_kernels.triton.aot`` shows it; at 128 they spilled).
     """
     block_n = max(16, min(64, _pow2(N)))
-    block_k = max(16, min(64 if dtype.itemsize <= 2 else 32, _pow2(d)))
+    # fp32 weights: FMA dots ("ieee") hold both operand slices in registers; 16-wide K slices
+    # spill in 4 of 32 variants (<= 32 B) where 32-wide ones spilled in 13 (up to 160 B)
+    block_k = max(16, min(64, _pow2(d))) if dtype.itemsize <= 2 else 16
     if _interpreted():
         return _Cfg(block_n, block_v=max(16, min(128, _pow2(V))), block_k=max(16, min(64, _pow2(d))))
     if dtype.itemsize <= 2:
