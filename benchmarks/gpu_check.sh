@@ -95,9 +95,14 @@ env_info() {
 }
 
 install() {
-  local env=()
+  local env=() iso=(--no-build-isolation)  # the build must see this python's CUDA torch
   [ "$DRY" = 1 ] && env=(OPD_SKIP_CUDA_BUILD=1)
-  env "${env[@]}" "$PY" -m pip install "${PIP_DRY[@]}" --no-build-isolation --no-deps -e . || return 1
+  if ! "$PY" -c "import setuptools" 2>/dev/null; then
+    echo "setuptools is not installed for $PY (needed by --no-build-isolation)"
+    [ "$DRY" = 1 ] || return 1
+    iso=()  # dry run (e.g. a Python 3.12 venv without setuptools): let pip isolate the build
+  fi
+  env "${env[@]}" "$PY" -m pip install "${PIP_DRY[@]}" "${iso[@]}" --no-deps -e . || return 1
   shopt -s nullglob
   local wheels=(benchmarks/wheels/*.whl)
   if [ ${#wheels[@]} = 0 ]; then

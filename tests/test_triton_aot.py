@@ -33,9 +33,9 @@ def test_triton_kernels_compile_for_sm80_and_sm90(request, tmp_path):
     report = Path(os.environ.get("OPD_AOT_REPORT") or tmp_path / "aot.md")
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "OPD_TRITON_AUTOTUNE")}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    proc = subprocess.run([sys.executable, "-W", "ignore", "-m", "opd_kernels.triton.aot", "--arch", "80,90",
-                           "--report", str(report)], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=1200)
+    cmd = [sys.executable, "-W", "ignore", "-m", "opd_kernels.triton.aot", "--arch", "80,90",
+           "--report", str(report)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
     text = report.read_text() if report.exists() else proc.stdout
     request.config.pluginmanager.register(_Summary(text + (proc.stderr[-3000:] if proc.returncode else "")))
     assert proc.returncode == 0, (

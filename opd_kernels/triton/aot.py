@@ -290,8 +290,8 @@ def must_not_spill(v):
 def table(variants, results):
     """Markdown table, one row per distinct specialisation (its first label), plus problems."""
     rows, problems, seen = [], [], set()
-    head = ("| arch | kernel | variant | blocks warps stages | regs | spill st/ld B | stack B | smem B | cpu s |\n"
-            "|---|---|---|---|---:|---:|---:|---:|---:|")
+    head = ("| arch | kernel | variant | blocks warps stages | regs | spill st/ld B | stack B | smem B "
+            "| cpu s |\n|---|---|---|---|---:|---:|---:|---:|---:|")
     for v in sorted(variants, key=lambda v: (v["arch"], v["kernel"])):
         if v["key"] in seen:
             continue
@@ -331,7 +331,8 @@ def summary(variants, results):
         a["spill"] = max(a["spill"], sp)
     return "\n".join(f"sm_{arch:<3d} {k:<24s} {a['n']:3d} variants  max regs {a['regs']:3d}  "
                      f"spilling {a['spilling']:3d} (max {a['spill']} B)  max smem {a['smem']} B"
-                     f"{'  FAILED ' + str(a['fail']) if a['fail'] else ''}" for (arch, k), a in sorted(agg.items()))
+                     f"{'  FAILED ' + str(a['fail']) if a['fail'] else ''}"
+                     for (arch, k), a in sorted(agg.items()))
 
 
 def main(argv=None):
