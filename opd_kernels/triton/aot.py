@@ -44,7 +44,6 @@ ARCHS = {80: dict(name="A100", sms=108, smem_block=163 * 1024),
 # Reference shapes (DESIGN.md): logits level [N, V]; fused level [N, d] x [V, d].
 LOGITS_SHAPES = [(8192, 128256), (16384, 151936)]
 FUSED_SHAPES = [(8192, 128256, 4096), (16384, 151936, 2048)]
-KERNEL_GLOBALS = ("row_stats_kernel", "jsd_sums_kernel", "grad_logits_kernel")
 FUSED_KERNELS = ("fused_row_stats_kernel", "fused_jsd_sums_kernel", "fused_grad_dh_kernel",
                  "fused_grad_dw_kernel")
 # Must not spill at those shapes (exit status 1 if one does): the logits-level row kernels (the
@@ -76,12 +75,16 @@ class _Recorder:
 @contextlib.contextmanager
 def _recording(tb, torch, sms, sink):
     """Swap the launcher module's kernels for recorders; report ``sms`` SMs on a "CUDA" device."""
-    saved = {k: getattr(tb, k) for k in (*KERNEL_GLOBALS, "_fl", "_sm_count", "_n_splits")}
+    from triton.runtime.jit import JITFunction
+
+    jit = lambda mod: [k for k, v in vars(mod).items() if isinstance(v, JITFunction)]  # noqa: E731
+    kernels = [k for k in jit(tb) if k.endswith("_kernel")]  # every kernel a launcher refers to
+    saved = {k: getattr(tb, k) for k in (*kernels, "_fl", "_sm_count", "_n_splits")}
     n_splits = tb._n_splits
-    for k in KERNEL_GLOBALS:
+    for k in kernels:
         setattr(tb, k, _Recorder(saved[k], sink))
-    tb._fl = types.SimpleNamespace(**{k: _Recorder(getattr(saved["_fl"], k), sink)
-                                      for k in FUSED_KERNELS})
+    tb._fl = types.SimpleNamespace(**{k: (_Recorder(v, sink) if k in jit(saved["_fl"]) else v)
+                                      for k, v in vars(saved["_fl"]).items()})
     tb._sm_count = lambda index: sms
     tb._n_splits = lambda rb, nt, device: n_splits(rb, nt, torch.device("cuda", 0))
     try:
