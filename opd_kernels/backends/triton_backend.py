@@ -103,14 +103,14 @@ def _logits_cfg(N: int, V: int, dtype: torch.dtype, *, reduction: bool = False) 
     return _Cfg(block_n, block_v, num_warps=warps)
 
 
-def _fused_cfg(N: int, V: int, d: int, dtype: torch.dtype, *, models: int = 2,
-               grad: bool = False) -> _Cfg:
+def _fused_cfg(N: int, V: int, d: int, dtype: torch.dtype, *, wide: bool = False) -> _Cfg:
     """GEMM-shaped fused kernels: tl.dot tiles (every block dimension >= 16).
 
-    ``models`` logits tiles (student, teacher, reference) are live at once, and the gradient
-    kernels keep ``ds`` and the dh/dw accumulator next to them: with 16-bit weights those kernels
-    take 64-wide vocabulary tiles, which keeps them below 255 registers without spilling on
-    sm_80 and sm_90a (``python -m opd_kernels.triton.aot`` shows it; at 128 they spilled).
+    With 16-bit weights the tiles are 64 x 64: the row-stats and gradient kernels keep up to
+    three fp32 logits tiles (student, teacher, reference) live with the online-softmax or
+    gradient temporaries and the dh/dw accumulator, and at 64 x 128 they sat at 255 registers
+    and spilled on sm_80 (``python -m opd_kernels.triton.aot`` shows it). ``wide`` (the JSD
+    second pass: no running stats, spill-free at 128, spilling at 64 on sm_80) keeps 64 x 128.
     """
     block_n = max(16, min(64, _pow2(N)))
     # fp32 weights: FMA dots ("ieee") hold both operand slices in registers; 16-wide K slices
@@ -119,8 +119,8 @@ def _fused_cfg(N: int, V: int, d: int, dtype: torch.dtype, *, models: int = 2,
     if _interpreted():
         return _Cfg(block_n, block_v=max(16, min(128, _pow2(V))), block_k=max(16, min(64, _pow2(d))))
     if dtype.itemsize <= 2:
-        wide = 64 if grad or models >= 3 else 128
-        return _Cfg(block_n, max(16, min(wide, _pow2(V))), block_k, num_warps=8, num_stages=3)
+        return _Cfg(block_n, max(16, min(128 if wide else 64, _pow2(V))), block_k, num_warps=8,
+                    num_stages=3)
     return _Cfg(min(block_n, 32), max(16, min(64, _pow2(V))), block_k, num_warps=4, num_stages=2)
 
 
@@ -299,7 +299,7 @@ def fused_row_stats(hs, ws, bs, ht, wt, bt, hr, wr, br, targets, *, inv_temp, la
                     vocab_start=0):
     ptrs, dims, strides, flags = _fused_operands(hs, ws, bs, ht, wt, bt, hr, wr, br)
     N, V = ptrs[0].shape[0], ptrs[1].shape[0]
-    cfg = _fused_cfg(N, V, max(dims), ptrs[1].dtype, models=1 + flags["HAS_T"] + flags["HAS_R"])
+    cfg = _fused_cfg(N, V, max(dims), ptrs[1].dtype)
     splits = _n_splits(triton.cdiv(N, cfg.block_n), triton.cdiv(V, cfg.block_v), ptrs[0].device)
     part = torch.empty(splits, N, N_STATS, dtype=torch.float32, device=ptrs[0].device)
     targets = _vec(targets)
@@ -314,7 +314,7 @@ def fused_row_stats(hs, ws, bs, ht, wt, bt, hr, wr, br, targets, *, inv_temp, la
 def fused_jsd_sums(hs, ws, bs, ht, wt, bt, AB, *, inv_temp, beta):
     ptrs, dims, strides, flags = _fused_operands(hs, ws, bs, ht, wt, bt, None, None, None)
     N, V = ptrs[0].shape[0], ptrs[1].shape[0]
-    cfg = _fused_cfg(N, V, max(dims), ptrs[1].dtype)
+    cfg = _fused_cfg(N, V, max(dims), ptrs[1].dtype, wide=True)
     splits = _n_splits(triton.cdiv(N, cfg.block_n), triton.cdiv(V, cfg.block_v), ptrs[0].device)
     part = torch.empty(splits, N, 2, dtype=torch.float32, device=ptrs[0].device)
     log_beta, log_1m_beta = _log_betas(beta)
@@ -335,8 +335,7 @@ def fused_grad(hs, ws, bs, ht, wt, bt, hr, wr, br, targets, rs, g, *, kind, inv_
     ptrs, dims, strides, flags = _fused_operands(hs, ws, bs, ht, wt, bt, hr, wr, br)
     N, V = ptrs[0].shape[0], ptrs[1].shape[0]
     device = ptrs[0].device
-    cfg = _fused_cfg(N, V, max(dims), ptrs[1].dtype, models=1 + flags["HAS_T"] + flags["HAS_R"],
-                     grad=True)
+    cfg = _fused_cfg(N, V, max(dims), ptrs[1].dtype)
     log_beta, log_1m_beta = _log_betas(beta)
     targets = _vec(targets)
     dh = torch.zeros(N, dims[0], dtype=torch.float32, device=device)
