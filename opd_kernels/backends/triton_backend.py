@@ -90,23 +90,42 @@ def _n_splits(row_blocks: int, n_tiles: int, device: torch.device) -> int:
     return max(1, min(n_tiles, want // max(1, row_blocks)))
 
 
-def _logits_cfg(N: int, V: int, dtype: torch.dtype) -> _Cfg:
-    """Memory-bound logits-level kernels: one row (or a few, for small V) x a wide vocab tile."""
+def _logits_cfg(N: int, V: int, dtype: torch.dtype, *, reduction: bool = False) -> _Cfg:
+    """Memory-bound logits-level kernels: one row (or a few, for small V) x a wide vocab tile.
+
+    The row reductions (``reduction``: row_stats, jsd_sums) keep per-row running sums and
+    several fp32 temporaries per element: 16 warps for a 4096-element tile (8 elements per
+    thread) use ~60 registers instead of ~100-120 at 8 warps (ptxas, sm_80 / sm_90a), i.e. two
+    resident CTAs of 16 warps per SM instead of two of 8. The elementwise gradient kernel needs
+    few registers (30-85) and keeps 8 warps.
+    """
     if _interpreted():  # the interpreter's cost is per program and op: few, large tiles
         return _Cfg(block_n=min(16, _pow2(N)), block_v=min(256, _pow2(V)))
     block_v = min(_pow2(V), 4096 if dtype.itemsize <= 2 else 2048)
     block_n = max(1, min(_pow2(N), 4096 // block_v))
-    return _Cfg(block_n, block_v, num_warps=8 if block_n * block_v >= 2048 else 4)
+    tile = block_n * block_v
+    warps = 16 if reduction and tile >= 4096 else 8 if tile >= 2048 else 4
+    return _Cfg(block_n, block_v, num_warps=warps)
 
 
-def _fused_cfg(N: int, V: int, d: int, dtype: torch.dtype) -> _Cfg:
-    """GEMM-shaped fused kernels: tl.dot tiles (every block dimension >= 16)."""
+def _fused_cfg(N: int, V: int, d: int, dtype: torch.dtype, *, wide: bool = False) -> _Cfg:
+    """GEMM-shaped fused kernels: tl.dot tiles (every block dimension >= 16).
+
+    With 16-bit weights the tiles are 64 x 64: the row-stats and gradient kernels keep up to
+    three fp32 logits tiles (student, teacher, reference) live with the online-softmax or
+    gradient temporaries and the dh/dw accumulator, and at 64 x 128 they sat at 255 registers
+    and spilled on sm_80 (``python -m opd_kernels.triton.aot`` shows it). ``wide`` (the JSD
+    second pass: no running stats, spill-free at 128, spilling at 64 on sm_80) keeps 64 x 128.
+    """
     block_n = max(16, min(64, _pow2(N)))
-    block_k = max(16, min(64 if dtype.itemsize <= 2 else 32, _pow2(d)))
+    # fp32 weights: FMA dots ("ieee") hold both operand slices in registers; 16-wide K slices
+    # spill in 4 of 32 variants (<= 32 B) where 32-wide ones spilled in 13 (up to 160 B)
+    block_k = max(16, min(64, _pow2(d))) if dtype.itemsize <= 2 else 16
     if _interpreted():
         return _Cfg(block_n, block_v=max(16, min(128, _pow2(V))), block_k=max(16, min(64, _pow2(d))))
     if dtype.itemsize <= 2:
-        return _Cfg(block_n, max(16, min(128, _pow2(V))), block_k, num_warps=8, num_stages=3)
+        return _Cfg(block_n, max(16, min(128 if wide else 64, _pow2(V))), block_k, num_warps=8,
+                    num_stages=3)
     return _Cfg(min(block_n, 32), max(16, min(64, _pow2(V))), block_k, num_warps=4, num_stages=2)
 
 
@@ -209,7 +228,7 @@ def row_stats(s, t, r, targets, *, inv_temp, lam=1.0, vocab_start=0, tf_s=IDENTI
     s, t, r = _rows(s, "s"), _rows(t, "t"), _rows(r, "r")
     tfa, caps = _transforms(inv_temp, dict(s=tf_s, t=tf_t, r=tf_r), dict(s=True, t=t is not None, r=r is not None))
     N, V = s.shape
-    cfg = _logits_cfg(N, V, s.dtype)
+    cfg = _logits_cfg(N, V, s.dtype, reduction=True)
     row_blocks = triton.cdiv(N, cfg.block_n)
     splits = _n_splits(row_blocks, triton.cdiv(V, cfg.block_v), s.device)
     part = torch.empty(splits, N, N_STATS, dtype=torch.float32, device=s.device)
@@ -227,7 +246,7 @@ def jsd_sums(s, t, AB, *, inv_temp, beta, tf_s=IDENTITY, tf_t=IDENTITY):
     s, t = _rows(s, "s"), _rows(t, "t")
     tfa, caps = _transforms(inv_temp, dict(s=tf_s, t=tf_t), dict(s=True, t=True))
     N, V = s.shape
-    cfg = _logits_cfg(N, V, s.dtype)
+    cfg = _logits_cfg(N, V, s.dtype, reduction=True)
     row_blocks = triton.cdiv(N, cfg.block_n)
     splits = _n_splits(row_blocks, triton.cdiv(V, cfg.block_v), s.device)
     part = torch.empty(splits, N, 2, dtype=torch.float32, device=s.device)
@@ -320,7 +339,7 @@ def fused_jsd_sums(hs, ws, bs, ht, wt, bt, AB, *, inv_temp, beta, tf_s=IDENTITY,
     ptrs, dims, strides, flags = _fused_operands(hs, ws, bs, ht, wt, bt, None, None, None)
     tfa, caps = _transforms(inv_temp, dict(s=tf_s, t=tf_t), dict(s=True, t=True))
     N, V = ptrs[0].shape[0], ptrs[1].shape[0]
-    cfg = _fused_cfg(N, V, max(dims), ptrs[1].dtype)
+    cfg = _fused_cfg(N, V, max(dims), ptrs[1].dtype, wide=True)
     splits = _n_splits(triton.cdiv(N, cfg.block_n), triton.cdiv(V, cfg.block_v), ptrs[0].device)
     part = torch.empty(splits, N, 2, dtype=torch.float32, device=ptrs[0].device)
     log_beta, log_1m_beta = _log_betas(beta)
