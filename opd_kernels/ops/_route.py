@@ -82,7 +82,7 @@ def chunked_cost(N: int, V: int, dims, itemsize: int, m: Machine, rows: int, *, 
     """The chunk loop of ``_fused.fl_loss_with_grads``: ``rows`` per chunk; ``dims`` the hidden
     size of each model, student first."""
     e, d1, n_models = itemsize, dims[0], len(dims)
-    row_bytes = e * (2 * n_models + 1 + (4 if jsd else 0))
+    row_bytes = e * (2 * n_models + 1 + (2 if jsd else 0))
     compute = memory = 0.0
     n_chunks = max(1, math.ceil(N / rows))
     for k in range(n_chunks):
