@@ -6,16 +6,20 @@
 
 #include "ops.h"
 
+#define TF2 "float s_scale=1.0, float s_cap=0.0, float t_scale=1.0, float t_cap=0.0"
+#define TF3 TF2 ", float r_scale=1.0, float r_cap=0.0"
+
 TORCH_LIBRARY(opd_kernels_C, m) {
+  // x_scale, x_cap: the logit transform of model x (s, t, r); the defaults are the identity.
   m.def("row_stats(Tensor s, Tensor? t, Tensor? r, Tensor? targets, float inv_temp, float lam, "
-        "int vocab_start) -> Tensor");
-  m.def("jsd_sums(Tensor s, Tensor t, Tensor AB, float inv_temp, float beta) -> Tensor");
+        "int vocab_start, " TF3 ") -> Tensor");
+  m.def("jsd_sums(Tensor s, Tensor t, Tensor AB, float inv_temp, float beta, " TF2 ") -> Tensor");
   m.def("grad_logits(Tensor s, Tensor? t, Tensor? r, Tensor? targets, Tensor rs, Tensor g, "
-        "str kind, float inv_temp, float lam, float beta, int vocab_start, bool with_entropy) "
-        "-> Tensor");
+        "str kind, float inv_temp, float lam, float beta, int vocab_start, bool with_entropy, "
+        TF3 ") -> Tensor");
   m.def("grad_logits_out(Tensor(a!) out, Tensor s, Tensor? t, Tensor? r, Tensor? targets, "
         "Tensor rs, Tensor g, str kind, float inv_temp, float lam, float beta, int vocab_start, "
-        "bool with_entropy) -> ()");
+        "bool with_entropy, " TF3 ") -> ()");
 }
 
 TORCH_LIBRARY_IMPL(opd_kernels_C, CUDA, m) {

@@ -121,14 +121,42 @@ OPD_HD float origin(float m) { return m == kNegInf ? 0.f : m; }
 // Weight e^(x - m) of a term from its relative logit x - m: exactly 0 for -inf.
 OPD_HD float weight(float rel) { return rel == kNegInf ? 0.f : fast_exp(rel); }
 
-// Scaled target logit b = t/tau, or the G-OPD target lam*t/tau + (1-lam)*r/tau (the torch
-// backend's order of operations).
-OPD_HD float target_logit(float t, float r, bool has_r, float inv_temp, float lam) {
-  const float bt = t * inv_temp;
+// tanh(x) = 1 - 2 / (e^(2x) + 1), with x clamped to [-15, 15] (tanh(15) rounds to 1 in fp32), so
+// e^(2x) and the division stay in range; NaN stays NaN. Not tanhf: under --use_fast_math (setup.py)
+// nvcc turns tanhf into tanh.approx.f32 (relative error ~2^-11, 0.015 on a logit capped at 30);
+// this form is off by ~1e-7 in absolute terms with the fast exp and division.
+OPD_HD float tanh_f(float x) {
+  const float u = x > 15.f ? 15.f : (x < -15.f ? -15.f : x);
+  return 1.f - 2.f / (fast_exp(2.f * u) + 1.f);
+}
+
+// A model's transformed scaled logit a = T(x) / tau (kernels.h: Transform): post * x, or
+// post * tanh(pre * x) under a softcap, where a banned token (-inf) stays banned (-inf, not -cap).
+// `k.cap` is the same for every thread of a launch (a uniform branch).
+OPD_HD float transform(const Transform& k, float x) {
+  if (!k.cap) return x * k.post;
+  return x == kNegInf ? kNegInf : k.post * tanh_f(k.pre * x);
+}
+
+// `transform` and its derivative da/dx (one tanh): post, or pre * post * (1 - tanh^2(pre * x))
+// under a softcap (0 at -inf, where tanh = -1).
+OPD_HD float transform_slope(const Transform& k, float x, float& slope) {
+  if (!k.cap) {
+    slope = k.post;
+    return x * k.post;
+  }
+  const float th = tanh_f(k.pre * x);
+  slope = k.pre * k.post * (1.f - th * th);
+  return x == kNegInf ? kNegInf : k.post * th;
+}
+
+// The G-OPD target lam * bt + (1 - lam) * br from transformed scaled logits bt = T_t(t)/tau,
+// br = T_r(r)/tau (the torch backend's order of operations); bt itself without a reference.
+OPD_HD float target_logit(float bt, float br, bool has_r, float lam) {
   if (!has_r) return bt;
   // a token banned (-inf) by the teacher or the reference is banned in the target
-  if (bt == kNegInf || r == kNegInf) return kNegInf;
-  return lam * bt + (1.f - lam) * (r * inv_temp);
+  if (bt == kNegInf || br == kNegInf) return kNegInf;
+  return lam * bt + (1.f - lam) * br;
 }
 
 // log(e^x + e^y) with -inf handled: logaddexp(-inf, -inf) = -inf.

@@ -6,16 +6,20 @@
 namespace opd {
 
 struct RowConsts {
-  float A, B, C, H, g_main, g_ent, inv_temp, lam, beta, log_beta, log_1m_beta;
+  float A, B, C, H, g_main, g_ent, lam, beta, log_beta, log_1m_beta;
+  Transform ts, tt, tr;  // the student's, teacher's, reference's logit transforms (inv_temp in)
   int64_t y;  // target column in this shard (may lie outside [0, V): no one-hot term)
   bool has_r, main, ent;
 };
 
-// inv_temp * (g_main * d(main)/da + g_ent * dH/da) at one column, from the raw logits s, t, r.
-// Terms with q == 0 give 0 (reverse_kl, jsd, entropy), as the contract says.
+// (g_main * d(main)/da + g_ent * dH/da) * da/ds at one column, from the raw logits s, t, r, with
+// a = T_s(s) / tau (da/ds = inv_temp * scale, times 1 - tanh^2 under a softcap: the chain rule
+// in the same chunk). Terms with q == 0 give 0 (reverse_kl, jsd, entropy), as the contract says;
+// where the softcap's slope is exactly 0 (-inf, or tanh rounded to +-1) the gradient is 0.
 template <int KIND>
 OPD_HD float grad_elem(float s, float t, float r, int64_t col, const RowConsts& k) {
-  const float a = s * k.inv_temp;
+  float slope;
+  const float a = transform_slope(k.ts, s, slope);
   const float log_q = a - k.A, q = fast_exp(log_q);
   float d = 0.f;
   if (k.main) {
@@ -23,7 +27,8 @@ OPD_HD float grad_elem(float s, float t, float r, int64_t col, const RowConsts& 
     if (KIND == kLogprob) {
       dm = (col == k.y ? 1.f : 0.f) - q;
     } else {
-      const float b = target_logit(t, r, k.has_r, k.inv_temp, k.lam);
+      const float b = target_logit(transform(k.tt, t), k.has_r ? transform(k.tr, r) : 0.f, k.has_r,
+                                   k.lam);
       const float log_p = b - k.B;
       if (KIND == kForwardKL) {
         dm = q - fast_exp(log_p);
@@ -37,18 +42,20 @@ OPD_HD float grad_elem(float s, float t, float r, int64_t col, const RowConsts& 
     d = k.g_main * dm;
   }
   if (k.ent && q > 0.f) d += k.g_ent * (-q * (log_q + k.H));
-  return d * k.inv_temp;
+  if (!k.ts.cap) return d * slope;  // slope = inv_temp * scale
+  return slope == 0.f ? 0.f : d * slope;
 }
 
 // Per-row constants of the gradient.
 OPD_HD RowConsts row_consts(int kind, const Logits& r, const int64_t* targets, const float* rs,
-                            const float* g, int64_t row, float inv_temp, float lam, float beta,
+                            const float* g, int64_t row, const Transform& ts,
+                            const Transform& tt, const Transform& tr, float lam, float beta,
                             float log_beta, float log_1m_beta, int64_t vocab_start,
                             bool with_entropy) {
   RowConsts k;
   k.A = rs[row * 4], k.B = rs[row * 4 + 1], k.C = rs[row * 4 + 2], k.H = rs[row * 4 + 3];
   k.g_main = g[row * 2], k.g_ent = g[row * 2 + 1];
-  k.inv_temp = inv_temp, k.lam = lam, k.beta = beta;
+  k.ts = ts, k.tt = tt, k.tr = tr, k.lam = lam, k.beta = beta;
   k.log_beta = log_beta, k.log_1m_beta = log_1m_beta;
   k.y = kind == kLogprob ? targets[row] - vocab_start : -1;
   k.has_r = kind != kLogprob && r.ptr != nullptr;

@@ -8,6 +8,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include <cmath>
 #include <cstdint>
 #include <limits>
 
@@ -102,6 +103,19 @@ const int64_t* ptr_or_null(const at::Tensor& y) {
   return y.defined() ? y.data_ptr<int64_t>() : nullptr;
 }
 
+// A model's logit transform (logit scale, then softcap; opd_kernels.backends) with the
+// temperature folded in, as the kernels apply it (kernels.h: Transform).
+Transform make_transform(double inv_temp, double scale, double cap, const char* model) {
+  TORCH_CHECK(std::isfinite(scale) && scale > 0.0, "opd_kernels_C: ", model,
+              "_scale (the logit scale) must be finite and > 0, got ", scale);
+  TORCH_CHECK(std::isfinite(cap) && cap >= 0.0, "opd_kernels_C: ", model,
+              "_cap (the softcap) must be finite and >= 0 (0 = no cap), got ", cap);
+  if (cap > 0.0) {
+    return Transform{static_cast<float>(scale / cap), static_cast<float>(cap * inv_temp), true};
+  }
+  return Transform{0.f, static_cast<float>(scale * inv_temp), false};
+}
+
 int kind_id(const std::string& kind) {
   if (kind == "logprob") return kLogprob;
   if (kind == "forward_kl") return kForwardKL;
@@ -117,8 +131,12 @@ int kind_id(const std::string& kind) {
 at::Tensor row_stats(const at::Tensor& s, const std::optional<at::Tensor>& t_opt,
                      const std::optional<at::Tensor>& r_opt,
                      const std::optional<at::Tensor>& targets_opt, double inv_temp, double lam,
-                     int64_t vocab_start) {
+                     int64_t vocab_start, double s_scale, double s_cap, double t_scale,
+                     double t_cap, double r_scale, double r_cap) {
   check_logits(s, "s");
+  const Transform ts = make_transform(inv_temp, s_scale, s_cap, "s");
+  const Transform tt = make_transform(inv_temp, t_scale, t_cap, "t");
+  const Transform tr = make_transform(inv_temp, r_scale, r_cap, "r");
   at::Tensor t, r;
   check_teacher(t_opt, r_opt, s, t, r);
   const at::Tensor targets = check_targets(targets_opt, s);
@@ -128,15 +146,18 @@ at::Tensor row_stats(const at::Tensor& s, const std::optional<at::Tensor>& t_opt
   at::Tensor out = at::empty({N, 8}, s.options().dtype(at::kFloat));
   if (N == 0) return out;
   launch_row_stats(view(s), view(t), view(r), ptr_or_null(targets), out.data_ptr<float>(), N, V,
-                   static_cast<float>(inv_temp), static_cast<float>(lam), vocab_start,
+                   ts, tt, tr, static_cast<float>(lam), vocab_start,
                    c10::cuda::getCurrentCUDAStream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }
 
 at::Tensor jsd_sums(const at::Tensor& s, const at::Tensor& t, const at::Tensor& AB_in,
-                    double inv_temp, double beta) {
+                    double inv_temp, double beta, double s_scale, double s_cap, double t_scale,
+                    double t_cap) {
   check_logits(s, "s");
+  const Transform ts = make_transform(inv_temp, s_scale, s_cap, "s");
+  const Transform tt = make_transform(inv_temp, t_scale, t_cap, "t");
   check_like(t, "t", s);
   const at::Tensor AB = check_rows(AB_in, "AB", s, 2);
   TORCH_CHECK(beta > 0.0 && beta < 1.0, "opd_kernels_C.jsd_sums: beta must be in (0, 1), got ", beta);
@@ -145,9 +166,8 @@ at::Tensor jsd_sums(const at::Tensor& s, const at::Tensor& t, const at::Tensor& 
   const int64_t N = s.size(0), V = s.size(1);
   at::Tensor out = at::empty({N, 2}, s.options().dtype(at::kFloat));
   if (N == 0) return out;
-  launch_jsd_sums(view(s), view(t), AB.data_ptr<float>(), out.data_ptr<float>(), N, V,
-                  static_cast<float>(inv_temp), static_cast<float>(beta),
-                  c10::cuda::getCurrentCUDAStream());
+  launch_jsd_sums(view(s), view(t), AB.data_ptr<float>(), out.data_ptr<float>(), N, V, ts, tt,
+                  static_cast<float>(beta), c10::cuda::getCurrentCUDAStream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }
@@ -156,8 +176,12 @@ void grad_logits_out(at::Tensor& out, const at::Tensor& s, const std::optional<a
                      const std::optional<at::Tensor>& r_opt,
                      const std::optional<at::Tensor>& targets_opt, const at::Tensor& rs_in,
                      const at::Tensor& g_in, const std::string& kind, double inv_temp, double lam,
-                     double beta, int64_t vocab_start, bool with_entropy) {
+                     double beta, int64_t vocab_start, bool with_entropy, double s_scale,
+                     double s_cap, double t_scale, double t_cap, double r_scale, double r_cap) {
   const int k = kind_id(kind);
+  const Transform ts = make_transform(inv_temp, s_scale, s_cap, "s");
+  const Transform tt = make_transform(inv_temp, t_scale, t_cap, "t");
+  const Transform tr = make_transform(inv_temp, r_scale, r_cap, "r");
   check_logits(s, "s");
   check_like(out, "out", s);
   TORCH_CHECK(out.scalar_type() == s.scalar_type(), "opd_kernels_C.grad_logits: out must have s's "
@@ -186,7 +210,7 @@ void grad_logits_out(at::Tensor& out, const at::Tensor& s, const std::optional<a
   const int64_t N = s.size(0), V = s.size(1);
   if (N == 0 || V == 0) return;
   launch_grad_logits(k, view(out), view(s), view(t), view(r), ptr_or_null(targets),
-                     rs.data_ptr<float>(), g.data_ptr<float>(), N, V, static_cast<float>(inv_temp),
+                     rs.data_ptr<float>(), g.data_ptr<float>(), N, V, ts, tt, tr,
                      static_cast<float>(lam), static_cast<float>(beta), vocab_start, with_entropy,
                      c10::cuda::getCurrentCUDAStream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -196,11 +220,12 @@ at::Tensor grad_logits(const at::Tensor& s, const std::optional<at::Tensor>& t,
                        const std::optional<at::Tensor>& r, const std::optional<at::Tensor>& targets,
                        const at::Tensor& rs, const at::Tensor& g, const std::string& kind,
                        double inv_temp, double lam, double beta, int64_t vocab_start,
-                       bool with_entropy) {
+                       bool with_entropy, double s_scale, double s_cap, double t_scale,
+                       double t_cap, double r_scale, double r_cap) {
   check_logits(s, "s");
   at::Tensor out = at::empty_like(s, at::MemoryFormat::Contiguous);
   grad_logits_out(out, s, t, r, targets, rs, g, kind, inv_temp, lam, beta, vocab_start,
-                  with_entropy);
+                  with_entropy, s_scale, s_cap, t_scale, t_cap, r_scale, r_cap);
   return out;
 }
 

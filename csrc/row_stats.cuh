@@ -40,8 +40,8 @@ OPD_HD void add_terms(RowState& st, const float (&a)[n], const float (&b)[n], bo
 // One thread's share of row `row`: chunks tid, tid + nthreads, ... then the V % E tail.
 template <typename TS, typename TT>
 OPD_HD void row_stats_thread(const Logits& s, const Logits& t, const Logits& r, int64_t row,
-                             int64_t tid, int64_t nthreads, int64_t V, float inv_temp, float lam,
-                             RowState& st) {
+                             int64_t tid, int64_t nthreads, int64_t V, const Transform& ts,
+                             const Transform& tt, const Transform& tr, float lam, RowState& st) {
   constexpr int E = chunk_elems<TS, TT>();
   const bool has_t = t.ptr != nullptr, has_r = r.ptr != nullptr;
   const TS* srow = row_ptr<TS>(s, row);
@@ -53,20 +53,22 @@ OPD_HD void row_stats_thread(const Logits& s, const Logits& t, const Logits& r, 
     float a[E], b[E], x[E];
     load_chunk<TS, E>(srow + c * E, s.vec, a);
 #pragma unroll
-    for (int j = 0; j < E; ++j) a[j] *= inv_temp;
+    for (int j = 0; j < E; ++j) a[j] = transform(ts, a[j]);
     if (has_t) {
       load_chunk<TT, E>(trow + c * E, t.vec, b);
       if (has_r) load_chunk<TT, E>(rrow + c * E, r.vec, x);
 #pragma unroll
-      for (int j = 0; j < E; ++j) b[j] = target_logit(b[j], has_r ? x[j] : 0.f, has_r, inv_temp, lam);
+      for (int j = 0; j < E; ++j) {
+        b[j] = target_logit(transform(tt, b[j]), has_r ? transform(tr, x[j]) : 0.f, has_r, lam);
+      }
     }
     add_terms<E>(st, a, b, has_t);
   }
   for (int64_t col = nchunks * E + tid; col < V; col += nthreads) {  // V % E tail
-    float a[1] = {to_float(srow[col]) * inv_temp}, b[1] = {0.f};
+    float a[1] = {transform(ts, to_float(srow[col]))}, b[1] = {0.f};
     if (has_t) {
-      b[0] = target_logit(to_float(trow[col]), has_r ? to_float(rrow[col]) : 0.f, has_r, inv_temp,
-                          lam);
+      b[0] = target_logit(transform(tt, to_float(trow[col])),
+                          has_r ? transform(tr, to_float(rrow[col])) : 0.f, has_r, lam);
     }
     add_terms<1>(st, a, b, has_t);
   }
@@ -76,7 +78,7 @@ OPD_HD void row_stats_thread(const Logits& s, const Logits& t, const Logits& r, 
 // columns 3..6 are 0 without a teacher.
 template <typename TS>
 OPD_HD void row_stats_write(const Logits& s, bool has_t, const int64_t* targets, float* out,
-                            int64_t row, int64_t V, float inv_temp, int64_t vocab_start,
+                            int64_t row, int64_t V, const Transform& ts, int64_t vocab_start,
                             const RowState& st) {
   float* o = out + row * 8;
   o[0] = st.ma, o[1] = st.Sa, o[2] = st.Ua;
@@ -85,7 +87,7 @@ OPD_HD void row_stats_write(const Logits& s, bool has_t, const int64_t* targets,
   float a_y = 0.f;
   if (targets != nullptr) {
     const int64_t y = targets[row] - vocab_start;
-    if (y >= 0 && y < V) a_y = to_float(row_ptr<TS>(s, row)[y]) * inv_temp;
+    if (y >= 0 && y < V) a_y = transform(ts, to_float(row_ptr<TS>(s, row)[y]));
   }
   o[7] = a_y;
 }
@@ -94,15 +96,16 @@ OPD_HD void row_stats_write(const Logits& s, bool has_t, const int64_t* targets,
 // log M by logaddexp; terms with p == 0 (resp. q == 0) are skipped.
 template <typename TS, typename TT>
 OPD_HD void jsd_sums_thread(const Logits& s, const Logits& t, const float* AB, int64_t row,
-                            int64_t tid, int64_t nthreads, int64_t V, float inv_temp,
-                            float log_beta, float log_1m_beta, float (&acc)[2]) {
+                            int64_t tid, int64_t nthreads, int64_t V, const Transform& ts,
+                            const Transform& tt, float log_beta, float log_1m_beta,
+                            float (&acc)[2]) {
   constexpr int E = chunk_elems<TS, TT>();
   const TS* srow = row_ptr<TS>(s, row);
   const TT* trow = row_ptr<TT>(t, row);
   const float A = AB[row * 2], B = AB[row * 2 + 1];
   acc[0] = acc[1] = 0.f;
   auto add = [&](float sv, float tv) {
-    const float log_q = sv * inv_temp - A, log_p = tv * inv_temp - B;
+    const float log_q = transform(ts, sv) - A, log_p = transform(tt, tv) - B;
     const float log_m = logaddexp(log_p + log_beta, log_q + log_1m_beta);
     const float p = fast_exp(log_p), q = fast_exp(log_q);
     if (p > 0.f) acc[0] += p * (log_p - log_m);

@@ -18,12 +18,19 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
+import textwrap
 
 import torch
 
-from .methods import METHODS
+from . import inputs
+from .argtypes import pos_float, pos_int
+from .data import EXAMPLE_ROW
+from .methods import METHODS, Method
 from .models import ModelSpec
+
+PROG = "python -m opd_train"
 
 PRESETS = {
     "smoke": dict(
@@ -50,27 +57,9 @@ PRESETS["selfdistill"] = dict(PRESETS["default"], student=dataclasses.replace(
 PRESET_KEYS = ("digits", "ops", "steps", "batch_size", "lr", "eval_every", "eval_size", "save_every")
 
 
-def _typed(cast, ok, what):
-    def parse(text):
-        try:
-            value = cast(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-        if not ok(value):
-            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
-        return value
-    return parse
-
-
-pos_int = _typed(int, lambda v: v > 0, "a positive integer")
-nonneg_int = _typed(int, lambda v: v >= 0, "a non-negative integer")
-pos_float = _typed(float, lambda v: v > 0 and v < float("inf"), "a positive finite number")
-unit = _typed(float, lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]")
-rate = _typed(float, lambda v: 0.0 < v <= 1.0, "a number in (0, 1]")
-
-
-class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows "(default: X)" only where there is a fixed default (not for preset-filled options)."""
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Shows "(default: X)" only where there is a fixed default (not for preset-filled options);
+    the epilog keeps its line breaks."""
 
     def _get_help_string(self, action):
         if action.default is None or isinstance(action.default, bool) or action.help is None:
@@ -78,19 +67,47 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+class _Parser(argparse.ArgumentParser):
+    """Errors are one line, ``python -m opd_train: error: ...``, exit status 2 (as argparse's, no usage dump)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def _preset(key: str) -> str:
     return "preset: " + ", ".join(f"{name} {p[key]}" for name, p in sorted(PRESETS.items()))
 
 
+def _methods_where(pred) -> str:
+    return ", ".join(name for name, cls in METHODS.items() if pred(cls))
+
+
+def _epilog() -> str:
+    fill = lambda text: textwrap.fill(text, width=96)  # noqa: E731
+    methods = "\n".join(f"  {name:5s} {cls.summary}" for name, cls in METHODS.items())
+    return "\n\n".join([
+        "methods:\n" + methods,
+        fill('bring your own data (--data, --eval-data): a JSONL file, one JSON object per line with string '
+             'fields "prompt" and "answer" (the verifier is exact match after stripping whitespace) and '
+             'optional "solution" (privileged context for opsd) and "feedback" (for sdpo), e.g.')
+        + "\n  " + json.dumps(EXAMPLE_ROW),
+        fill("bring your own models (--student, --teacher, --ref): a local Hugging Face causal LM directory "
+             f"as save_pretrained() writes it: {inputs.MODEL_DIR_FILES}. The tokenizer needs a chat template "
+             "(prompts are rendered as one user turn) and an EOS token; student and teacher must share one "
+             "tokenizer."),
+    ])
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m opd_train",
-        description="Train a student with one of the surveyed on-policy distillation methods. With no "
-                    "arguments: OPD on the bundled arithmetic task (teacher and student are pre-trained "
-                    "once and cached under $OPD_TRAIN_CACHE, default ~/.cache/opd_train).",
-        formatter_class=_Formatter)
+    p = _Parser(
+        prog=PROG,
+        description="Train a student with one of the surveyed on-policy distillation methods. With no\n"
+                    "arguments: OPD on the bundled arithmetic task (teacher and student are pre-trained\n"
+                    "once and cached under $OPD_TRAIN_CACHE, default ~/.cache/opd_train). Method options\n"
+                    "default to the values of the papers cited in their group titles.",
+        epilog=_epilog(), formatter_class=_Formatter)
     g = p.add_argument_group("run")
-    g.add_argument("--method", choices=METHODS, default="opd", help="training method")
+    g.add_argument("--method", choices=METHODS, default="opd", help="training method (see 'methods:' below)")
     g.add_argument("--preset", choices=sorted(PRESETS), default="default",
                    help="fills options left unset: task, model sizes and budget (smoke: a quick end-to-end check)")
     g.add_argument("--out", default=None, help="output dir for metrics.jsonl, curves.png, ckpt/ (default runs/METHOD)")
@@ -106,8 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr", type=pos_float, help=f"AdamW learning rate, constant ({_preset('lr')})")
     g.add_argument("--batch-size", type=pos_int,
                    help=f"completions per step and process = prompts x samples-per-prompt ({_preset('batch_size')})")
-    g.add_argument("--samples-per-prompt", type=pos_int,
-                   help="samples per prompt (method default: opd/gopd 4, grpo/sdpo 8, others 1)")
+    spp = ", ".join(f"{name} {cls.default_samples_per_prompt}" for name, cls in METHODS.items())
+    g.add_argument("--samples-per-prompt", type=pos_int, help=f"samples per prompt (method default: {spp})")
     g.add_argument("--epochs-per-batch", type=pos_int, default=1,
                    help="optimizer updates per sampled batch (>1 makes importance ratios/clipping active)")
     g.add_argument("--temperature", type=pos_float, default=1.0, help="sampling temperature (gkd has its own)")
@@ -123,54 +140,24 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--digits", type=pos_int, help=f"operand digits ({_preset('digits')})")
     g.add_argument("--ops", choices=("+", "-", "+-"), help=f"operations ({_preset('ops')})")
 
-    g = p.add_argument_group("bring your own models and data")
+    g = p.add_argument_group("bring your own models and data (formats: see the end of this help)")
     g.add_argument("--student", help="HF causal LM dir to train (default: the cached bundled student)")
-    g.add_argument("--teacher", help="HF causal LM dir of the teacher (gkd, opd, gopd; default: bundled teacher)")
+    external = _methods_where(lambda c: c.teacher == "external")
+    g.add_argument("--teacher", help=f"HF causal LM dir of the teacher ({external}; default: bundled teacher)")
     g.add_argument("--ref", help="gopd reference model dir (default: the student at initialisation)")
     g.add_argument("--data", help="JSONL with fields prompt, answer and optional solution, feedback")
     g.add_argument("--eval-data", help="held-out JSONL (default: the last eval-size rows of --data)")
     g.add_argument("--vocab-size", type=pos_int,
                    help="use the first N vocabulary entries of student and teacher (padded vocabularies)")
 
-    g = p.add_argument_group("grpo / gopd sampled (PPO-style)")
-    g.add_argument("--ppo-clip", type=pos_float, default=0.2, help="ratio clip ε of the surrogate")
-
-    g = p.add_argument_group("gkd (Agarwal et al., 2024)")
-    g.add_argument("--gkd-lambda", type=unit, default=0.5, help="fraction of steps on student samples (λ)")
-    g.add_argument("--gkd-beta", type=unit, default=0.5, help="JSD skew β (0 forward KL, 1 reverse KL)")
-    g.add_argument("--gkd-temperature", type=pos_float, default=0.9, help="student sampling temperature")
-
-    g = p.add_argument_group("opd (Thinking Machines, 2025)")
-    g.add_argument("--opd-loss", choices=("sampled", "fullvocab"), default="sampled",
-                   help="sampled (the TM recipe, the default): per-token advantage A_t = log p_T - log "
-                        "pi_sampler of the sampled token, importance-weighted PG; fullvocab: exact reverse KL "
-                        "over the vocabulary at each sampled position (lower variance)")
-
-    g = p.add_argument_group("opsd (Zhao et al., 2026)")
-    g.add_argument("--opsd-divergence", choices=("jsd", "forward_kl"), default="jsd",
-                   help="full-vocabulary divergence to the self-teacher")
-    g.add_argument("--opsd-beta", type=unit, default=0.5, help="JSD β")
-    g.add_argument("--opsd-clip", type=pos_float, default=None, help="clip each token's divergence at this value")
-
-    g = p.add_argument_group("sdft (Shenfeld et al., 2026)")
-    g.add_argument("--sdft-ema", type=rate, default=0.01, help="EMA rate of the self-teacher per step")
-    g.add_argument("--sdft-skip-tokens", type=nonneg_int, default=0, help="leading completion tokens left out (the paper masks a few; bundled answers have no preamble)")
-
-    g = p.add_argument_group("sdpo (Hübotter et al., 2026)")
-    g.add_argument("--sdpo-ema", type=rate, default=0.05, help="EMA rate of the self-teacher per step")
-    g.add_argument("--sdpo-topk", type=pos_int, default=100, help="teacher top-k (capped at the vocabulary)")
-    g.add_argument("--sdpo-alpha", type=unit, default=0.5, help="JSD skew α over the top-k + tail buckets")
-    g.add_argument("--sdpo-ratio-clip", type=pos_float, default=2.0, help="truncated importance ratio cap")
-
-    g = p.add_argument_group("gopd (Yang et al., 2026)")
-    g.add_argument("--gopd-reward-scale", type=pos_float, default=1.25,
-                   help="λ: 1 = OPD, >1 = ExOPD reward extrapolation (useful range 1-3)")
-    g.add_argument("--gopd-loss", choices=("fullvocab", "sampled"), default="fullvocab",
-                   help="fullvocab: exact KL to the extrapolated target; sampled: gopd_advantages + PPO clip")
+    for name, cls in METHODS.items():
+        if cls.add_options is not Method.add_options:
+            cls.add_options(p.add_argument_group(f"{name} ({cls.paper})" if cls.paper else name))
     return p
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    """Parse, fill in the preset, and check every option and input path before anything runs."""
     p = build_parser()
     args = p.parse_args(argv)
     preset = PRESETS[args.preset]
@@ -182,17 +169,29 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.out = os.path.join("runs", args.method)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available")
-    spp = args.samples_per_prompt
-    if spp is None:
-        from .methods import get
-        spp = get(args.method).default_samples_per_prompt
+    method = METHODS[args.method]
+    spp = args.samples_per_prompt or method.default_samples_per_prompt
     if args.batch_size % spp:
         p.error(f"--batch-size {args.batch_size} must be a multiple of the samples per prompt ({spp} for "
                 f"{args.method}); set --samples-per-prompt or --batch-size")
-    if args.method in ("opsd", "sdft", "sdpo") and args.teacher:
+    if args.teacher and method.teacher == "self":
         p.error(f"--teacher: {args.method} uses the student itself as teacher")
+    if args.teacher and method.teacher is None:
+        p.error(f"--teacher: {args.method} uses no teacher")
     if args.ref and args.method != "gopd":
         p.error("--ref is only used by --method gopd")
     if args.eval_data and not args.data:
         p.error("--eval-data needs --data")
+    try:
+        for flag in ("--data", "--eval-data"):
+            inputs.check_file(flag, getattr(args, flag[2:].replace("-", "_")))
+        for flag, needs_tokenizer in (("--student", True), ("--teacher", True), ("--ref", False)):
+            inputs.check_model_dir(flag, getattr(args, flag[2:]), needs_tokenizer=needs_tokenizer)
+    except inputs.InputError as e:
+        p.error(str(e))
+    if args.data and not args.student:
+        p.error("--data needs --student DIR: the bundled models only know the bundled task")
+    if args.data and method.teacher == "external" and not args.teacher:
+        p.error(f"--data with --method {args.method} needs --teacher DIR: the bundled teacher only knows the "
+                "bundled task")
     return args

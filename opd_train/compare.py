@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from . import cli
+from .argtypes import pos_int
 from .methods import METHODS
 
 
@@ -26,9 +27,8 @@ def prepare_models(preset: str) -> None:
     """Pre-train/cache the bundled models once, outside the timed runs."""
     import torch
 
-    from .models import get_pretrained
+    from .models import PRETRAIN_SEED, get_pretrained
     from .task import ArithmeticTask
-    from .train import PRETRAIN_SEED
 
     torch.set_num_threads(1)
     p = cli.PRESETS[preset]
@@ -80,7 +80,7 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--preset", choices=sorted(cli.PRESETS), default="default")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
-    p.add_argument("--steps", type=cli.pos_int, help="steps per method (default: the preset's)")
+    p.add_argument("--steps", type=pos_int, help="steps per method (default: the preset's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/compare")
     p.add_argument("extra", nargs=argparse.REMAINDER,

@@ -2,42 +2,60 @@
 
 Each non-empty line is a JSON object with string fields ``prompt`` and ``answer`` and optional
 ``solution`` (a worked solution, used as privileged context by OPSD) and ``feedback`` (fixed
-feedback text for SDPO; without it feedback is generated from the verifier). The verifier is
-exact match after stripping whitespace. A malformed line raises ``ValueError("FILE:LINE: ...")``.
+feedback text for SDPO; without it feedback is generated from the verifier), e.g. `EXAMPLE_ROW`.
+The verifier is exact match after stripping whitespace. A file that cannot be read or a malformed
+line raises `opd_train.inputs.InputError` (a ``ValueError``): ``"FLAG FILE:LINE: ..."``.
 """
 from __future__ import annotations
 
 import json
 import random
 
+from .inputs import InputError
 from .task import Example, Task
 
 FIELDS = {"prompt": True, "answer": True, "solution": False, "feedback": False}
+EXAMPLE_ROW = {"prompt": "What is 17 + 25?", "answer": "42", "solution": "7 + 5 = 12, write 2 carry 1; 1 + 2 + 1 = 4"}
 
 
-def load_jsonl(path: str) -> list[Example]:
+def _parse_line(line: str, where: str) -> Example:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as e:
+        at = "the end of the line" if e.pos >= len(line) else f"column {e.colno}"
+        raise InputError(f"{where}: not valid JSON ({e.msg} at {at}); expected one object per line, "
+                         f"e.g. {json.dumps(EXAMPLE_ROW)}") from None
+    if not isinstance(row, dict):
+        raise InputError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    for key, required in FIELDS.items():
+        if required and key not in row:
+            raise InputError(f"{where}: missing required field {key!r}")
+        if key in row and not isinstance(row[key], str):
+            raise InputError(f"{where}: field {key!r} must be a string, got {type(row[key]).__name__}")
+    unknown = set(row) - set(FIELDS)
+    if unknown:
+        raise InputError(f"{where}: unknown field(s) {sorted(unknown)}; expected {sorted(FIELDS)}")
+    return Example(row["prompt"], row["answer"], row.get("solution"), row.get("feedback"))
+
+
+def load_jsonl(path: str, flag: str = "--data") -> list[Example]:
     out = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
-            for key, required in FIELDS.items():
-                if required and key not in row:
-                    raise ValueError(f"{path}:{n}: missing required field {key!r}")
-                if key in row and not isinstance(row[key], str):
-                    raise ValueError(f"{path}:{n}: field {key!r} must be a string, got {type(row[key]).__name__}")
-            unknown = set(row) - set(FIELDS)
-            if unknown:
-                raise ValueError(f"{path}:{n}: unknown field(s) {sorted(unknown)}; expected {sorted(FIELDS)}")
-            out.append(Example(row["prompt"], row["answer"], row.get("solution"), row.get("feedback")))
+    try:
+        with open(path, "rb") as f:
+            raw_lines = f.read().split(b"\n")
+    except OSError as e:
+        raise InputError(f"{flag} {path}: cannot read ({e.strerror}); expected a JSONL file") from None
+    for n, raw in enumerate(raw_lines, start=1):
+        where = f"{flag} {path}:{n}"
+        try:  # a UTF-8 byte-order mark at the start of the file is allowed
+            line = raw.decode("utf-8-sig" if n == 1 else "utf-8").rstrip("\r")
+        except UnicodeDecodeError as e:
+            raise InputError(f"{where}: not UTF-8 text (byte {e.start + 1} of the line)") from None
+        if line.strip():
+            out.append(_parse_line(line, where))
     if not out:
-        raise ValueError(f"{path}: no examples")
+        raise InputError(f"{flag} {path}: no examples (expected one JSON object per line, e.g. "
+                         f"{json.dumps(EXAMPLE_ROW)})")
     return out
 
 
@@ -45,12 +63,13 @@ class JsonlTask(Task):
     """Training rows sampled uniformly (with replacement); held-out rows from --eval-data or the tail."""
 
     def __init__(self, path: str, eval_path: str | None = None, eval_size: int = 256):
-        rows = load_jsonl(path)
+        rows = load_jsonl(path, "--data")
         if eval_path:
-            self.train, self.eval = rows, load_jsonl(eval_path)
+            self.train, self.eval = rows, load_jsonl(eval_path, "--eval-data")
         else:
             if len(rows) < 2:
-                raise ValueError(f"{path}: need at least 2 rows to hold some out (or pass --eval-data)")
+                raise InputError(f"--data {path}: {len(rows)} row, need at least 2 to hold some out "
+                                 "(or pass --eval-data)")
             k = min(eval_size, len(rows) // 2)
             self.train, self.eval = rows[:-k], rows[-k:]
         self.max_answer_chars = max(len(ex.answer) for ex in rows)

@@ -43,6 +43,7 @@ from .task import CONTEXT_KINDS, ArithmeticTask
 from .tokenizer import build_char_tokenizer
 
 CACHE_VERSION = 3  # bump when pre-training code changes what a cached model is
+PRETRAIN_SEED = 0  # the cached teacher/student do not depend on --seed
 
 
 @dataclass(frozen=True)

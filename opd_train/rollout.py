@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import GenerationConfig
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 import opd_kernels as ok
 
@@ -86,6 +86,17 @@ def encode_answers(tok, texts: list[str]) -> list[list[int]]:
     return [ids + [tok.eos_token_id] for ids in tok(texts, add_special_tokens=False).input_ids]
 
 
+def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token lists into ``(ids [B, P], attention_mask [B, P] long)``, every row ending at column P."""
+    p = max(len(x) for x in prompts)
+    ids = torch.full((len(prompts), p), pad_id, dtype=torch.long)
+    am = torch.zeros(len(prompts), p, dtype=torch.long)
+    for i, x in enumerate(prompts):
+        ids[i, p - len(x):] = torch.tensor(x, dtype=torch.long)
+        am[i, p - len(x):] = 1
+    return ids, am
+
+
 def pad_completions(answers: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-pad token lists into ``(ids [B, C], mask [B, C] bool)``."""
     c = max(len(a) for a in answers)
@@ -114,18 +125,12 @@ class Seqs:
 
 
 def pack(prompts: list[list[int]], completion: torch.Tensor, mask: torch.Tensor, pad_id: int) -> Seqs:
-    p = max(len(x) for x in prompts)
-    b, c = completion.shape
-    ids = torch.full((b, p), pad_id, dtype=torch.long)
-    am = torch.zeros(b, p + c, dtype=torch.long)
-    for i, x in enumerate(prompts):
-        ids[i, p - len(x):] = torch.tensor(x, dtype=torch.long)
-        am[i, p - len(x):p] = 1
-    am[:, p:] = mask.long()
-    ids = torch.cat([ids, completion.masked_fill(~mask, pad_id)], dim=1)
+    ids, am = left_pad(prompts, pad_id)
+    p, dev = ids.shape[1], completion.device
+    ids = torch.cat([ids.to(dev), completion.masked_fill(~mask, pad_id)], dim=1)
+    am = torch.cat([am.to(dev), mask.long()], dim=1)
     pos = (am.cumsum(1) - 1).clamp(min=0)
-    dev = completion.device
-    return Seqs(ids.to(dev), am.to(dev), pos.to(dev), p, completion, mask)
+    return Seqs(ids, am, pos, p, completion, mask)
 
 
 def completion_hidden(lm: nn.Module, s: Seqs) -> torch.Tensor:
@@ -143,33 +148,42 @@ def token_logprobs(lm: LM, hidden: torch.Tensor, s: Seqs, temperature: float = 1
 # -- sampling ---------------------------------------------------------------------------------
 @torch.no_grad()
 def generate(model: nn.Module, tok, prompts: list[list[int]], *, max_new_tokens: int,
-             temperature: float = 1.0, greedy: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+             temperature: float = 1.0, greedy: bool = False,
+             vocab_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample one completion per prompt with HF ``generate`` (KV cache).
 
     Returns ``(completion [B, C], mask [B, C])``; the mask covers tokens up to and including the
     first EOS (all tokens if none was produced). Sampling is plain ancestral sampling at
-    ``temperature`` (no top-k/top-p), so the samples follow the policy the losses assume.
+    ``temperature`` (no top-k/top-p), so the samples follow the policy the losses assume. With
+    ``vocab_size`` only the first ``vocab_size`` tokens can be drawn (the `LM` of the losses).
     """
     dev = next(model.parameters()).device
-    p = max(len(x) for x in prompts)
-    ids = torch.full((len(prompts), p), tok.pad_token_id, dtype=torch.long)
-    am = torch.zeros_like(ids)
-    for i, x in enumerate(prompts):
-        ids[i, p - len(x):] = torch.tensor(x, dtype=torch.long)
-        am[i, p - len(x):] = 1
+    ids, am = left_pad(prompts, tok.pad_token_id)
+    p = ids.shape[1]
     cfg = GenerationConfig(
         max_new_tokens=max_new_tokens, do_sample=not greedy, temperature=None if greedy else temperature,
         top_k=None, top_p=None, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
         bos_token_id=tok.bos_token_id)
     was_training = model.training
     model.eval()
-    out = model.generate(input_ids=ids.to(dev), attention_mask=am.to(dev), generation_config=cfg)
+    extra = {} if vocab_size is None else {"logits_processor": LogitsProcessorList([_FirstTokens(vocab_size)])}
+    out = model.generate(input_ids=ids.to(dev), attention_mask=am.to(dev), generation_config=cfg, **extra)
     model.train(was_training)
     comp = out[:, p:]
     is_eos = comp == tok.eos_token_id
     # keep tokens up to and including the first EOS
     mask = (is_eos.long().cumsum(1) - is_eos.long()) == 0
     return comp, mask
+
+
+class _FirstTokens(LogitsProcessor):
+    """Keeps sampling inside the first ``n`` tokens (padded lm_head rows are never drawn)."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __call__(self, input_ids, scores):
+        return scores.index_fill(1, torch.arange(self.n, scores.shape[1], device=scores.device), float("-inf"))
 
 
 def decode(tok, completion: torch.Tensor, mask: torch.Tensor) -> list[str]:
@@ -180,13 +194,13 @@ def decode(tok, completion: torch.Tensor, mask: torch.Tensor) -> list[str]:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, tok, task, examples, *, max_new_tokens: int | None = None,
-             batch_size: int = 512) -> float:
+             batch_size: int = 512, vocab_size: int | None = None) -> float:
     """Held-out exact-match accuracy of greedy decoding (no privileged context)."""
     correct, max_new_tokens = 0, max_new_tokens or task.max_answer_chars + 2
     for i in range(0, len(examples), batch_size):
         exs = examples[i: i + batch_size]
         comp, mask = generate(model, tok, encode_prompts(tok, [ex.prompt for ex in exs]),
-                              max_new_tokens=max_new_tokens, greedy=True)
+                              max_new_tokens=max_new_tokens, greedy=True, vocab_size=vocab_size)
         correct += sum(task.reward(ex, text) for ex, text in zip(exs, decode(tok, comp, mask)))
     return correct / max(1, len(examples))
 

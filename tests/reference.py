@@ -162,3 +162,12 @@ def assert_not_worse_than_naive(ours: dict, exact: dict, s, t, factor=2.0):
         want = want.double()
         err, naive_err = (((x.double() - want).abs() / want.abs()).max().item() for x in (ours[name], naive[name]))
         assert err <= factor * naive_err + 1e-6, f"{name}: max relative error {err:.2e}, naive fp32 {naive_err:.2e}"
+
+
+def softcap_f64(x, scale=1.0, cap=0.0):
+    """float64 logit transform ``cap * tanh(scale * x / cap)`` (cap > 0) or ``scale * x``
+    (cap = 0 / None): logit_scale first, then the softcap; ``-inf`` (banned) stays ``-inf``."""
+    y = x.double() * scale
+    if cap:
+        y = torch.where(torch.isneginf(y), -float("inf"), cap * torch.tanh(y / cap))
+    return y

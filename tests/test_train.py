@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -19,9 +20,9 @@ import torch
 
 from opd_train import cli
 from opd_train.methods import METHODS
-from opd_train.models import get_pretrained
+from opd_train.models import PRETRAIN_SEED, get_pretrained
 from opd_train.task import ArithmeticTask
-from opd_train.train import PRETRAIN_SEED, main
+from opd_train.train import main
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ["--preset", "smoke", "--steps", "2", "--eval-every", "2", "--save-every", "2", "--eval-size", "16"]
@@ -41,6 +42,13 @@ def smoke_models() -> dict[str, Path]:
     p = cli.PRESETS["smoke"]
     task = ArithmeticTask(p["digits"], p["ops"], eval_size=16)
     return {role: get_pretrained(role, p[role], task, PRETRAIN_SEED) for role in ("teacher", "student")}
+
+
+def one_line_error(capsys) -> str:
+    """stderr of a refused run: exactly one ``python -m opd_train: error: ...`` line."""
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("python -m opd_train: error: ") and "\n" not in err, err
+    return err
 
 
 def run_subprocess(args: list[str], env_extra: dict | None = None, timeout: int = 300):
@@ -102,13 +110,21 @@ def test_resume_after_crash_matches_uninterrupted(tmp_path, smoke_models):
     assert a == b  # bit-identical losses, rewards and accuracies (EMA teacher, RNG, optimizer restored)
 
 
-def test_resume_refuses_changed_options(tmp_path, smoke_models):
+def test_resume_refuses_changed_options(tmp_path, smoke_models, capsys):
     out = str(tmp_path / "run")
     assert main(["--method", "sft", *SMOKE, "--out", out]) == 0
-    with pytest.raises(SystemExit, match="--lr was 0.003, now 0.1"):
-        main(["--method", "sft", *SMOKE, "--out", out, "--resume", "--lr", "0.1"])
-    with pytest.raises(SystemExit, match="no checkpoint"):
-        main(["--method", "sft", *SMOKE, "--out", str(tmp_path / "empty"), "--resume"])
+    capsys.readouterr()
+    assert main(["--method", "sft", *SMOKE, "--out", out, "--resume", "--lr", "0.1"]) == 2
+    assert "--lr was 0.003, now 0.1" in one_line_error(capsys)
+    assert main(["--method", "sft", *SMOKE, "--out", str(tmp_path / "empty"), "--resume"]) == 2
+    assert "--resume: no checkpoint in" in one_line_error(capsys)
+    # a fresh run refused during setup (malformed data) leaves the older run's checkpoint in place
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "1+1="\n')
+    assert main(["--method", "sft", *SMOKE, "--out", out, "--student", str(smoke_models["student"]),
+                 "--data", str(bad)]) == 2
+    assert f"--data {bad}:1: not valid JSON" in one_line_error(capsys)
+    assert (Path(out) / "ckpt" / "state.pt").exists()
 
 
 # -- data parallel ----------------------------------------------------------------------------
@@ -136,12 +152,13 @@ def test_torchrun_ddp_two_processes(tmp_path, smoke_models):
     (["--method", "opd", "--batch-size", "6"], "must be a multiple of the samples per prompt (4 for opd)"),
     (["--method", "sdpo", "--teacher", "x"], "sdpo uses the student itself as teacher"),
     (["--ref", "x"], "--ref is only used by --method gopd"),
+    (["--method", "sft", "--teacher", "x"], "--teacher: sft uses no teacher"),
 ])
 def test_bad_cli_values(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
         cli.parse_args(argv)
     assert e.value.code == 2
-    assert message in capsys.readouterr().err
+    assert message in one_line_error(capsys)
 
 
 def test_nonfinite_loss_stops_and_keeps_checkpoint(tmp_path, smoke_models, monkeypatch, capsys):
@@ -179,23 +196,25 @@ def test_bring_your_own_models_and_data(method, tmp_path, smoke_models):
 
 
 @pytest.mark.parametrize("line, message", [
-    ('{"prompt": "1+1=", "answer": "2"\n', "train.jsonl:3: not valid JSON"),
+    ('{"prompt": "1+1=", "answer": "2"\n', "train.jsonl:3: not valid JSON (Expecting ',' delimiter at the end of the line)"),
+    ('{"prompt": "1+1=" "answer": "2"}\n', "train.jsonl:3: not valid JSON (Expecting ',' delimiter at column 19)"),
     ('{"prompt": "1+1="}\n', "train.jsonl:3: missing required field 'answer'"),
     ('{"prompt": "1+1=", "answer": 2}\n', "train.jsonl:3: field 'answer' must be a string"),
     ('["1+1=", "2"]\n', "train.jsonl:3: expected a JSON object"),
     ('{"prompt": "1+1=", "answer": "2", "hint": "x"}\n', "train.jsonl:3: unknown field(s) ['hint']"),
 ])
-def test_malformed_data_line_names_file_and_line(line, message, tmp_path, smoke_models):
+def test_malformed_data_line_names_file_and_line(line, message, tmp_path, smoke_models, capsys):
     data = tmp_path / "train.jsonl"
     good = json.dumps({"prompt": "12+34=", "answer": "640"}) + "\n"
     data.write_text(good + "\n" + line + good)  # line 2 is blank (skipped), line 3 is bad
-    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")
-                       .replace("]", r"\]")):
-        main(["--method", "sft", *SMOKE, "--student", str(smoke_models["student"]), "--data", str(data),
-              "--out", str(tmp_path / "run")])
+    assert main(["--method", "sft", *SMOKE, "--student", str(smoke_models["student"]), "--data", str(data),
+                 "--out", str(tmp_path / "run")]) == 2
+    err = one_line_error(capsys)
+    assert f"--data {data}:3: " in err and message in err
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()  # refused before anything ran
 
 
-def test_refuses_mismatched_tokenizer_and_vocabulary(tmp_path, smoke_models):
+def test_refuses_mismatched_tokenizer_and_vocabulary(tmp_path, smoke_models, capsys):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     data = write_jsonl(tmp_path / "train.jsonl")
@@ -207,15 +226,15 @@ def test_refuses_mismatched_tokenizer_and_vocabulary(tmp_path, smoke_models):
     tok = AutoTokenizer.from_pretrained(smoke_models["teacher"])
     tok.add_tokens(["<extra>"])
     tok.save_pretrained(bad_tok)
-    with pytest.raises(SystemExit, match="tokenizer mismatch"):
-        main([*common, "--teacher", str(bad_tok)])
+    assert main([*common, "--teacher", str(bad_tok)]) == 2
+    assert "tokenizer mismatch" in one_line_error(capsys)
     # a teacher with a padded lm_head (same tokenizer): refused, then accepted with --vocab-size
     padded = tmp_path / "teacher_padded"
     model = AutoModelForCausalLM.from_pretrained(smoke_models["teacher"])
     model.resize_token_embeddings(len(tok) + 7)
     model.save_pretrained(padded)
     AutoTokenizer.from_pretrained(smoke_models["teacher"]).save_pretrained(padded)
-    with pytest.raises(SystemExit, match=r"student lm_head has \d+ rows, teacher \d+; pass --vocab-size"):
-        main([*common, "--teacher", str(padded)])
+    assert main([*common, "--teacher", str(padded)]) == 2
+    assert re.search(r"student lm_head has \d+ rows, teacher \d+; pass --vocab-size", one_line_error(capsys))
     n = len(AutoTokenizer.from_pretrained(smoke_models["student"]))
     assert main([*common, "--teacher", str(padded), "--vocab-size", str(n)]) == 0

@@ -120,12 +120,9 @@ def test_generate_logprobs_match_packed_forward(tok):
     """Sampling with left padding + KV cache and the packed training forward agree token by token."""
     model = tiny_llama(tok)
     prompts = R.encode_prompts(tok, ["12+34=", "demo 1234\n12+34=", "sol 1+2+0=03 3+4+0=07\n99+01="])
-    p = max(map(len, prompts))
-    ids = torch.full((3, p), tok.pad_token_id)
-    am = torch.zeros_like(ids)
-    for i, x in enumerate(prompts):
-        ids[i, p - len(x):] = torch.tensor(x)
-        am[i, p - len(x):] = 1
+    ids, am = R.left_pad(prompts, tok.pad_token_id)
+    p = ids.shape[1]
+    assert am.sum(1).tolist() == list(map(len, prompts)) and bool((am[:, -1] == 1).all())  # right-aligned
     cfg = GenerationConfig(max_new_tokens=6, do_sample=True, top_k=None, top_p=None, pad_token_id=tok.pad_token_id,
                            eos_token_id=tok.eos_token_id, output_logits=True, return_dict_in_generate=True)
     out = model.generate(input_ids=ids, attention_mask=am, generation_config=cfg)

@@ -6,14 +6,15 @@ and vocab-parallel communication once, in Python. A backend only supplies these 
 columns ``0..V-1`` of the tensors given (one vocabulary shard when running vocab-parallel).
 
 Notation: ``a = s * inv_temp`` (student), ``b = t * inv_temp`` (teacher) or, when a reference
-``r`` is given, ``b = (lam * t + (1 - lam) * r) * inv_temp`` (G-OPD target). Inputs may be
+``r`` is given, ``b = (lam * t + (1 - lam) * r) * inv_temp`` (G-OPD target), each of s, t, r
+first passed through its logit transform (below; the identity by default). Inputs may be
 fp32/bf16/fp16 (student and teacher may differ); all math is fp32; the last dim is contiguous,
 the row stride is arbitrary (``vocab_size=`` slices are views); offsets must be int64-safe.
 Terms whose weight ``e^(x - m)`` is exactly 0 (``-inf`` logits) contribute 0, never NaN.
 
 Logits level (required)::
 
-    row_stats(s, t, r, targets, *, inv_temp, lam, vocab_start) -> Tensor[N, 8] float32
+    row_stats(s, t, r, targets, *, inv_temp, lam, vocab_start, tf_s, tf_t, tf_r) -> Tensor[N, 8] float32
         t, r, targets may be None (t None => columns 3..6 are 0; r requires t).
         columns (STAT_* below), with the logits taken relative to the maxima in 2, 5, 6:
           0 m_a  = max_v a                      1 S_a = sum e^(a-m_a)
@@ -33,14 +34,14 @@ Logits level (required)::
         reverse_kl = D_q/S_a - log S_a + log S_b, forward_kl = D_p/S_b - log S_b + log S_a,
         logprob = a_y - A.
 
-    jsd_sums(s, t, AB, *, inv_temp, beta) -> Tensor[N, 2] float32
+    jsd_sums(s, t, AB, *, inv_temp, beta, tf_s, tf_t) -> Tensor[N, 2] float32
         with A = AB[:, 0], B = AB[:, 1] the *global* log-normalizers, p = e^(b-B),
         q = e^(a-A), M = beta*p + (1-beta)*q:
           col 0 = sum p * (log p - log M),   col 1 = sum q * (log q - log M)
         (only called with 0 < beta < 1; beta=0/1 are mapped to forward/reverse KL.)
 
     grad_logits(s, t, r, targets, rs, g, *, kind, inv_temp, lam, beta, vocab_start, out=None,
-                with_entropy=False)
+                with_entropy=False, tf_s, tf_t, tf_r)
         -> Tensor[N, V] in s.dtype (written into ``out`` when given; ``out`` may be ``s`` itself)
         rs: [N, 4] float32 = (A, B, C, H): log-normalizers, the row constant C
             (reverse_kl value for "reverse_kl", KL(q||M) for "jsd", else unused) and entropy H.
@@ -56,11 +57,12 @@ Logits level (required)::
 Fused with the lm_head (optional; ``opd_kernels.ops`` falls back to chunked matmuls feeding
 the logits-level primitives when a backend lacks them)::
 
-    fused_row_stats(hs, ws, bs, ht, wt, bt, hr, wr, br, targets, *, inv_temp, lam, vocab_start)
+    fused_row_stats(hs, ws, bs, ht, wt, bt, hr, wr, br, targets, *, inv_temp, lam, vocab_start,
+                    tf_s, tf_t, tf_r)
         -> [N, 8] as row_stats with s = hs @ ws.T + bs, t = ht @ wt.T + bt, r = hr @ wr.T + br
-    fused_jsd_sums(hs, ws, bs, ht, wt, bt, AB, *, inv_temp, beta) -> [N, 2]
+    fused_jsd_sums(hs, ws, bs, ht, wt, bt, AB, *, inv_temp, beta, tf_s, tf_t) -> [N, 2]
     fused_grad(hs, ws, bs, ht, wt, bt, hr, wr, br, targets, rs, g, *, kind, inv_temp, lam, beta,
-               vocab_start, need_dw, need_db, with_entropy)
+               vocab_start, need_dw, need_db, with_entropy, tf_s, tf_t, tf_r)
         -> (dh [N, d] float32, dw [V, d] float32 or None, db [V] float32 or None)
         gradients of sum_i (g_main_i * main_i + g_ent_i * H_i) w.r.t. hs, ws, bs. The ops always
         pass ``with_entropy`` explicitly (a launcher's default for it is not part of the contract).
@@ -68,8 +70,35 @@ the logits-level primitives when a backend lacks them)::
 The ops hand every primitive *local* ids (``targets`` already shifted to the shard, see
 ``opd_kernels.parallel``), so they call these with the default ``vocab_start=0``.
 
+Logit transforms (every primitive above, keyword-only, default the identity)::
+
+    tf_s, tf_t, tf_r = (scale, cap)   for the student s, the teacher t, the reference r
+                                      (row_stats / grad_logits / fused_row_stats / fused_grad take
+                                      all three; jsd_sums / fused_jsd_sums take tf_s and tf_t)
+
+    each model's raw logits x become  x -> cap * tanh(scale * x / cap)   (cap > 0: softcap)
+                                      x -> scale * x                     (cap = 0 or None: none)
+    *before* the temperature, so a = inv_temp * T_s(s), b = inv_temp * T_t(t), and the G-OPD
+    target is lam * inv_temp * T_t(t) + (1 - lam) * inv_temp * T_r(r). ``scale`` is a Cohere-style
+    ``logit_scale`` (applied first), ``cap`` Gemma 2/3's ``final_logit_softcapping``. Every
+    statistic, ``a_y`` included, is of the transformed logits. ``scale`` must be finite and > 0,
+    ``cap`` finite and >= 0 (``ValueError`` otherwise; see ``transform_consts``).
+    ``-inf`` (a banned token) stays ``-inf`` through the transform (cap * tanh(-inf) would be
+    -cap, which would un-ban it); +inf maps to +cap.
+    Gradients stay w.r.t. the raw student logits s (teacher and reference are constants):
+    ds = (d/da) * inv_temp * scale * (1 - tanh^2(scale * s / cap)) with a cap, (d/da) * inv_temp *
+    scale without; at a banned (-inf) student logit the capped slope is 0 (the limit). Where the
+    capped slope is exactly 0 (-inf, or tanh rounded to +-1) ds is 0 even if d/da is infinite.
+    In-kernel form (``transform_consts``): capped ``a = post * tanh(pre * x)`` with
+    ``pre = scale / cap``, ``post = cap * inv_temp`` and slope ``pre * post * (1 - tanh^2)``;
+    uncapped ``a = post * x`` with ``post = scale * inv_temp`` (so the identity transform is
+    exactly the old ``x * inv_temp``).
+
 A backend is a module exposing these names plus ``NAME`` and ``available() -> (bool, reason)``.
 """
+import math
+from typing import NamedTuple
+
 import torch
 
 from .._dispatch import resolve
@@ -77,6 +106,40 @@ from .._dispatch import resolve
 STAT_M_A, STAT_S_A, STAT_U_A, STAT_M_B, STAT_S_B, STAT_D_Q, STAT_D_P, STAT_A_Y = range(8)
 N_STATS = 8
 KINDS = ("logprob", "forward_kl", "reverse_kl", "jsd")
+
+IDENTITY = (1.0, 0.0)
+"""The identity logit transform ``(scale, cap)``: no logit scale, no softcap."""
+
+
+class TransformConsts(NamedTuple):
+    """A model's logit transform folded with ``inv_temp`` (see the module docstring)."""
+    capped: bool  # cap > 0
+    pre: float    # scale / cap (capped), else 0.0 (unused)
+    post: float   # cap * inv_temp (capped), else scale * inv_temp
+
+
+def check_transform(tf, name: str = "tf") -> tuple[float, float]:
+    """``(scale, cap)`` as floats, checked; ``None`` (the whole pair or the cap) = no transform/cap."""
+    if tf is None:
+        return IDENTITY
+    try:
+        scale, cap = tf
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a (scale, cap) pair, got {tf!r}") from None
+    scale, cap = float(scale), 0.0 if cap is None else float(cap)
+    if not (math.isfinite(scale) and scale > 0.0):
+        raise ValueError(f"{name}: the logit scale must be finite and > 0, got {scale!r}")
+    if not (math.isfinite(cap) and cap >= 0.0):
+        raise ValueError(f"{name}: the softcap must be finite and >= 0 (0 = no cap), got {cap!r}")
+    return scale, cap
+
+
+def transform_consts(tf, inv_temp: float, name: str = "tf") -> TransformConsts:
+    """(capped, pre, post) of ``tf = (scale, cap)`` with the temperature folded in."""
+    scale, cap = check_transform(tf, name)
+    if cap > 0.0:
+        return TransformConsts(True, scale / cap, cap * float(inv_temp))
+    return TransformConsts(False, 0.0, scale * float(inv_temp))
 
 
 def get(impl: str = "auto", device="cpu"):

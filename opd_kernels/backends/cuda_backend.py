@@ -10,6 +10,10 @@ under ``torch.compile``.
 Inputs are fp32/bf16/fp16 with fp32 math. float64 inputs (the precision oracle) go to the
 torch backend rather than being silently computed in fp32. A reference ``r`` whose dtype
 differs from the teacher's is cast to it (the kernels read t and r with one element type).
+
+Logit transforms (``tf_s``/``tf_t``/``tf_r``) are checked here (``ValueError`` naming the argument,
+as the other backends) and passed to the ops as ``s_scale, s_cap, t_scale, ...`` floats (schema
+defaults: the identity); ``csrc/ops.cpp`` checks them again (``TORCH_CHECK``).
 """
 from __future__ import annotations
 
@@ -18,7 +22,7 @@ import importlib.util
 
 import torch
 
-from . import N_STATS
+from . import IDENTITY, N_STATS, check_transform
 from . import torch_backend as _torch
 
 NAME = "cuda"
@@ -62,19 +66,22 @@ def _register_fakes():
     lib = "opd_kernels_C"
 
     @torch.library.register_fake(f"{lib}::row_stats")
-    def _(s, t, r, targets, inv_temp, lam, vocab_start):
+    def _(s, t, r, targets, inv_temp, lam, vocab_start, s_scale=1.0, s_cap=0.0, t_scale=1.0, t_cap=0.0,
+          r_scale=1.0, r_cap=0.0):
         return s.new_empty((s.shape[0], N_STATS), dtype=torch.float32)
 
     @torch.library.register_fake(f"{lib}::jsd_sums")
-    def _(s, t, AB, inv_temp, beta):
+    def _(s, t, AB, inv_temp, beta, s_scale=1.0, s_cap=0.0, t_scale=1.0, t_cap=0.0):
         return s.new_empty((s.shape[0], 2), dtype=torch.float32)
 
     @torch.library.register_fake(f"{lib}::grad_logits")
-    def _(s, t, r, targets, rs, g, kind, inv_temp, lam, beta, vocab_start, with_entropy):
+    def _(s, t, r, targets, rs, g, kind, inv_temp, lam, beta, vocab_start, with_entropy,
+          s_scale=1.0, s_cap=0.0, t_scale=1.0, t_cap=0.0, r_scale=1.0, r_cap=0.0):
         return torch.empty_like(s, memory_format=torch.contiguous_format)
 
     @torch.library.register_fake(f"{lib}::grad_logits_out")
-    def _(out, s, t, r, targets, rs, g, kind, inv_temp, lam, beta, vocab_start, with_entropy):
+    def _(out, s, t, r, targets, rs, g, kind, inv_temp, lam, beta, vocab_start, with_entropy,
+          s_scale=1.0, s_cap=0.0, t_scale=1.0, t_cap=0.0, r_scale=1.0, r_cap=0.0):
         return None
 
 
@@ -97,25 +104,36 @@ def _tg(targets):
     return targets if targets is None or targets.dtype == torch.int64 else targets.long()
 
 
-def row_stats(s, t, r, targets, *, inv_temp, lam=1.0, vocab_start=0):
+def _tf(**tfs):
+    """(x_scale, x_cap, ...) floats of the named transforms, checked (ValueError names the argument)."""
+    return tuple(v for name, tf in tfs.items() for v in check_transform(tf, name))
+
+
+def row_stats(s, t, r, targets, *, inv_temp, lam=1.0, vocab_start=0, tf_s=IDENTITY, tf_t=IDENTITY,
+              tf_r=IDENTITY):
+    tf = _tf(tf_s=tf_s, tf_t=tf_t, tf_r=tf_r)
     if _f64(s, t, r):
-        return _torch.row_stats(s, t, r, targets, inv_temp=inv_temp, lam=lam, vocab_start=vocab_start)
-    return _ops().row_stats(s, t, _ref(t, r), _tg(targets), float(inv_temp), float(lam), int(vocab_start))
+        return _torch.row_stats(s, t, r, targets, inv_temp=inv_temp, lam=lam, vocab_start=vocab_start,
+                                tf_s=tf_s, tf_t=tf_t, tf_r=tf_r)
+    return _ops().row_stats(s, t, _ref(t, r), _tg(targets), float(inv_temp), float(lam), int(vocab_start), *tf)
 
 
-def jsd_sums(s, t, AB, *, inv_temp, beta):
+def jsd_sums(s, t, AB, *, inv_temp, beta, tf_s=IDENTITY, tf_t=IDENTITY):
+    tf = _tf(tf_s=tf_s, tf_t=tf_t)
     if _f64(s, t):
-        return _torch.jsd_sums(s, t, AB, inv_temp=inv_temp, beta=beta)
-    return _ops().jsd_sums(s, t, AB.float(), float(inv_temp), float(beta))
+        return _torch.jsd_sums(s, t, AB, inv_temp=inv_temp, beta=beta, tf_s=tf_s, tf_t=tf_t)
+    return _ops().jsd_sums(s, t, AB.float(), float(inv_temp), float(beta), *tf)
 
 
 def grad_logits(s, t, r, targets, rs, g, *, kind, inv_temp, lam=1.0, beta=0.5, vocab_start=0,
-                out=None, with_entropy=False):
+                out=None, with_entropy=False, tf_s=IDENTITY, tf_t=IDENTITY, tf_r=IDENTITY):
+    tf = _tf(tf_s=tf_s, tf_t=tf_t, tf_r=tf_r)
     if _f64(s, t, r) or (out is not None and out.dtype != s.dtype):
         return _torch.grad_logits(s, t, r, targets, rs, g, kind=kind, inv_temp=inv_temp, lam=lam,
-                                  beta=beta, vocab_start=vocab_start, out=out, with_entropy=with_entropy)
+                                  beta=beta, vocab_start=vocab_start, out=out, with_entropy=with_entropy,
+                                  tf_s=tf_s, tf_t=tf_t, tf_r=tf_r)
     args = (s, t, _ref(t, r), _tg(targets), rs.float(), g.float(), kind, float(inv_temp), float(lam),
-            float(beta), int(vocab_start), bool(with_entropy))
+            float(beta), int(vocab_start), bool(with_entropy), *tf)
     if out is None:
         return _ops().grad_logits(*args)
     _ops().grad_logits_out(out, *args)

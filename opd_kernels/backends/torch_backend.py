@@ -11,13 +11,17 @@ where ``f`` uses the logits relative to the maxima (``x - m``), never the raw lo
 
 Terms whose weight e^(x - m) is 0 (``-inf`` logits) are masked to 0 so that ``0 * inf`` never
 produces NaN.
+
+Logit transforms (``tf_s``, ``tf_t``, ``tf_r`` = (scale, cap), see ``opd_kernels.backends``) are
+applied per chunk as the logits are turned into fp32 (``_transformed``): ``post * tanh(pre * x)``
+with ``-inf`` kept ``-inf`` when capped, else ``post * x``; the identity costs nothing extra.
 """
 from __future__ import annotations
 
 import torch
 
 from .._chunks import row_ranges
-from . import N_STATS
+from . import IDENTITY, N_STATS, transform_consts
 
 NAME = "torch"
 
@@ -33,6 +37,27 @@ def _f(x: torch.Tensor) -> torch.Tensor:
 
 def _scaled(x: torch.Tensor, inv_temp: float) -> torch.Tensor:
     return _f(x) if inv_temp == 1.0 else _f(x) * inv_temp
+
+
+def _transformed(x: torch.Tensor, inv_temp: float, tf, name: str) -> torch.Tensor:
+    """``inv_temp * T(x)`` in fp32 (fp64 stays): ``x`` itself for the identity on an fp32 input
+    with ``inv_temp = 1`` (so callers must not write into it), otherwise a fresh buffer."""
+    k = transform_consts(tf, inv_temp, name)
+    if not k.capped:
+        return _scaled(x, k.post)
+    a = _f(x).mul(k.pre).tanh_().mul_(k.post)
+    return a.masked_fill_(torch.isneginf(x), -float("inf"))  # banned stays banned
+
+
+def _transformed_slope(x: torch.Tensor, inv_temp: float, tf, name: str):
+    """(``a = inv_temp * T(x)``, ``da/dx``): the slope is a float without a cap, else the tensor
+    ``pre * post * (1 - tanh^2(pre * x))`` (0 at -inf, where tanh = -1)."""
+    k = transform_consts(tf, inv_temp, name)
+    if not k.capped:
+        return _scaled(x, k.post), k.post
+    th = _f(x).mul(k.pre).tanh_()
+    a = th.mul(k.post).masked_fill_(torch.isneginf(x), -float("inf"))
+    return a, th.square_().neg_().add_(1.0).mul_(k.pre * k.post)
 
 
 def _wsum(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -71,7 +96,8 @@ NEED = {"logprob": {"a_y"}, "logprob+entropy": {"a_y", "U_a"}, "forward_kl": {"D
         "reverse_kl": {"D_q"}, "jsd": {"b"}}
 
 
-def row_stats(s, t, r, targets, *, inv_temp, lam=1.0, vocab_start=0, need=None):
+def row_stats(s, t, r, targets, *, inv_temp, lam=1.0, vocab_start=0, need=None, tf_s=IDENTITY,
+              tf_t=IDENTITY, tf_r=IDENTITY):
     N, V = s.shape
     need = need or {"U_a", "D_q", "D_p", "a_y"}
     out = torch.zeros(N, N_STATS, dtype=torch.float64 if s.dtype == torch.float64 else torch.float32,
@@ -79,12 +105,13 @@ def row_stats(s, t, r, targets, *, inv_temp, lam=1.0, vocab_start=0, need=None):
     for i, j in row_ranges(N, V):
         # a, b below are the logits relative to their row max (temporaries, reused in place)
         s_i = s[i:j]
-        m_a, a, e_a = _relative(_scaled(s_i, inv_temp), s_i)
+        m_a, a, e_a = _relative(_transformed(s_i, inv_temp, tf_s, "tf_s"), s_i)
         out[i:j, 0], out[i:j, 1] = m_a[:, 0], e_a.sum(-1)
         diff = None
         if t is not None:
             t_i = t[i:j]
-            b = _target_logits(_scaled(t_i, inv_temp), None if r is None else _scaled(r[i:j], inv_temp), lam)
+            b = _target_logits(_transformed(t_i, inv_temp, tf_t, "tf_t"),
+                               None if r is None else _transformed(r[i:j], inv_temp, tf_r, "tf_r"), lam)
             m_b, b, e_b = _relative(b, t_i)
             out[i:j, 3], out[i:j, 4] = m_b[:, 0], e_b.sum(-1)
             if "D_q" in need or "D_p" in need:
@@ -98,7 +125,7 @@ def row_stats(s, t, r, targets, *, inv_temp, lam=1.0, vocab_start=0, need=None):
                 out[i:j, 6] = -torch.nansum(diff.mul_(e_b), -1)
         if targets is not None:
             y, inside = _local_target(targets[i:j], vocab_start, V)
-            a_y = _scaled(s_i.gather(1, y[:, None])[:, 0], inv_temp)
+            a_y = _transformed(s_i.gather(1, y[:, None])[:, 0], inv_temp, tf_s, "tf_s")
             out[i:j, 7] = torch.where(inside, a_y, 0.0)
     return out
 
@@ -111,11 +138,11 @@ def _log_mixture(a, b, A, B, beta):
     return log_q, log_p, log_m
 
 
-def jsd_sums(s, t, AB, *, inv_temp, beta):
+def jsd_sums(s, t, AB, *, inv_temp, beta, tf_s=IDENTITY, tf_t=IDENTITY):
     N, V = s.shape
     out = torch.zeros(N, 2, dtype=AB.dtype, device=s.device)
     for i, j in row_ranges(N, V):
-        a, b = _scaled(s[i:j], inv_temp), _scaled(t[i:j], inv_temp)
+        a, b = _transformed(s[i:j], inv_temp, tf_s, "tf_s"), _transformed(t[i:j], inv_temp, tf_t, "tf_t")
         log_q, log_p, log_m = _log_mixture(a, b, AB[i:j, 0], AB[i:j, 1], beta)
         out[i:j, 0] = _wsum(log_p.exp(), log_p - log_m)
         out[i:j, 1] = _wsum(log_q.exp(), log_q - log_m)
@@ -155,18 +182,21 @@ def grad_logits_chunk(a, b, targets, rs, g, *, kind, beta=0.5, vocab_start=0, wi
 
 
 def grad_logits(s, t, r, targets, rs, g, *, kind, inv_temp, lam=1.0, beta=0.5, vocab_start=0,
-                out=None, with_entropy=False):
+                out=None, with_entropy=False, tf_s=IDENTITY, tf_t=IDENTITY, tf_r=IDENTITY):
     N, V = s.shape
     out = torch.empty_like(s) if out is None else out
     for i, j in row_ranges(N, V):
-        a = _scaled(s[i:j], inv_temp)
+        a, slope = _transformed_slope(s[i:j], inv_temp, tf_s, "tf_s")
         b = None
         if t is not None:
-            b = _target_logits(_scaled(t[i:j], inv_temp), None if r is None else _scaled(r[i:j], inv_temp), lam)
+            b = _target_logits(_transformed(t[i:j], inv_temp, tf_t, "tf_t"),
+                               None if r is None else _transformed(r[i:j], inv_temp, tf_r, "tf_r"), lam)
         tg = None if targets is None else targets[i:j]
         d = grad_logits_chunk(a, b, tg, rs[i:j], g[i:j], kind=kind, beta=beta, vocab_start=vocab_start,
                               with_entropy=with_entropy)
-        if inv_temp != 1.0:
-            d.mul_(inv_temp)
+        if isinstance(slope, torch.Tensor):  # chain rule through the softcap (0 * inf -> 0)
+            d.mul_(slope).masked_fill_(slope == 0, 0.0)
+        elif slope != 1.0:
+            d.mul_(slope)
         out[i:j] = d
     return out

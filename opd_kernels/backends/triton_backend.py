@@ -5,6 +5,11 @@ with a small heuristic per (N, V, d, dtype) -- passed as ``tl.constexpr`` -- and
 any host-device sync. ``OPD_TRITON_AUTOTUNE=1`` (read at import) autotunes the fused-linear
 kernels over a few configs instead (keyed on V and the hidden sizes, not on N).
 
+Logit transforms (``tf_s``/``tf_t``/``tf_r``, see ``opd_kernels.backends``) reach the kernels as
+runtime ``pre_*``/``post_*`` floats (``transform_consts``, temperature folded in) plus constexpr
+``HAS_CAP_*`` flags, set only for a model that is present and capped, so uncapped calls launch
+the same specialisations as before.
+
 Runs on CUDA tensors, or on CPU tensors in the Triton interpreter when ``TRITON_INTERPRET=1``
 was set before triton was first imported (tests on machines without a GPU).
 """
@@ -18,7 +23,7 @@ from functools import lru_cache
 import torch
 
 from .._stats import rebase
-from . import N_STATS, STAT_M_A, STAT_M_B
+from . import IDENTITY, N_STATS, STAT_M_A, STAT_M_B, transform_consts
 
 try:
     import triton
@@ -193,14 +198,29 @@ def _merge_splits(part: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _transforms(inv_temp, tfs: dict, present: dict):
+    """Kernel arguments of the logit transforms: ((pre_s, post_s, pre_t, ...), {HAS_CAP_S: ...}).
+
+    ``tfs`` maps "s"/"t"/"r" to (scale, cap); absent models get a flag of False (their constants
+    are still checked and passed, never read)."""
+    args, flags = [], {}
+    for m, tf in tfs.items():
+        k = transform_consts(tf, inv_temp, f"tf_{m}")
+        args += [k.pre, k.post]
+        flags[f"HAS_CAP_{m.upper()}"] = bool(k.capped and present[m])
+    return tuple(args), flags
+
+
 def _log_betas(beta: float) -> tuple[float, float]:
     """log(beta), log(1 - beta) for the JSD mixture (only used with 0 < beta < 1)."""
     return (math.log(beta), math.log1p(-beta)) if 0.0 < beta < 1.0 else (0.0, 0.0)
 
 
 # --------------------------------------------------------------------------- logits level
-def row_stats(s, t, r, targets, *, inv_temp, lam=1.0, vocab_start=0):
+def row_stats(s, t, r, targets, *, inv_temp, lam=1.0, vocab_start=0, tf_s=IDENTITY, tf_t=IDENTITY,
+              tf_r=IDENTITY):
     s, t, r = _rows(s, "s"), _rows(t, "t"), _rows(r, "r")
+    tfa, caps = _transforms(inv_temp, dict(s=tf_s, t=tf_t, r=tf_r), dict(s=True, t=t is not None, r=r is not None))
     N, V = s.shape
     cfg = _logits_cfg(N, V, s.dtype)
     row_blocks = triton.cdiv(N, cfg.block_n)
@@ -210,14 +230,15 @@ def row_stats(s, t, r, targets, *, inv_temp, lam=1.0, vocab_start=0):
     row_stats_kernel[(row_blocks, splits)](
         s, s if t is None else t, s if r is None else r, s if targets is None else targets, part,
         N, V, s.stride(0), 0 if t is None else t.stride(0), 0 if r is None else r.stride(0),
-        float(inv_temp), float(lam), int(vocab_start), splits,
-        HAS_T=t is not None, HAS_R=r is not None, HAS_Y=targets is not None,
+        *tfa, float(lam), int(vocab_start), splits,
+        HAS_T=t is not None, HAS_R=r is not None, HAS_Y=targets is not None, **caps,
         BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, num_warps=cfg.num_warps)
     return _merge_splits(part)
 
 
-def jsd_sums(s, t, AB, *, inv_temp, beta):
+def jsd_sums(s, t, AB, *, inv_temp, beta, tf_s=IDENTITY, tf_t=IDENTITY):
     s, t = _rows(s, "s"), _rows(t, "t")
+    tfa, caps = _transforms(inv_temp, dict(s=tf_s, t=tf_t), dict(s=True, t=True))
     N, V = s.shape
     cfg = _logits_cfg(N, V, s.dtype)
     row_blocks = triton.cdiv(N, cfg.block_n)
@@ -225,13 +246,13 @@ def jsd_sums(s, t, AB, *, inv_temp, beta):
     part = torch.empty(splits, N, 2, dtype=torch.float32, device=s.device)
     log_beta, log_1m_beta = _log_betas(beta)
     jsd_sums_kernel[(row_blocks, splits)](
-        s, t, _f32(AB), part, N, V, s.stride(0), t.stride(0), float(inv_temp), log_beta,
-        log_1m_beta, splits, BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, num_warps=cfg.num_warps)
+        s, t, _f32(AB), part, N, V, s.stride(0), t.stride(0), *tfa, log_beta,
+        log_1m_beta, splits, **caps, BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, num_warps=cfg.num_warps)
     return part.sum(0)
 
 
 def grad_logits(s, t, r, targets, rs, g, *, kind, inv_temp, lam=1.0, beta=0.5, vocab_start=0,
-                out=None, with_entropy=False):
+                out=None, with_entropy=False, tf_s=IDENTITY, tf_t=IDENTITY, tf_r=IDENTITY):
     """``ds`` in ``s.dtype`` (into ``out`` when given; ``out`` may be ``s`` for an in-place backward).
 
     ``with_entropy`` adds ``g_ent * dH/da`` (as in the torch backend; False skips that work).
@@ -239,6 +260,7 @@ def grad_logits(s, t, r, targets, rs, g, *, kind, inv_temp, lam=1.0, beta=0.5, v
     if kind not in KIND_IDS:
         raise ValueError(f"unknown kind {kind!r}; expected one of {tuple(KIND_IDS)}")
     s, t, r = _rows(s, "s"), _rows(t, "t"), _rows(r, "r")
+    tfa, caps = _transforms(inv_temp, dict(s=tf_s, t=tf_t, r=tf_r), dict(s=True, t=t is not None, r=r is not None))
     N, V = s.shape
     if out is None:
         out = torch.empty_like(s)
@@ -253,10 +275,10 @@ def grad_logits(s, t, r, targets, rs, g, *, kind, inv_temp, lam=1.0, beta=0.5, v
     grad_logits_kernel[(row_blocks, splits)](
         s, s if t is None else t, s if r is None else r, s if targets is None else targets,
         _f32(rs), _f32(g), out, N, V, s.stride(0), 0 if t is None else t.stride(0),
-        0 if r is None else r.stride(0), out.stride(0), float(inv_temp), float(lam), float(beta),
+        0 if r is None else r.stride(0), out.stride(0), *tfa, float(lam), float(beta),
         log_beta, log_1m_beta, int(vocab_start), splits,
         KIND=KIND_IDS[kind], HAS_T=t is not None, HAS_R=r is not None,
-        HAS_Y=targets is not None, HAS_ENT=bool(with_entropy),
+        HAS_Y=targets is not None, HAS_ENT=bool(with_entropy), **caps,
         BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, num_warps=cfg.num_warps)
     return out
 
@@ -290,43 +312,49 @@ def _fused_operands(hs, ws, bs, ht, wt, bt, hr, wr, br):
 
 
 def fused_row_stats(hs, ws, bs, ht, wt, bt, hr, wr, br, targets, *, inv_temp, lam=1.0,
-                    vocab_start=0):
+                    vocab_start=0, tf_s=IDENTITY, tf_t=IDENTITY, tf_r=IDENTITY):
     ptrs, dims, strides, flags = _fused_operands(hs, ws, bs, ht, wt, bt, hr, wr, br)
+    tfa, caps = _transforms(inv_temp, dict(s=tf_s, t=tf_t, r=tf_r),
+                            dict(s=True, t=flags["HAS_T"], r=flags["HAS_R"]))
     N, V = ptrs[0].shape[0], ptrs[1].shape[0]
     cfg = _fused_cfg(N, V, max(dims), ptrs[1].dtype)
     splits = _n_splits(triton.cdiv(N, cfg.block_n), triton.cdiv(V, cfg.block_v), ptrs[0].device)
     part = torch.empty(splits, N, N_STATS, dtype=torch.float32, device=ptrs[0].device)
     targets = _vec(targets)
     args = (*ptrs, ptrs[0] if targets is None else targets, part, N, V, *dims, *strides,
-            float(inv_temp), float(lam), int(vocab_start), splits)
-    consts = dict(flags, HAS_Y=targets is not None, PRECISION=_precision(ws, wt, wr))
+            *tfa, float(lam), int(vocab_start), splits)
+    consts = dict(flags, **caps, HAS_Y=targets is not None, PRECISION=_precision(ws, wt, wr))
     _launch_fused("stats", _fl.fused_row_stats_kernel,
                   lambda bn, bv: (triton.cdiv(N, bn), splits), cfg, args, consts)
     return _merge_splits(part)
 
 
-def fused_jsd_sums(hs, ws, bs, ht, wt, bt, AB, *, inv_temp, beta):
+def fused_jsd_sums(hs, ws, bs, ht, wt, bt, AB, *, inv_temp, beta, tf_s=IDENTITY, tf_t=IDENTITY):
     ptrs, dims, strides, flags = _fused_operands(hs, ws, bs, ht, wt, bt, None, None, None)
+    tfa, caps = _transforms(inv_temp, dict(s=tf_s, t=tf_t), dict(s=True, t=True))
     N, V = ptrs[0].shape[0], ptrs[1].shape[0]
     cfg = _fused_cfg(N, V, max(dims), ptrs[1].dtype)
     splits = _n_splits(triton.cdiv(N, cfg.block_n), triton.cdiv(V, cfg.block_v), ptrs[0].device)
     part = torch.empty(splits, N, 2, dtype=torch.float32, device=ptrs[0].device)
     log_beta, log_1m_beta = _log_betas(beta)
-    args = (*ptrs[:6], _f32(AB), part, N, V, *dims[:2], *strides[:4], float(inv_temp), log_beta,
+    args = (*ptrs[:6], _f32(AB), part, N, V, *dims[:2], *strides[:4], *tfa, log_beta,
             log_1m_beta, splits)
-    consts = dict(HAS_BS=flags["HAS_BS"], HAS_BT=flags["HAS_BT"], PRECISION=_precision(ws, wt))
+    consts = dict(HAS_BS=flags["HAS_BS"], HAS_BT=flags["HAS_BT"], **caps, PRECISION=_precision(ws, wt))
     _launch_fused("jsd", _fl.fused_jsd_sums_kernel,
                   lambda bn, bv: (triton.cdiv(N, bn), splits), cfg, args, consts)
     return part.sum(0)
 
 
 def fused_grad(hs, ws, bs, ht, wt, bt, hr, wr, br, targets, rs, g, *, kind, inv_temp, lam=1.0,
-               beta=0.5, vocab_start=0, need_dw=True, need_db=False, with_entropy=True):
+               beta=0.5, vocab_start=0, need_dw=True, need_db=False, with_entropy=True,
+               tf_s=IDENTITY, tf_t=IDENTITY, tf_r=IDENTITY):
     """(dh [N, d] fp32, dw [V, d] fp32 or None, db [V] fp32 or None) of
     ``sum_i g_main_i main_i + g_ent_i H_i`` (``with_entropy=False`` skips the entropy term)."""
     if kind not in KIND_IDS:
         raise ValueError(f"unknown kind {kind!r}; expected one of {tuple(KIND_IDS)}")
     ptrs, dims, strides, flags = _fused_operands(hs, ws, bs, ht, wt, bt, hr, wr, br)
+    tfa, caps = _transforms(inv_temp, dict(s=tf_s, t=tf_t, r=tf_r),
+                            dict(s=True, t=flags["HAS_T"], r=flags["HAS_R"]))
     N, V = ptrs[0].shape[0], ptrs[1].shape[0]
     device = ptrs[0].device
     cfg = _fused_cfg(N, V, max(dims), ptrs[1].dtype)
@@ -336,9 +364,9 @@ def fused_grad(hs, ws, bs, ht, wt, bt, hr, wr, br, targets, rs, g, *, kind, inv_
     dw = torch.zeros(V, dims[0], dtype=torch.float32, device=device) if need_dw else None
     db = torch.zeros(V, dtype=torch.float32, device=device) if need_db else None
     common = (ptrs[0] if targets is None else targets, _f32(rs), _f32(g))
-    scalars = (N, V, *dims, *strides, float(inv_temp), float(lam), float(beta), log_beta,
+    scalars = (N, V, *dims, *strides, *tfa, float(lam), float(beta), log_beta,
                log_1m_beta, int(vocab_start))
-    consts = dict(flags, KIND=KIND_IDS[kind], HAS_Y=targets is not None,
+    consts = dict(flags, **caps, KIND=KIND_IDS[kind], HAS_Y=targets is not None,
                   HAS_ENT=bool(with_entropy), PRECISION=_precision(ws, wt, wr))
     _launch_fused("dh", _fl.fused_grad_dh_kernel, lambda bn, bv: (triton.cdiv(N, bn),), cfg,
                   (*ptrs, *common, dh, *scalars), consts)

@@ -33,6 +33,7 @@ from .. import parallel
 from .._chunks import fused_row_ranges
 from .._dispatch import backend
 from ..backends import N_STATS
+from ..backends import torch_compiled
 from ._common import acc_dtype
 from ._route import use_fused_kernels_for
 from ._rows import rows_backward, rows_forward, rows_from_stats, upstream
@@ -76,6 +77,11 @@ def _ranges(models, spec: RowSpec):
     (``_chunks.fused_row_ranges``; ``chunk_size=`` overrides)."""
     sizes = [_compute_dtype(models[k + 1]).itemsize for k in (0, 3, 6) if models[k] is not None]
     return fused_row_ranges(models[0].shape[0], models[1].shape[0], sizes, models[1].device, spec.chunk)
+
+
+def _compiled(models, spec: RowSpec, group=None) -> bool:
+    """Whether the chunks run through the compiled chunk math (``backends.torch_compiled``)."""
+    return torch_compiled.applies(spec, models[0], models[0].shape[0], models[1].shape[0], group)
 
 
 def _part(x: Optional[Tensor], i: int, j: int) -> Optional[Tensor]:
@@ -163,6 +169,9 @@ def fl_forward(be, models, targets, spec: RowSpec, group=None):
         stats = be.fused_row_stats(*models, targets, **spec.stats_kw(be))
         return rows_from_stats(stats, lambda AB: be.fused_jsd_sums(*models[:6], AB, **spec.jsd_kw()), spec, group)
     prepared, ranges = _prepared(models), _ranges(models, spec)
+    if _compiled(models, spec, group):
+        outs = [torch_compiled.rows(*_chunk_logits(prepared, i, j), _part(targets, i, j), spec) for i, j in ranges]
+        return tuple(torch.cat(x) for x in zip(*outs))
     parts = [models[0].new_zeros(0, N_STATS, dtype=torch.float32)]
     for i, j in ranges:
         s, t, r = _chunk_logits(prepared, i, j)
@@ -187,7 +196,10 @@ def fl_backward(be, models, targets, rs, g, spec: RowSpec, need, group=None):
         prepared, bufs = _prepared(models), grad_buffers(models, need, overwrite=True)
         for n, (i, j) in enumerate(_ranges(models, spec)):
             s, t, r = _chunk_logits(prepared, i, j)
-            gs = rows_backward(be, s, t, r, _part(targets, i, j), rs[i:j], g[i:j], spec, out=s)  # ds in place
+            if _compiled(models, spec, group):
+                gs = torch_compiled.grad(s, t, r, _part(targets, i, j), rs[i:j], g[i:j], spec)
+            else:  # ds in place of the logits
+                gs = rows_backward(be, s, t, r, _part(targets, i, j), rs[i:j], g[i:j], spec, out=s)
             accumulate_grads(gs, models[0], prepared[0][1], i, j, bufs, first=n == 0)
         dh, dw, db = bufs
     if group is not None and dh is not None:
@@ -206,10 +218,16 @@ def fl_loss_with_grads(be, models, targets, g, spec: RowSpec, need):
     for n, (i, j) in enumerate(_ranges(models, spec)):
         s, t, r = _chunk_logits(prepared, i, j)
         tg = _part(targets, i, j)
-        main, ent, rs = rows_forward(be, s, t, r, tg, spec)
+        if _compiled(models, spec):  # statistics and gradient in one compiled pass
+            if any(need):
+                main, ent, gs = torch_compiled.rows_and_grad(s, t, r, tg, g[i:j], spec)
+            else:
+                main, ent, _ = torch_compiled.rows(s, t, r, tg, spec)
+        else:
+            main, ent, rs = rows_forward(be, s, t, r, tg, spec)
+            gs = rows_backward(be, s, t, r, tg, rs, g[i:j], spec, out=s) if any(need) else None  # in place
         mains.append(main), ents.append(ent)
         if any(need):
-            gs = rows_backward(be, s, t, r, tg, rs, g[i:j], spec, out=s)  # ds in place of the logits
             accumulate_grads(gs, models[0], prepared[0][1], i, j, bufs, first=n == 0)
     return torch.cat(mains), torch.cat(ents), bufs
 

@@ -12,7 +12,9 @@ import torch
 from torch import Tensor
 
 from .. import parallel
+from .._chunks import row_ranges
 from .._dispatch import backend
+from ..backends import torch_compiled
 from .._stats import finish, row_outputs
 from ._common import acc_dtype
 from ._spec import RowSpec, SpecOp, pad_grads
@@ -44,10 +46,28 @@ def rows_backward(be, s, t, r, targets, rs, g, spec: RowSpec, out=None):
     return be.grad_logits(s, t, r, targets, rs, g, out=out, **spec.grad_kw())
 
 
+def _parts(x, i, j):
+    return None if x is None else x[i:j]
+
+
 def _rows_impl(s, t, r, targets, spec):
+    if torch_compiled.applies(spec, s, *s.shape):  # row chunks through the compiled chunk math
+        outs = [torch_compiled.rows(s[i:j], _parts(t, i, j), _parts(r, i, j), _parts(targets, i, j), spec)
+                for i, j in row_ranges(*s.shape)]
+        return tuple(torch.cat(x) for x in zip(*outs))
     main, ent, rs = rows_forward(backend(spec.impl), s, t, r, targets, spec)
     dt = acc_dtype(s)
     return main.to(dt), ent.to(dt), rs.to(dt)
+
+
+def _backward_impl(s, t, r, targets, rs, g, spec):
+    if not torch_compiled.applies(spec, s, *s.shape):
+        return rows_backward(backend(spec.impl), s, t, r, targets, rs, g, spec)
+    ds = torch.empty_like(s)
+    for i, j in row_ranges(*s.shape):
+        ds[i:j] = torch_compiled.grad(s[i:j], _parts(t, i, j), _parts(r, i, j), _parts(targets, i, j), rs[i:j],
+                                      g[i:j], spec)
+    return ds
 
 
 def _rows_fake(s, t, r, targets, spec):
@@ -59,7 +79,7 @@ _LOGITS = ("Tensor s", "Tensor? t", "Tensor? r", "Tensor? targets")
 rows_op = SpecOp("opd_kernels::rows", _LOGITS, "(Tensor, Tensor, Tensor)", _rows_impl, _rows_fake)
 rows_backward_op = SpecOp(
     "opd_kernels::rows_backward", _LOGITS + ("Tensor rs", "Tensor g"), "Tensor",
-    lambda s, t, r, targets, rs, g, spec: rows_backward(backend(spec.impl), s, t, r, targets, rs, g, spec),
+    _backward_impl,
     lambda s, *_: torch.empty_like(s))
 
 

@@ -29,15 +29,20 @@ barrier between tiles because the dot's register layout need not give each eleme
 thread that wrote it; their extra memory is the O(N d + V d) outputs themselves. ``ds`` is cast to the weight dtype for the
 tensor-core ``tl.dot`` (as autograd through a bf16 matmul would).
 
+Logit transforms (``stats.py``): each projected tile is transformed in registers --
+``tile * post`` without a softcap (the old ``tile / tau``), ``softcap(tile, pre, post)`` with
+one (``model_logits_tile``); the backward recomputes the raw tile and applies the chain rule in
+the same tile (``grad.py``'s ``grad_tile_capped``).
+
 Memory: nothing in this file allocates or writes anything of size ``N x V``: the only global
 writes are ``out`` ([splits, N, 8] or [splits, N, 2]), ``dh`` [N, d], ``dw`` [V, d], ``db`` [V].
 """
 import triton
 import triton.language as tl
 
-from .grad import grad_tile, load_row_grad_inputs
+from .grad import grad_tile, grad_tile_capped, load_row_grad_inputs
 from .jsd import jsd_terms
-from .stats import split_range, stats_update, store_stats
+from .stats import softcap, split_range, stats_update, store_stats
 
 
 @triton.jit
@@ -63,17 +68,32 @@ def scaled_logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_ok, col_ok, D, strid
 
 
 @triton.jit
+def model_logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_ok, col_ok, D, stride_h, stride_w,
+                      pre, post, HAS_CAP: tl.constexpr, HAS_BIAS: tl.constexpr,
+                      PRECISION: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One model's transformed scaled logits tile: ``softcap(x, pre, post)`` or ``x * post``."""
+    if HAS_CAP:
+        x = scaled_logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_ok, col_ok, D, stride_h,
+                               stride_w, 1.0, HAS_BIAS, PRECISION, BLOCK_N, BLOCK_V, BLOCK_K)
+        return softcap(x, pre, post)
+    return scaled_logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_ok, col_ok, D, stride_h,
+                              stride_w, post, HAS_BIAS, PRECISION, BLOCK_N, BLOCK_V, BLOCK_K)
+
+
+@triton.jit
 def target_logits_tile(ht, wt, bt, hr, wr, br, rows, cols, row_ok, col_ok, DT, DR,
-                       stride_ht, stride_wt, stride_hr, stride_wr, inv_temp, lam,
-                       HAS_R: tl.constexpr, HAS_BT: tl.constexpr, HAS_BR: tl.constexpr,
-                       PRECISION: tl.constexpr,
+                       stride_ht, stride_wt, stride_hr, stride_wr, pre_t, post_t, pre_r, post_r,
+                       lam, HAS_R: tl.constexpr, HAS_BT: tl.constexpr, HAS_BR: tl.constexpr,
+                       HAS_CAP_T: tl.constexpr, HAS_CAP_R: tl.constexpr, PRECISION: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Target scaled logits ``b = t / tau`` or ``(lam t + (1 - lam) r) / tau`` for one tile."""
-    b = scaled_logits_tile(ht, wt, bt, rows, cols, row_ok, col_ok, DT, stride_ht, stride_wt,
-                           inv_temp, HAS_BT, PRECISION, BLOCK_N, BLOCK_V, BLOCK_K)
+    """Target scaled logits ``b = T_t(t) / tau`` or ``(lam T_t(t) + (1 - lam) T_r(r)) / tau``."""
+    b = model_logits_tile(ht, wt, bt, rows, cols, row_ok, col_ok, DT, stride_ht, stride_wt,
+                          pre_t, post_t, HAS_CAP_T, HAS_BT, PRECISION, BLOCK_N, BLOCK_V, BLOCK_K)
     if HAS_R:
-        r = scaled_logits_tile(hr, wr, br, rows, cols, row_ok, col_ok, DR, stride_hr, stride_wr,
-                               inv_temp, HAS_BR, PRECISION, BLOCK_N, BLOCK_V, BLOCK_K)
+        r = model_logits_tile(hr, wr, br, rows, cols, row_ok, col_ok, DR, stride_hr, stride_wr,
+                              pre_r, post_r, HAS_CAP_R, HAS_BR, PRECISION, BLOCK_N, BLOCK_V,
+                              BLOCK_K)
         banned = (b == float("-inf")) | (r == float("-inf"))  # banned by either model: banned
         b = tl.where(col_ok[None, :] & ~banned, lam * b + (1.0 - lam) * r, float("-inf"))
     return b
@@ -82,10 +102,12 @@ def target_logits_tile(ht, wt, bt, hr, wr, br, rows, cols, row_ok, col_ok, DT, D
 @triton.jit
 def fused_row_stats_kernel(hs, ws, bs, ht, wt, bt, hr, wr, br, y_ptr, out_ptr,
                            N, V, DS, DT, DR, stride_hs, stride_ws, stride_ht, stride_wt,
-                           stride_hr, stride_wr, inv_temp, lam, vocab_start, n_splits,
+                           stride_hr, stride_wr, pre_s, post_s, pre_t, post_t, pre_r, post_r,
+                           lam, vocab_start, n_splits,
                            HAS_T: tl.constexpr, HAS_R: tl.constexpr, HAS_Y: tl.constexpr,
                            HAS_BS: tl.constexpr, HAS_BT: tl.constexpr, HAS_BR: tl.constexpr,
-                           PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
+                           HAS_CAP_S: tl.constexpr, HAS_CAP_T: tl.constexpr,
+                           HAS_CAP_R: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
                            BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
     """out[split, rows, :] = row stats (stats.py) of the projected logits over one vocab split."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -103,16 +125,18 @@ def fused_row_stats_kernel(hs, ws, bs, ht, wt, bt, hr, wr, br, y_ptr, out_ptr,
     for v0 in range(lo, hi, BLOCK_V):
         cols = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)
         col_ok = cols < hi
-        a = scaled_logits_tile(hs, ws, bs, rows, cols, row_ok, col_ok, DS, stride_hs, stride_ws,
-                               inv_temp, HAS_BS, PRECISION, BLOCK_N, BLOCK_V, BLOCK_K)
+        a = model_logits_tile(hs, ws, bs, rows, cols, row_ok, col_ok, DS, stride_hs, stride_ws,
+                              pre_s, post_s, HAS_CAP_S, HAS_BS, PRECISION, BLOCK_N, BLOCK_V,
+                              BLOCK_K)
         if HAS_Y:  # only the column holding the target matches (padded columns never do)
             hit = (cols[None, :] == y[:, None]) & col_ok[None, :]
             a_y += tl.sum(tl.where(hit, a, 0.0), 1)
         b = a
         if HAS_T:
             b = target_logits_tile(ht, wt, bt, hr, wr, br, rows, cols, row_ok, col_ok, DT, DR,
-                                   stride_ht, stride_wt, stride_hr, stride_wr, inv_temp, lam,
-                                   HAS_R, HAS_BT, HAS_BR, PRECISION, BLOCK_N, BLOCK_V, BLOCK_K)
+                                   stride_ht, stride_wt, stride_hr, stride_wr, pre_t, post_t,
+                                   pre_r, post_r, lam, HAS_R, HAS_BT, HAS_BR, HAS_CAP_T,
+                                   HAS_CAP_R, PRECISION, BLOCK_N, BLOCK_V, BLOCK_K)
         m_a, s_a, u_a, m_b, s_b, d_q, d_p = stats_update(a, b, m_a, s_a, u_a, m_b, s_b, d_q, d_p,
                                                          HAS_T)
     out_rows = tl.program_id(1).to(tl.int64) * N + rows
@@ -122,8 +146,9 @@ def fused_row_stats_kernel(hs, ws, bs, ht, wt, bt, hr, wr, br, y_ptr, out_ptr,
 @triton.jit
 def fused_jsd_sums_kernel(hs, ws, bs, ht, wt, bt, ab_ptr, out_ptr,
                           N, V, DS, DT, stride_hs, stride_ws, stride_ht, stride_wt,
-                          inv_temp, log_beta, log_1m_beta, n_splits,
-                          HAS_BS: tl.constexpr, HAS_BT: tl.constexpr, PRECISION: tl.constexpr,
+                          pre_s, post_s, pre_t, post_t, log_beta, log_1m_beta, n_splits,
+                          HAS_BS: tl.constexpr, HAS_BT: tl.constexpr, HAS_CAP_S: tl.constexpr,
+                          HAS_CAP_T: tl.constexpr, PRECISION: tl.constexpr,
                           BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
     """out[split, rows, 0:2] = (KL(p||M), KL(q||M)) (jsd.py) of the projected logits."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -137,10 +162,12 @@ def fused_jsd_sums_kernel(hs, ws, bs, ht, wt, bt, ab_ptr, out_ptr,
     for v0 in range(lo, hi, BLOCK_V):
         cols = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)
         col_ok = cols < hi
-        a = scaled_logits_tile(hs, ws, bs, rows, cols, row_ok, col_ok, DS, stride_hs, stride_ws,
-                               inv_temp, HAS_BS, PRECISION, BLOCK_N, BLOCK_V, BLOCK_K)
-        b = scaled_logits_tile(ht, wt, bt, rows, cols, row_ok, col_ok, DT, stride_ht, stride_wt,
-                               inv_temp, HAS_BT, PRECISION, BLOCK_N, BLOCK_V, BLOCK_K)
+        a = model_logits_tile(hs, ws, bs, rows, cols, row_ok, col_ok, DS, stride_hs, stride_ws,
+                              pre_s, post_s, HAS_CAP_S, HAS_BS, PRECISION, BLOCK_N, BLOCK_V,
+                              BLOCK_K)
+        b = model_logits_tile(ht, wt, bt, rows, cols, row_ok, col_ok, DT, stride_ht, stride_wt,
+                              pre_t, post_t, HAS_CAP_T, HAS_BT, PRECISION, BLOCK_N, BLOCK_V,
+                              BLOCK_K)
         kl_p, kl_q = jsd_terms(a, b, A, B, log_beta, log_1m_beta)
         acc_p += tl.sum(kl_p, 1)
         acc_q += tl.sum(kl_q, 1)
@@ -152,32 +179,44 @@ def fused_jsd_sums_kernel(hs, ws, bs, ht, wt, bt, ab_ptr, out_ptr,
 @triton.jit
 def fused_ds_tile(hs, ws, bs, ht, wt, bt, hr, wr, br, rows, cols, row_ok, col_ok, DS, DT, DR,
                   stride_hs, stride_ws, stride_ht, stride_wt, stride_hr, stride_wr,
-                  y, A, B, C, H, g_main, g_ent, inv_temp, lam, beta, log_beta, log_1m_beta,
+                  y, A, B, C, H, g_main, g_ent, pre_s, post_s, pre_t, post_t, pre_r, post_r,
+                  lam, beta, log_beta, log_1m_beta,
                   KIND: tl.constexpr, HAS_T: tl.constexpr, HAS_R: tl.constexpr,
                   HAS_ENT: tl.constexpr, HAS_BS: tl.constexpr, HAS_BT: tl.constexpr,
-                  HAS_BR: tl.constexpr, PRECISION: tl.constexpr,
+                  HAS_BR: tl.constexpr, HAS_CAP_S: tl.constexpr, HAS_CAP_T: tl.constexpr,
+                  HAS_CAP_R: tl.constexpr, PRECISION: tl.constexpr,
                   BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
     """Recompute one logits tile and return fp32 ``ds`` (exactly 0 in padded rows/columns)."""
-    a = scaled_logits_tile(hs, ws, bs, rows, cols, row_ok, col_ok, DS, stride_hs, stride_ws,
-                           inv_temp, HAS_BS, PRECISION, BLOCK_N, BLOCK_V, BLOCK_K)
+    if HAS_CAP_S:  # `a` holds the raw logits; grad_tile_capped transforms them (chain rule too)
+        a = scaled_logits_tile(hs, ws, bs, rows, cols, row_ok, col_ok, DS, stride_hs, stride_ws,
+                               1.0, HAS_BS, PRECISION, BLOCK_N, BLOCK_V, BLOCK_K)
+    else:
+        a = scaled_logits_tile(hs, ws, bs, rows, cols, row_ok, col_ok, DS, stride_hs, stride_ws,
+                               post_s, HAS_BS, PRECISION, BLOCK_N, BLOCK_V, BLOCK_K)
     b = a
     if HAS_T:
         b = target_logits_tile(ht, wt, bt, hr, wr, br, rows, cols, row_ok, col_ok, DT, DR,
-                               stride_ht, stride_wt, stride_hr, stride_wr, inv_temp, lam,
-                               HAS_R, HAS_BT, HAS_BR, PRECISION, BLOCK_N, BLOCK_V, BLOCK_K)
-    ds = grad_tile(a, b, cols, y, A, B, C, H, g_main, g_ent, inv_temp, beta, log_beta,
-                   log_1m_beta, KIND, HAS_ENT)
+                               stride_ht, stride_wt, stride_hr, stride_wr, pre_t, post_t, pre_r,
+                               post_r, lam, HAS_R, HAS_BT, HAS_BR, HAS_CAP_T, HAS_CAP_R,
+                               PRECISION, BLOCK_N, BLOCK_V, BLOCK_K)
+    if HAS_CAP_S:
+        ds = grad_tile_capped(a, b, cols, y, A, B, C, H, g_main, g_ent, pre_s, post_s, beta,
+                              log_beta, log_1m_beta, KIND, HAS_ENT)
+    else:
+        ds = grad_tile(a, b, cols, y, A, B, C, H, g_main, g_ent, post_s, beta, log_beta,
+                       log_1m_beta, KIND, HAS_ENT)
     return tl.where(row_ok[:, None] & col_ok[None, :], ds, 0.0)
 
 
 @triton.jit
 def fused_grad_dh_kernel(hs, ws, bs, ht, wt, bt, hr, wr, br, y_ptr, rs_ptr, g_ptr, dh_ptr,
                          N, V, DS, DT, DR, stride_hs, stride_ws, stride_ht, stride_wt,
-                         stride_hr, stride_wr, inv_temp, lam, beta, log_beta, log_1m_beta,
-                         vocab_start,
+                         stride_hr, stride_wr, pre_s, post_s, pre_t, post_t, pre_r, post_r,
+                         lam, beta, log_beta, log_1m_beta, vocab_start,
                          KIND: tl.constexpr, HAS_T: tl.constexpr, HAS_R: tl.constexpr,
                          HAS_Y: tl.constexpr, HAS_ENT: tl.constexpr, HAS_BS: tl.constexpr,
-                         HAS_BT: tl.constexpr, HAS_BR: tl.constexpr, PRECISION: tl.constexpr,
+                         HAS_BT: tl.constexpr, HAS_BR: tl.constexpr, HAS_CAP_S: tl.constexpr,
+                         HAS_CAP_T: tl.constexpr, HAS_CAP_R: tl.constexpr, PRECISION: tl.constexpr,
                          BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
     """dh[rows, :] (fp32, zero-initialised, [N, DS] contiguous) += sum over V of ds @ ws."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -190,9 +229,10 @@ def fused_grad_dh_kernel(hs, ws, bs, ht, wt, bt, hr, wr, br, y_ptr, rs_ptr, g_pt
         col_ok = cols < V
         ds = fused_ds_tile(hs, ws, bs, ht, wt, bt, hr, wr, br, rows, cols, row_ok, col_ok,
                            DS, DT, DR, stride_hs, stride_ws, stride_ht, stride_wt, stride_hr,
-                           stride_wr, y, A, B, C, H, g_main, g_ent, inv_temp, lam, beta,
-                           log_beta, log_1m_beta, KIND, HAS_T, HAS_R, HAS_ENT, HAS_BS, HAS_BT,
-                           HAS_BR, PRECISION, BLOCK_N, BLOCK_V, BLOCK_K)
+                           stride_wr, y, A, B, C, H, g_main, g_ent, pre_s, post_s, pre_t,
+                           post_t, pre_r, post_r, lam, beta, log_beta, log_1m_beta, KIND, HAS_T,
+                           HAS_R, HAS_ENT, HAS_BS, HAS_BT, HAS_BR, HAS_CAP_S, HAS_CAP_T,
+                           HAS_CAP_R, PRECISION, BLOCK_N, BLOCK_V, BLOCK_K)
         ds = ds.to(ws.dtype.element_ty)
         for k0 in range(0, DS, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
@@ -210,11 +250,12 @@ def fused_grad_dh_kernel(hs, ws, bs, ht, wt, bt, hr, wr, br, y_ptr, rs_ptr, g_pt
 @triton.jit
 def fused_grad_dw_kernel(hs, ws, bs, ht, wt, bt, hr, wr, br, y_ptr, rs_ptr, g_ptr, dw_ptr, db_ptr,
                          N, V, DS, DT, DR, stride_hs, stride_ws, stride_ht, stride_wt,
-                         stride_hr, stride_wr, inv_temp, lam, beta, log_beta, log_1m_beta,
-                         vocab_start,
+                         stride_hr, stride_wr, pre_s, post_s, pre_t, post_t, pre_r, post_r,
+                         lam, beta, log_beta, log_1m_beta, vocab_start,
                          KIND: tl.constexpr, HAS_T: tl.constexpr, HAS_R: tl.constexpr,
                          HAS_Y: tl.constexpr, HAS_ENT: tl.constexpr, HAS_BS: tl.constexpr,
-                         HAS_BT: tl.constexpr, HAS_BR: tl.constexpr, NEED_DW: tl.constexpr,
+                         HAS_BT: tl.constexpr, HAS_BR: tl.constexpr, HAS_CAP_S: tl.constexpr,
+                         HAS_CAP_T: tl.constexpr, HAS_CAP_R: tl.constexpr, NEED_DW: tl.constexpr,
                          NEED_DB: tl.constexpr, PRECISION: tl.constexpr,
                          BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
     """dw[cols, :] (fp32, zero-initialised, [V, DS]) += sum over N of ds^T @ hs; db[cols] too."""
@@ -229,9 +270,10 @@ def fused_grad_dw_kernel(hs, ws, bs, ht, wt, bt, hr, wr, br, y_ptr, rs_ptr, g_pt
                                                             vocab_start, HAS_Y)
         ds = fused_ds_tile(hs, ws, bs, ht, wt, bt, hr, wr, br, rows, cols, row_ok, col_ok,
                            DS, DT, DR, stride_hs, stride_ws, stride_ht, stride_wt, stride_hr,
-                           stride_wr, y, A, B, C, H, g_main, g_ent, inv_temp, lam, beta,
-                           log_beta, log_1m_beta, KIND, HAS_T, HAS_R, HAS_ENT, HAS_BS, HAS_BT,
-                           HAS_BR, PRECISION, BLOCK_N, BLOCK_V, BLOCK_K)
+                           stride_wr, y, A, B, C, H, g_main, g_ent, pre_s, post_s, pre_t,
+                           post_t, pre_r, post_r, lam, beta, log_beta, log_1m_beta, KIND, HAS_T,
+                           HAS_R, HAS_ENT, HAS_BS, HAS_BT, HAS_BR, HAS_CAP_S, HAS_CAP_T,
+                           HAS_CAP_R, PRECISION, BLOCK_N, BLOCK_V, BLOCK_K)
         if NEED_DB:
             db += tl.sum(ds, 0)
         if NEED_DW:

@@ -17,6 +17,11 @@ q_v (log q_v - log p_v - KL(q||p))``. JSD: with ``M = beta p + (1 - beta) q``, t
 of both halves sum to ``-(1 - beta) (beta p_u + (1 - beta) q_u) / M_u = -(1 - beta)``, leaving
 ``g_u = (1 - beta) log(q_u / M_u)`` (+ a constant that the softmax Jacobian removes).
 
+Logit transforms: ``a = T_s(s) / tau``, so ``ds = d/da * da/ds`` -- the constant ``post`` without a
+softcap (``grad_tile``'s factor, as before), or with one the slope ``pre * post * (1 - tanh^2)``
+recomputed from the loaded ``s`` in the same tile (``grad_tile_capped``; where the slope is
+exactly 0, at -inf or where tanh rounds to +-1, ``ds`` is 0 even if ``d/da`` is infinite).
+
 Everything is recomputed from the logits and the four row scalars, so backward needs no
 ``[N, V]`` saved tensor. Each element depends only on its own logits: programs stream over
 vocabulary tiles (split over the second grid axis like the forward) and write ``ds`` in the
@@ -28,7 +33,7 @@ import triton
 import triton.language as tl
 
 from .jsd import log_mixture
-from .stats import load_scaled, load_target, split_range
+from .stats import load_scaled, load_target, softcap_slope, split_range
 
 KIND_LOGPROB, KIND_FORWARD_KL, KIND_REVERSE_KL, KIND_JSD = 0, 1, 2, 3
 KIND_IDS = {"logprob": KIND_LOGPROB, "forward_kl": KIND_FORWARD_KL,
@@ -79,11 +84,23 @@ def grad_tile(a, b, cols, y, A, B, C, H, g_main, g_ent, inv_temp, beta, log_beta
 
 
 @triton.jit
+def grad_tile_capped(x, b, cols, y, A, B, C, H, g_main, g_ent, pre, post, beta, log_beta,
+                     log_1m_beta, KIND: tl.constexpr, HAS_ENT: tl.constexpr):
+    """``grad_tile`` for raw student logits ``x`` under a softcap, chain rule included."""
+    a, slope = softcap_slope(x, pre, post)
+    d = grad_tile(a, b, cols, y, A, B, C, H, g_main, g_ent, 1.0, beta, log_beta, log_1m_beta,
+                  KIND, HAS_ENT)
+    return tl.where(slope == 0.0, 0.0, d * slope)
+
+
+@triton.jit
 def grad_logits_kernel(s_ptr, t_ptr, r_ptr, y_ptr, rs_ptr, g_ptr, out_ptr,
                        N, V, stride_s, stride_t, stride_r, stride_o,
-                       inv_temp, lam, beta, log_beta, log_1m_beta, vocab_start, n_splits,
+                       pre_s, post_s, pre_t, post_t, pre_r, post_r, lam, beta, log_beta,
+                       log_1m_beta, vocab_start, n_splits,
                        KIND: tl.constexpr, HAS_T: tl.constexpr, HAS_R: tl.constexpr,
-                       HAS_Y: tl.constexpr, HAS_ENT: tl.constexpr,
+                       HAS_Y: tl.constexpr, HAS_ENT: tl.constexpr, HAS_CAP_S: tl.constexpr,
+                       HAS_CAP_T: tl.constexpr, HAS_CAP_R: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr):
     """out[rows, split columns] = ds in out's dtype (out may alias s)."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -95,11 +112,19 @@ def grad_logits_kernel(s_ptr, t_ptr, r_ptr, y_ptr, rs_ptr, g_ptr, out_ptr,
     for v0 in range(lo, hi, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         mask = row_ok[:, None] & (cols < hi)[None, :]
-        a = load_scaled(s_ptr, rows, cols, stride_s, mask, inv_temp)
+        if HAS_CAP_S:  # `a` holds the raw logits; grad_tile_capped transforms them
+            a = load_scaled(s_ptr, rows, cols, stride_s, mask, 1.0)
+        else:
+            a = load_scaled(s_ptr, rows, cols, stride_s, mask, post_s)
         b = a
         if HAS_T:
-            b = load_target(t_ptr, r_ptr, rows, cols, stride_t, stride_r, mask, inv_temp, lam, HAS_R)
-        d = grad_tile(a, b, cols, y, A, B, C, H, g_main, g_ent, inv_temp, beta, log_beta,
-                      log_1m_beta, KIND, HAS_ENT)
+            b = load_target(t_ptr, r_ptr, rows, cols, stride_t, stride_r, mask, pre_t, post_t,
+                            pre_r, post_r, lam, HAS_R, HAS_CAP_T, HAS_CAP_R)
+        if HAS_CAP_S:
+            d = grad_tile_capped(a, b, cols, y, A, B, C, H, g_main, g_ent, pre_s, post_s, beta,
+                                 log_beta, log_1m_beta, KIND, HAS_ENT)
+        else:
+            d = grad_tile(a, b, cols, y, A, B, C, H, g_main, g_ent, post_s, beta, log_beta,
+                          log_1m_beta, KIND, HAS_ENT)
         tl.store(out_ptr + rows[:, None] * stride_o + cols[None, :],
                  d.to(out_ptr.dtype.element_ty), mask=mask)

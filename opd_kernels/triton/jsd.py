@@ -19,7 +19,7 @@ Backward (``grad.py``) recomputes ``log M`` tile by tile from the same ``A, B``.
 import triton
 import triton.language as tl
 
-from .stats import load_scaled, split_range
+from .stats import load_logits, split_range
 
 
 @triton.jit
@@ -48,7 +48,8 @@ def jsd_terms(a, b, A, B, log_beta, log_1m_beta):
 
 @triton.jit
 def jsd_sums_kernel(s_ptr, t_ptr, ab_ptr, out_ptr,
-                    N, V, stride_s, stride_t, inv_temp, log_beta, log_1m_beta, n_splits,
+                    N, V, stride_s, stride_t, pre_s, post_s, pre_t, post_t, log_beta,
+                    log_1m_beta, n_splits, HAS_CAP_S: tl.constexpr, HAS_CAP_T: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr):
     """out[split, rows, 0:2] = (KL(p||M), KL(q||M)) summed over this program's vocab split."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -63,8 +64,8 @@ def jsd_sums_kernel(s_ptr, t_ptr, ab_ptr, out_ptr,
     for v0 in range(lo, hi, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         mask = row_ok[:, None] & (cols < hi)[None, :]
-        a = load_scaled(s_ptr, rows, cols, stride_s, mask, inv_temp)
-        b = load_scaled(t_ptr, rows, cols, stride_t, mask, inv_temp)
+        a = load_logits(s_ptr, rows, cols, stride_s, mask, pre_s, post_s, HAS_CAP_S)
+        b = load_logits(t_ptr, rows, cols, stride_t, mask, pre_t, post_t, HAS_CAP_T)
         kl_p, kl_q = jsd_terms(a, b, A, B, log_beta, log_1m_beta)
         acc_p += tl.sum(kl_p, 1)
         acc_q += tl.sum(kl_q, 1)

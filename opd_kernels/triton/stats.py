@@ -28,6 +28,13 @@ old sum even if it is ``+inf`` (as the reference does: a term whose weight under
 contributes 0). Nothing here is saved for backward: the backward kernels (``grad.py``)
 recompute tiles from ``A = m_a + log S_a`` and ``B = m_b + log S_b``.
 
+Logit transforms (``opd_kernels.backends``): each model's logits are transformed as they are
+loaded, in the same tile -- ``post * x`` without a cap (``post = logit_scale / tau``, exactly the
+old ``x / tau`` for the identity) or ``post * tanh(pre * x)`` with one (``pre = scale / cap``,
+``post = cap / tau``; ``-inf`` stays ``-inf``), chosen by the constexpr ``HAS_CAP_*`` flags so
+the uncapped kernels compile as before. ``tanh(u) = 1 - 2 / (e^(2u) + 1)``: exact limits +-1,
+absolute error ~1e-7 (what the logits' rounding costs anyway), the same code in the interpreter.
+
 The vocabulary may be split across the second grid axis (``n_splits`` ranges of whole tiles) to
 fill the GPU when N is small; the launcher merges the per-split rows exactly like vocab shards.
 """
@@ -116,12 +123,39 @@ def load_scaled(ptr, rows, cols, stride, mask, inv_temp):
 
 
 @triton.jit
-def load_target(t_ptr, r_ptr, rows, cols, stride_t, stride_r, mask, inv_temp, lam,
-                HAS_R: tl.constexpr):
-    """Target scaled logits ``b``: ``t / tau``, or ``(lam t + (1 - lam) r) / tau`` with a ref."""
-    b = load_scaled(t_ptr, rows, cols, stride_t, mask, inv_temp)
+def tanh(u):
+    """``tanh(u) = 1 - 2 / (e^(2u) + 1)``: exactly +-1 in the limits, NaN for NaN."""
+    return 1.0 - 2.0 / (tl.exp(2.0 * u) + 1.0)
+
+
+@triton.jit
+def softcap(x, pre, post):
+    """``post * tanh(pre * x)``, with ``-inf`` kept ``-inf`` (a banned token stays banned)."""
+    return tl.where(x == float("-inf"), float("-inf"), post * tanh(x * pre))
+
+
+@triton.jit
+def softcap_slope(x, pre, post):
+    """(``softcap(x)``, its derivative ``pre * post * (1 - tanh^2(pre * x))``, 0 at -inf)."""
+    th = tanh(x * pre)
+    return tl.where(x == float("-inf"), float("-inf"), post * th), (pre * post) * (1.0 - th * th)
+
+
+@triton.jit
+def load_logits(ptr, rows, cols, stride, mask, pre, post, HAS_CAP: tl.constexpr):
+    """fp32 transformed scaled logits (``-inf`` outside ``mask``): softcap or ``x * post``."""
+    if HAS_CAP:
+        return softcap(load_scaled(ptr, rows, cols, stride, mask, 1.0), pre, post)
+    return load_scaled(ptr, rows, cols, stride, mask, post)
+
+
+@triton.jit
+def load_target(t_ptr, r_ptr, rows, cols, stride_t, stride_r, mask, pre_t, post_t, pre_r, post_r,
+                lam, HAS_R: tl.constexpr, HAS_CAP_T: tl.constexpr, HAS_CAP_R: tl.constexpr):
+    """Target scaled logits ``b``: ``T_t(t) / tau``, or ``(lam T_t(t) + (1 - lam) T_r(r)) / tau``."""
+    b = load_logits(t_ptr, rows, cols, stride_t, mask, pre_t, post_t, HAS_CAP_T)
     if HAS_R:
-        r = load_scaled(r_ptr, rows, cols, stride_r, mask, inv_temp)
+        r = load_logits(r_ptr, rows, cols, stride_r, mask, pre_r, post_r, HAS_CAP_R)
         # padding, and tokens banned (-inf) by either model, are banned in the target
         # (lam*(-inf) + (1-lam)*(-inf) would be NaN, and +inf for a reference-only ban)
         banned = (b == float("-inf")) | (r == float("-inf"))
@@ -132,8 +166,9 @@ def load_target(t_ptr, r_ptr, rows, cols, stride_t, stride_r, mask, inv_temp, la
 @triton.jit
 def row_stats_kernel(s_ptr, t_ptr, r_ptr, y_ptr, out_ptr,
                      N, V, stride_s, stride_t, stride_r,
-                     inv_temp, lam, vocab_start, n_splits,
+                     pre_s, post_s, pre_t, post_t, pre_r, post_r, lam, vocab_start, n_splits,
                      HAS_T: tl.constexpr, HAS_R: tl.constexpr, HAS_Y: tl.constexpr,
+                     HAS_CAP_S: tl.constexpr, HAS_CAP_T: tl.constexpr, HAS_CAP_R: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr):
     """out[split, rows, :] = row stats of s (and t / r) over this program's vocabulary split."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -148,10 +183,11 @@ def row_stats_kernel(s_ptr, t_ptr, r_ptr, y_ptr, out_ptr,
     for v0 in range(lo, hi, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         mask = row_ok[:, None] & (cols < hi)[None, :]
-        a = load_scaled(s_ptr, rows, cols, stride_s, mask, inv_temp)
+        a = load_logits(s_ptr, rows, cols, stride_s, mask, pre_s, post_s, HAS_CAP_S)
         b = a
         if HAS_T:
-            b = load_target(t_ptr, r_ptr, rows, cols, stride_t, stride_r, mask, inv_temp, lam, HAS_R)
+            b = load_target(t_ptr, r_ptr, rows, cols, stride_t, stride_r, mask, pre_t, post_t,
+                            pre_r, post_r, lam, HAS_R, HAS_CAP_T, HAS_CAP_R)
         m_a, s_a, u_a, m_b, s_b, d_q, d_p = stats_update(a, b, m_a, s_a, u_a, m_b, s_b, d_q, d_p,
                                                          HAS_T)
 
@@ -159,6 +195,10 @@ def row_stats_kernel(s_ptr, t_ptr, r_ptr, y_ptr, out_ptr,
     if HAS_Y:  # gather the target logit directly (the split that owns it adds it, others add 0)
         y = tl.load(y_ptr + rows, mask=row_ok, other=-1).to(tl.int64) - vocab_start
         inside = row_ok & (y >= lo) & (y < hi)
-        a_y = tl.load(s_ptr + rows * stride_s + y, mask=inside, other=0.0).to(tl.float32) * inv_temp
+        x_y = tl.load(s_ptr + rows * stride_s + y, mask=inside, other=0.0).to(tl.float32)
+        if HAS_CAP_S:
+            a_y = softcap(x_y, pre_s, post_s)
+        else:
+            a_y = x_y * post_s
     out_rows = tl.program_id(1).to(tl.int64) * N + rows
     store_stats(out_ptr, out_rows, row_ok, m_a, s_a, u_a, m_b, s_b, d_q, d_p, a_y, HAS_T)

@@ -1,123 +1,26 @@
-"""Training methods. Each file defines one `Method`; all share the rollout and the update loop.
+"""Training methods, one file each, and `METHODS`: the one registry of them.
 
 A method turns a list of prompts (task examples) into a batch (``prepare``: sampling, teacher
 forward passes, rewards — no gradient) and a batch into a loss (``loss``: one student forward
 with gradient through the fused ops). The loop in `opd_train.train` does the rest: optimizer
 step, `after_step` (EMA teachers), metrics, evaluation and checkpoints.
+
+`METHODS` maps ``--method`` names to classes, in help order. The CLI's choices, the help text
+(per-method option groups with their defaults, samples per prompt, which methods need
+``--teacher``) and `opd_train.compare` are all built from it.
 """
 from __future__ import annotations
 
-import copy
+from .base import EMATeacher, Method, masked_mean
+from .gkd import GKD
+from .gopd import GOPD
+from .grpo import GRPO
+from .opd import OPD
+from .opsd import OPSD
+from .sdft import SDFT
+from .sdpo import SDPO
+from .sft import SFT
 
-import torch
+METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (SFT, GRPO, GKD, OPD, OPSD, SDFT, SDPO, GOPD)}
 
-from .. import rollout as R
-
-
-class Method:
-    name = "?"
-    default_samples_per_prompt = 1
-    external_teacher = False  # needs --teacher (a separate, stronger model)
-
-    def __init__(self, tr):
-        self.tr, self.args = tr, tr.args
-
-    # -- the two steps every method defines --------------------------------------------
-    def prepare(self, examples) -> dict:
-        raise NotImplementedError
-
-    def loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
-        raise NotImplementedError
-
-    # -- optional hooks -------------------------------------------------------------------
-    def after_step(self) -> None:
-        """Called after each optimizer step (EMA teachers update here)."""
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
-
-    # -- shared building blocks -----------------------------------------------------------
-    @property
-    def samples_per_prompt(self) -> int:
-        return self.args.samples_per_prompt or self.default_samples_per_prompt
-
-    @torch.no_grad()
-    def rollout(self, examples, n: int, temperature: float) -> dict:
-        """``n`` student samples per prompt, packed, decoded and scored by the verifier."""
-        tr = self.tr
-        exs = [ex for ex in examples for _ in range(n)]
-        prompts = R.encode_prompts(tr.tok, [ex.prompt for ex in exs])
-        comp, mask = R.generate(tr.student.model, tr.tok, prompts, max_new_tokens=tr.max_new_tokens,
-                                temperature=temperature)
-        texts = R.decode(tr.tok, comp, mask)
-        rewards = torch.tensor([tr.task.reward(ex, t) for ex, t in zip(exs, texts)], device=tr.device)
-        return {"examples": exs, "texts": texts, "rewards": rewards,
-                "seqs": R.pack(prompts, comp, mask, tr.tok.pad_token_id)}
-
-    def reference(self, examples) -> dict:
-        """The dataset's reference answers under the plain prompts (teacher forcing)."""
-        tok = self.tr.tok
-        comp, mask = R.pad_completions(R.encode_answers(tok, [ex.answer for ex in examples]), tok.pad_token_id)
-        prompts = R.encode_prompts(tok, [ex.prompt for ex in examples])
-        seqs = R.pack(prompts, comp.to(self.tr.device), mask.to(self.tr.device), tok.pad_token_id)
-        return {"examples": list(examples), "seqs": seqs}
-
-    def repack(self, seqs: R.Seqs, user_contents: list[str]) -> R.Seqs:
-        """The same completions under other prompts (a teacher's view with privileged context)."""
-        prompts = R.encode_prompts(self.tr.tok, user_contents)
-        return R.pack(prompts, seqs.completion, seqs.mask, self.tr.tok.pad_token_id)
-
-    def student_hidden(self, seqs: R.Seqs) -> torch.Tensor:
-        """Student hidden states with gradient (through DDP when data-parallel)."""
-        return R.completion_hidden(self.tr.student_fwd, seqs)
-
-    @staticmethod
-    @torch.no_grad()
-    def frozen_hidden(lm: R.LM, seqs: R.Seqs) -> torch.Tensor:
-        return R.completion_hidden(lm, seqs)
-
-    def old_logprobs(self, batch: dict, logprobs: torch.Tensor) -> torch.Tensor:
-        """``log π_old`` of the sampled tokens: the policy that sampled them.
-
-        There is no separate inference engine, so the first update's forward runs at the
-        sampling weights and its (detached) logprobs are the sampler's; later epochs over the
-        same batch (``--epochs-per-batch``) reuse them, making importance ratios meaningful.
-        """
-        return batch.setdefault("old_logprobs", logprobs.detach())
-
-
-class EMATeacher:
-    """A frozen copy of the student that tracks it: ``θ_T ← (1 − rate) θ_T + rate θ``."""
-
-    def __init__(self, student: torch.nn.Module, rate: float):
-        self.rate = rate
-        self.model = copy.deepcopy(student).eval().requires_grad_(False)
-        self.lm = R.LM(self.model)
-
-    @torch.no_grad()
-    def update(self, student: torch.nn.Module) -> None:
-        for t, s in zip(self.model.parameters(), student.parameters()):
-            t.lerp_(s.detach(), self.rate)
-
-    def state_dict(self) -> dict:
-        return self.model.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.model.load_state_dict(state)
-
-
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return (x * mask).sum() / mask.sum().clamp(min=1)
-
-
-def get(name: str) -> type[Method]:
-    from . import gkd, gopd, grpo, opd, opsd, sdft, sdpo, sft
-
-    return {"sft": sft.SFT, "grpo": grpo.GRPO, "gkd": gkd.GKD, "opd": opd.OPD, "opsd": opsd.OPSD,
-            "sdft": sdft.SDFT, "sdpo": sdpo.SDPO, "gopd": gopd.GOPD}[name]
-
-
-METHODS = ("sft", "grpo", "gkd", "opd", "opsd", "sdft", "sdpo", "gopd")
+__all__ = ["METHODS", "EMATeacher", "Method", "masked_mean"]

@@ -10,12 +10,21 @@ from __future__ import annotations
 
 import opd_kernels as ok
 
-from . import Method
+from ..argtypes import pos_float, unit
+from .base import Method
 
 
 class GKD(Method):
     name = "gkd"
-    external_teacher = True
+    summary = "generalized KD: a λ-mix of student samples and dataset answers, full-vocabulary JSD to the teacher"
+    paper = "Agarwal et al., 2024"
+    teacher = "external"
+
+    @staticmethod
+    def add_options(g):
+        g.add_argument("--gkd-lambda", type=unit, default=0.5, help="fraction of steps on student samples (λ)")
+        g.add_argument("--gkd-beta", type=unit, default=0.5, help="JSD skew β (0 forward KL, 1 reverse KL)")
+        g.add_argument("--gkd-temperature", type=pos_float, default=0.9, help="student sampling temperature")
 
     def prepare(self, examples):
         on_policy = self.tr.rng.random() < self.args.gkd_lambda

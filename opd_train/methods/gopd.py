@@ -17,20 +17,35 @@ import torch
 import opd_kernels as ok
 
 from .. import rollout as R
-from ..models import load
-from . import Method, masked_mean
+from ..inputs import InputError, load_model
+from ..argtypes import pos_float
+from .base import Method, masked_mean
 from .grpo import clipped_surrogate
 
 
 class GOPD(Method):
     name = "gopd"
+    summary = "G-OPD / ExOPD: distillation towards an extrapolated teacher/reference target"
+    paper = "Yang et al., 2026"
     default_samples_per_prompt = 4
-    external_teacher = True
+    teacher = "external"
+
+    @staticmethod
+    def add_options(g):
+        g.add_argument("--gopd-reward-scale", type=pos_float, default=1.25,
+                       help="λ: 1 = OPD, >1 = ExOPD reward extrapolation (useful range 1-3)")
+        g.add_argument("--gopd-loss", choices=("fullvocab", "sampled"), default="fullvocab",
+                       help="fullvocab: exact KL to the extrapolated target; sampled: gopd_advantages + "
+                            "the PPO clip --ppo-clip")
 
     def __init__(self, tr):
         super().__init__(tr)
-        ref = load(self.args.ref or tr.student_path, tr.device).eval().requires_grad_(False)
+        ref = load_model("--ref", self.args.ref or tr.student_path, tr.device).eval().requires_grad_(False)
         self.ref = R.LM(ref, tr.vocab_size)
+        v_ref, v_s = self.ref.weight.shape[0], tr.student.weight.shape[0]
+        if v_ref != v_s:
+            raise InputError(f"--ref {self.args.ref}: its lm_head has {v_ref} rows, the student's {v_s}; "
+                             "the reference needs the student's vocabulary (--vocab-size N uses the first N of each)")
 
     def prepare(self, examples):
         tr = self.tr

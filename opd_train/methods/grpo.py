@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 
 from .. import rollout as R
-from . import Method, masked_mean
+from ..argtypes import pos_float
+from .base import Method, masked_mean
 
 
 def clipped_surrogate(logprobs, old_logprobs, adv, clip: float):
@@ -19,7 +20,14 @@ def clipped_surrogate(logprobs, old_logprobs, adv, clip: float):
 
 class GRPO(Method):
     name = "grpo"
+    summary = "baseline: group-normalised verifier reward, PPO-clipped policy gradient"
+    paper = "Shao et al., 2024"
     default_samples_per_prompt = 8
+
+    @staticmethod
+    def add_options(g):
+        g.add_argument("--ppo-clip", type=pos_float, default=0.2,
+                       help="ratio clip ε of the surrogate (also gopd --gopd-loss sampled)")
 
     def prepare(self, examples):
         g = self.samples_per_prompt

@@ -16,13 +16,22 @@ import torch
 import opd_kernels as ok
 
 from .. import rollout as R
-from . import Method, masked_mean
+from .base import Method, masked_mean
 
 
 class OPD(Method):
     name = "opd"
+    summary = "on-policy distillation, the Thinking Machines recipe: teacher-scored student samples"
+    paper = "Thinking Machines, 2025"
     default_samples_per_prompt = 4
-    external_teacher = True
+    teacher = "external"
+
+    @staticmethod
+    def add_options(g):
+        g.add_argument("--opd-loss", choices=("sampled", "fullvocab"), default="sampled",
+                       help="sampled (the TM recipe): per-token advantage A_t = log p_T - log pi_sampler of the "
+                            "sampled token, importance-weighted PG; fullvocab: exact reverse KL over the "
+                            "vocabulary at each sampled position (lower variance)")
 
     def prepare(self, examples):
         tr = self.tr

@@ -12,16 +12,27 @@ import opd_kernels as ok
 
 from .. import rollout as R
 from ..models import load
-from . import Method, masked_mean
+from ..argtypes import pos_float, unit
+from .base import Method, masked_mean
 
 
 class OPSD(Method):
     name = "opsd"
+    summary = "on-policy self-distillation: the initial student, shown the reference solution, as teacher"
+    paper = "Zhao et al., 2026"
+    teacher = "self"
+
+    @staticmethod
+    def add_options(g):
+        g.add_argument("--opsd-divergence", choices=("jsd", "forward_kl"), default="jsd",
+                       help="full-vocabulary divergence to the self-teacher")
+        g.add_argument("--opsd-beta", type=unit, default=0.5, help="JSD β")
+        g.add_argument("--opsd-clip", type=pos_float, default=None, help="clip each token's divergence at this value")
 
     def __init__(self, tr):
         super().__init__(tr)
         # frozen copy of the initial student (reloaded from its directory, so resume needs nothing extra)
-        self.teacher = R.LM(load(tr.student_path, tr.device).eval().requires_grad_(False))
+        self.teacher = R.LM(load(tr.student_path, tr.device).eval().requires_grad_(False), tr.vocab_size)
 
     def prepare(self, examples):
         b = self.rollout(examples, self.samples_per_prompt, self.args.temperature)

@@ -10,15 +10,25 @@ from __future__ import annotations
 
 import opd_kernels as ok
 
-from . import EMATeacher, Method
+from ..argtypes import nonneg_int, rate
+from .base import EMATeacher, Method
 
 
 class SDFT(Method):
     name = "sdft"
+    summary = "self-distillation fine-tuning: an EMA of the student, shown a demonstration, as teacher"
+    paper = "Shenfeld et al., 2026"
+    teacher = "self"
+
+    @staticmethod
+    def add_options(g):
+        g.add_argument("--sdft-ema", type=rate, default=0.01, help="EMA rate of the self-teacher per step")
+        g.add_argument("--sdft-skip-tokens", type=nonneg_int, default=0,
+                       help="leading completion tokens left out (the paper masks a few; bundled answers have no preamble)")
 
     def __init__(self, tr):
         super().__init__(tr)
-        self.ema = EMATeacher(tr.student.model, self.args.sdft_ema)
+        self.ema = EMATeacher(tr.student.model, self.args.sdft_ema, tr.vocab_size)
 
     def prepare(self, examples):
         b = self.rollout(examples, self.samples_per_prompt, self.args.temperature)

@@ -20,16 +20,27 @@ import torch
 import opd_kernels as ok
 
 from .. import rollout as R
-from . import EMATeacher, Method, masked_mean
+from ..argtypes import pos_float, pos_int, rate, unit
+from .base import EMATeacher, Method, masked_mean
 
 
 class SDPO(Method):
     name = "sdpo"
+    summary = "self-distillation policy optimization: an EMA self-teacher shown feedback or a successful sibling"
+    paper = "Hübotter et al., 2026"
     default_samples_per_prompt = 8
+    teacher = "self"
+
+    @staticmethod
+    def add_options(g):
+        g.add_argument("--sdpo-ema", type=rate, default=0.05, help="EMA rate of the self-teacher per step")
+        g.add_argument("--sdpo-topk", type=pos_int, default=100, help="teacher top-k (capped at the vocabulary)")
+        g.add_argument("--sdpo-alpha", type=unit, default=0.5, help="JSD skew α over the top-k + tail buckets")
+        g.add_argument("--sdpo-ratio-clip", type=pos_float, default=2.0, help="truncated importance ratio cap")
 
     def __init__(self, tr):
         super().__init__(tr)
-        self.ema = EMATeacher(tr.student.model, self.args.sdpo_ema)
+        self.ema = EMATeacher(tr.student.model, self.args.sdpo_ema, tr.vocab_size)
 
     def prepare(self, examples):
         g, task = self.samples_per_prompt, self.tr.task

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from .. import rollout as R
-from . import Method
+from .base import Method
 
 
 def sft_loss(lm: R.LM, s: R.Seqs, fwd=None):
@@ -16,6 +16,7 @@ def sft_loss(lm: R.LM, s: R.Seqs, fwd=None):
 
 class SFT(Method):
     name = "sft"
+    summary = "baseline: cross-entropy on the dataset's reference answers"
 
     def prepare(self, examples):
         return self.reference(examples)

@@ -1,0 +1,115 @@
+"""`Method`, the base every training method extends, and the pieces methods share."""
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from .. import rollout as R
+
+
+class Method:
+    """What the registry (`opd_train.methods.METHODS`) and the CLI read from each method class."""
+    name: str                       # --method NAME; the registry key
+    summary: str                    # one line for --help
+    paper: str | None = None        # where the method and its option defaults come from
+    default_samples_per_prompt = 1
+    teacher: str | None = None      # "external" (needs --teacher), "self" (the student with context) or None
+
+    @staticmethod
+    def add_options(group) -> None:
+        """Add this method's ``--NAME-*`` options (defaults: the paper's values) to its help group."""
+
+    def __init__(self, tr):
+        self.tr, self.args = tr, tr.args
+
+    # -- the two steps every method defines --------------------------------------------
+    def prepare(self, examples) -> dict:
+        raise NotImplementedError
+
+    def loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
+        raise NotImplementedError
+
+    # -- optional hooks -------------------------------------------------------------------
+    def after_step(self) -> None:
+        """Called after each optimizer step (EMA teachers update here)."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    # -- shared building blocks -----------------------------------------------------------
+    @property
+    def samples_per_prompt(self) -> int:
+        return self.args.samples_per_prompt or self.default_samples_per_prompt
+
+    @torch.no_grad()
+    def rollout(self, examples, n: int, temperature: float) -> dict:
+        """``n`` student samples per prompt, packed, decoded and scored by the verifier."""
+        tr = self.tr
+        exs = [ex for ex in examples for _ in range(n)]
+        prompts = R.encode_prompts(tr.tok, [ex.prompt for ex in exs])
+        comp, mask = R.generate(tr.student.model, tr.tok, prompts, max_new_tokens=tr.max_new_tokens,
+                                temperature=temperature, vocab_size=tr.vocab_size)
+        texts = R.decode(tr.tok, comp, mask)
+        rewards = torch.tensor([tr.task.reward(ex, t) for ex, t in zip(exs, texts)], device=tr.device)
+        return {"examples": exs, "texts": texts, "rewards": rewards,
+                "seqs": R.pack(prompts, comp, mask, tr.tok.pad_token_id)}
+
+    def reference(self, examples) -> dict:
+        """The dataset's reference answers under the plain prompts (teacher forcing)."""
+        tok = self.tr.tok
+        comp, mask = R.pad_completions(R.encode_answers(tok, [ex.answer for ex in examples]), tok.pad_token_id)
+        prompts = R.encode_prompts(tok, [ex.prompt for ex in examples])
+        seqs = R.pack(prompts, comp.to(self.tr.device), mask.to(self.tr.device), tok.pad_token_id)
+        return {"examples": list(examples), "seqs": seqs}
+
+    def repack(self, seqs: R.Seqs, user_contents: list[str]) -> R.Seqs:
+        """The same completions under other prompts (a teacher's view with privileged context)."""
+        prompts = R.encode_prompts(self.tr.tok, user_contents)
+        return R.pack(prompts, seqs.completion, seqs.mask, self.tr.tok.pad_token_id)
+
+    def student_hidden(self, seqs: R.Seqs) -> torch.Tensor:
+        """Student hidden states with gradient (through DDP when data-parallel)."""
+        return R.completion_hidden(self.tr.student_fwd, seqs)
+
+    @staticmethod
+    @torch.no_grad()
+    def frozen_hidden(lm: R.LM, seqs: R.Seqs) -> torch.Tensor:
+        return R.completion_hidden(lm, seqs)
+
+    def old_logprobs(self, batch: dict, logprobs: torch.Tensor) -> torch.Tensor:
+        """``log π_old`` of the sampled tokens: the policy that sampled them.
+
+        There is no separate inference engine, so the first update's forward runs at the
+        sampling weights and its (detached) logprobs are the sampler's; later epochs over the
+        same batch (``--epochs-per-batch``) reuse them, making importance ratios meaningful.
+        """
+        return batch.setdefault("old_logprobs", logprobs.detach())
+
+
+class EMATeacher:
+    """A frozen copy of the student that tracks it: ``θ_T ← (1 − rate) θ_T + rate θ``."""
+
+    def __init__(self, student: torch.nn.Module, rate: float, vocab_size: int | None = None):
+        self.rate = rate
+        self.model = copy.deepcopy(student).eval().requires_grad_(False)
+        self.lm = R.LM(self.model, vocab_size)
+
+    @torch.no_grad()
+    def update(self, student: torch.nn.Module) -> None:
+        for t, s in zip(self.model.parameters(), student.parameters()):
+            t.lerp_(s.detach(), self.rate)
+
+    def state_dict(self) -> dict:
+        return self.model.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
