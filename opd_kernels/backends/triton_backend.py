@@ -108,6 +108,18 @@ def _logits_cfg(N: int, V: int, dtype: torch.dtype, *, reduction: bool = False) 
     return _Cfg(block_n, block_v, num_warps=warps)
 
 
+def fused_tiles(N: int, V: int, itemsize: int, wide: bool = False) -> tuple[int, int]:
+    """``(BLOCK_N, BLOCK_V)`` of the fused kernels on a GPU (``_fused_cfg``), also read by the
+    routing model (``ops/_route.py``: the fused backward's accumulator traffic scales with
+    ``1/BLOCK_N + 1/BLOCK_V``). Pure Python, so the model works without triton."""
+    def pow2(x):
+        return 1 << (max(1, int(x)) - 1).bit_length()
+    block_n = max(16, min(64, pow2(N)))
+    if itemsize <= 2:
+        return block_n, max(16, min(128 if wide else 64, pow2(V)))
+    return min(block_n, 32), max(16, min(64, pow2(V)))
+
+
 def _fused_cfg(N: int, V: int, d: int, dtype: torch.dtype, *, wide: bool = False) -> _Cfg:
     """GEMM-shaped fused kernels: tl.dot tiles (every block dimension >= 16).
 
@@ -123,10 +135,10 @@ def _fused_cfg(N: int, V: int, d: int, dtype: torch.dtype, *, wide: bool = False
     block_k = max(16, min(64, _pow2(d))) if dtype.itemsize <= 2 else 16
     if _interpreted():
         return _Cfg(block_n, block_v=max(16, min(128, _pow2(V))), block_k=max(16, min(64, _pow2(d))))
+    bn, bv = fused_tiles(N, V, dtype.itemsize, wide)
     if dtype.itemsize <= 2:
-        return _Cfg(block_n, max(16, min(128 if wide else 64, _pow2(V))), block_k, num_warps=8,
-                    num_stages=3)
-    return _Cfg(min(block_n, 32), max(16, min(64, _pow2(V))), block_k, num_warps=4, num_stages=2)
+        return _Cfg(bn, bv, block_k, num_warps=8, num_stages=3)
+    return _Cfg(bn, bv, block_k, num_warps=4, num_stages=2)
 
 
 def _precision(*weights) -> str:

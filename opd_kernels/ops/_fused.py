@@ -1,10 +1,18 @@
 """Row losses fused with the lm_head: ``logits = h @ W.T + b`` is never materialized as ``[N, V]``.
 
 ``models`` is the flat 9-tuple ``(hs, ws, bs, ht, wt, bt, hr, wr, br)`` of student, teacher and
-reference (None where absent). A backend with ``fused_*`` kernels (triton) gets it whole;
-otherwise rows are processed in chunks ``h[i:j] @ W.T`` sized so each transient ``[c, V]`` fp32
-buffer stays near ``OPD_CHUNK_BYTES`` (``opd_kernels._chunks``), fed to the logits-level
-primitives as in ``_rows``. Entry points:
+reference (None where absent). Two paths, chosen per call by ``_route.use_fused_kernels`` (a
+FLOP/byte model, docs/design.md; ``OPD_FUSED_LINEAR=kernels|chunked|auto`` overrides):
+
+* fused ``tl.dot`` kernels (a backend with ``fused_*`` primitives: triton) get the models whole;
+* the chunk loop (torch, cuda, and triton where the model says so): rows in chunks
+  ``h[i:j] @ W.T (+ b)`` into ``[c, V]`` buffers in the GEMM dtype (bf16 on CUDA, fp32 on CPU),
+  sized by ``_chunks.fused_row_ranges`` (CUDA: all live buffers within ~1 GiB; CPU: each fp32
+  buffer within ``OPD_CHUNK_BYTES``), fed to the logits-level primitives as in ``_rows``; the
+  gradient is written in place into the student's buffer, then ``dh = ds W`` and
+  ``dW += ds^T h`` by cuBLAS/BLAS with fp32 accumulation (``accumulate_grads``).
+
+Entry points:
 
 * ``fl_rows``: per-row ``(main, entropy)``; backward recomputes the logits chunk by chunk.
 * ``fl_loss``: a scalar ``sum_i g_i . (main_i, H_i)`` without a process group. Every backend
@@ -22,11 +30,12 @@ import torch
 from torch import Tensor
 
 from .. import parallel
-from .._chunks import row_ranges
+from .._chunks import fused_row_ranges
 from .._dispatch import backend
 from ..backends import N_STATS
 from ..backends import torch_compiled
 from ._common import acc_dtype
+from ._route import use_fused_kernels_for
 from ._rows import rows_backward, rows_forward, rows_from_stats, upstream
 from ._spec import RowSpec, SpecOp, pad_grads
 
@@ -36,11 +45,14 @@ N_MODEL = len(MODEL_INPUTS)
 
 
 # ----------------------------------------------------------------------------- chunks and GEMMs
+def _compute_dtype(w: Tensor) -> torch.dtype:
+    """The GEMM dtype of a weight: its own, except bf16/fp16 on CPU (no fast GEMM there) -> fp32."""
+    return w.dtype if w.dtype in (torch.float32, torch.float64) or w.device.type != "cpu" else torch.float32
+
+
 def _compute_weight(w: Optional[Tensor]) -> Optional[Tensor]:
-    """Weight in its compute dtype, converted once per call (CPU has no fast bf16/fp16 GEMM)."""
-    if w is None or w.dtype in (torch.float32, torch.float64) or w.device.type != "cpu":
-        return w
-    return w.float()
+    """Weight in its compute dtype, converted once per call."""
+    return None if w is None else w.to(_compute_dtype(w))
 
 
 def _prepared(models):
@@ -49,18 +61,22 @@ def _prepared(models):
 
 
 def _chunk_logits(prepared, i, j):
-    """Logits of rows ``i:j`` for each prepared model (None where a model is absent)."""
+    """Logits of rows ``i:j`` for each prepared model (None where a model is absent), in the GEMM
+    dtype: bf16/fp16 on CUDA -- the row kernels read them and do fp32 math, and a bf16 GEMM rounds
+    its output to bf16 anyway, so an fp32 copy would only add memory and traffic -- and fp32/fp64
+    on CPU. The bias is added inside the GEMM (``addmm``: one rounding)."""
     out = []
     for h, w, b in prepared:
-        x = None if h is None else h[i:j].to(w.dtype) @ w.T
-        if b is not None:
-            x = x + b.to(x.dtype)
-        out.append(x if x is None or x.dtype in (torch.float32, torch.float64) else x.float())
+        x = None if h is None else h[i:j].to(w.dtype)
+        out.append(x if x is None else x @ w.T if b is None else torch.addmm(b.to(w.dtype), x, w.T))
     return out
 
 
 def _ranges(models, spec: RowSpec):
-    return row_ranges(models[0].shape[0], models[1].shape[0], spec.chunk)
+    """Row chunks: every live ``[c, V]`` logits buffer together within the device's budget
+    (``_chunks.fused_row_ranges``; ``chunk_size=`` overrides)."""
+    sizes = [_compute_dtype(models[k + 1]).itemsize for k in (0, 3, 6) if models[k] is not None]
+    return fused_row_ranges(models[0].shape[0], models[1].shape[0], sizes, models[1].device, spec.chunk)
 
 
 def _compiled(models, spec: RowSpec, group=None) -> bool:
@@ -72,35 +88,84 @@ def _part(x: Optional[Tensor], i: int, j: int) -> Optional[Tensor]:
     return None if x is None else x[i:j]
 
 
-def grad_buffers(models, need):
-    """Zeroed (dh, dW, db) accumulators in the accumulation dtype (None where not needed)."""
+def grad_buffers(models, need, overwrite: bool = False):
+    """(dh, dW, db) accumulators in the accumulation dtype (None where not needed): zeroed, or
+    uninitialized when ``overwrite`` (the chunk loop writes every row of dh, and its first chunk
+    passes ``first=True`` to ``accumulate_grads``, which then overwrites dW and db)."""
     hs, ws = models[:2]
     acc = acc_dtype(ws)
-    dh = hs.new_zeros(hs.shape, dtype=acc) if need[0] else None
-    dw = ws.new_zeros(ws.shape, dtype=acc) if need[1] else None
-    db = ws.new_zeros(ws.shape[0], dtype=acc) if need[2] else None
+    new = hs.new_empty if overwrite and hs.shape[0] > 0 else hs.new_zeros
+    dh = new(hs.shape, dtype=acc) if need[0] else None
+    dw = new(ws.shape, dtype=acc) if need[1] else None
+    db = new(ws.shape[0], dtype=acc) if need[2] else None
     return dh, dw, db
 
 
-def accumulate_grads(gs, h, w, i, j, bufs):
-    """dh[i:j] = gs @ W; dW += gs^T h; db += sum(gs) for one chunk of logit gradients."""
+_TORCH = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2])
+# torch.mm / torch.addmm(out_dtype=torch.float32) exist on CUDA since torch 2.8; an fp32 ``self``
+# (the accumulator) next to bf16/fp16 operands is accepted in the versions Liger-Kernel reports
+# using it with (2.12; PR linkedin/Liger-Kernel#1239). They raise on CPU.
+_FP32_OUT_GEMM = _TORCH >= (2, 12)
+
+
+def gemm_mode(w: Tensor, acc: torch.dtype) -> str:
+    """How ``accumulate_grads`` forms ``dh``/``dW`` in ``acc`` from GEMMs in ``w``'s dtype, chosen
+    by device, dtypes and torch version (never by catching an exception):
+
+    * ``"same"``: ``w`` is already in ``acc`` (CPU always, where weights are converted to fp32;
+      CUDA fp32/fp64): ``mm(out=)`` / ``addmm_``.
+    * ``"out_dtype"``: CUDA bf16/fp16 with torch >= 2.12: cuBLAS accumulates in fp32 and writes
+      fp32 straight into the accumulators (``mm(..., out_dtype=fp32, out=)``, ``addmm(dW, ...,
+      out_dtype=fp32, out=dW)``): no ``[V, d]`` temporary, one rounding.
+    * ``"cast"``: anything else (older torch, other accelerators): the product in ``w``'s dtype,
+      then added in ``acc`` (a ``[V, d]`` temporary per chunk)."""
+    if w.dtype == acc:
+        return "same"
+    if w.device.type == "cuda" and w.dtype in (torch.bfloat16, torch.float16) and acc == torch.float32 \
+            and _FP32_OUT_GEMM:
+        return "out_dtype"
+    return "cast"
+
+
+def accumulate_grads(gs, h, w, i, j, bufs, first: bool = False):
+    """dh[i:j] = gs @ W; dW += gs^T h; db += sum(gs) for one chunk of logit gradients ``gs``
+    (``first``: overwrite dW and db instead of adding, i.e. no zero-fill and no read of them)."""
     dh, dw, db = bufs
     if db is not None:
-        db += gs.sum(0, dtype=db.dtype)
+        part = gs.sum(0, dtype=db.dtype)
+        db.copy_(part) if first else db.add_(part)
     gs = gs.to(w.dtype)  # GEMMs in the weight's dtype (bf16 on GPU), accumulated in fp32
+    mode = gemm_mode(w, (dh if dh is not None else dw if dw is not None else gs).dtype)
     if dh is not None:
-        dh[i:j] = gs @ w
-    if dw is not None:
-        if dw.dtype == w.dtype:
-            dw.addmm_(gs.T, h[i:j].to(w.dtype))
+        if mode == "out_dtype":
+            torch.mm(gs, w, out_dtype=dh.dtype, out=dh[i:j])
+        elif mode == "same":
+            torch.mm(gs, w, out=dh[i:j])
         else:
-            dw += (gs.T @ h[i:j].to(w.dtype)).to(dw.dtype)
+            dh[i:j] = gs @ w
+    if dw is not None:
+        hc = h[i:j].to(w.dtype)
+        if mode == "out_dtype":
+            if first:
+                torch.mm(gs.T, hc, out_dtype=dw.dtype, out=dw)
+            else:
+                torch.addmm(dw, gs.T, hc, out_dtype=dw.dtype, out=dw)
+        elif mode == "same":
+            torch.mm(gs.T, hc, out=dw) if first else dw.addmm_(gs.T, hc)
+        else:
+            dw.copy_(gs.T @ hc) if first else dw.add_(gs.T @ hc)
+
+
+def _use_kernels(be, models, spec: RowSpec) -> bool:
+    """The backend's fused ``tl.dot`` kernels (triton) or the chunk loop: ``_route.use_fused_kernels``
+    (the FLOP/byte model of docs/design.md; ``OPD_FUSED_LINEAR`` overrides)."""
+    return hasattr(be, "fused_row_stats") and use_fused_kernels_for(models, spec)
 
 
 # ----------------------------------------------------------------------------- forward / backward
 def fl_forward(be, models, targets, spec: RowSpec, group=None):
     """Per-row ``(main, entropy, rs)`` of the fused-linear ops."""
-    if hasattr(be, "fused_row_stats"):
+    if _use_kernels(be, models, spec):
         stats = be.fused_row_stats(*models, targets, **spec.stats_kw(be))
         return rows_from_stats(stats, lambda AB: be.fused_jsd_sums(*models[:6], AB, **spec.jsd_kw()), spec, group)
     prepared, ranges = _prepared(models), _ranges(models, spec)
@@ -124,18 +189,18 @@ def fl_forward(be, models, targets, spec: RowSpec, group=None):
 
 def fl_backward(be, models, targets, rs, g, spec: RowSpec, need, group=None):
     """(dh, dw, db) in the accumulation dtype (None where not needed) for upstream ``g [N, 2]``."""
-    if hasattr(be, "fused_grad"):
+    if _use_kernels(be, models, spec):
         tg, g = spec.grad_inputs(targets, g)
         dh, dw, db = be.fused_grad(*models, tg, rs, g, need_dw=need[1], need_db=need[2], **spec.grad_kw())
     else:
-        prepared, bufs = _prepared(models), grad_buffers(models, need)
-        for i, j in _ranges(models, spec):
+        prepared, bufs = _prepared(models), grad_buffers(models, need, overwrite=True)
+        for n, (i, j) in enumerate(_ranges(models, spec)):
             s, t, r = _chunk_logits(prepared, i, j)
             if _compiled(models, spec, group):
                 gs = torch_compiled.grad(s, t, r, _part(targets, i, j), rs[i:j], g[i:j], spec)
-            else:
+            else:  # ds in place of the logits
                 gs = rows_backward(be, s, t, r, _part(targets, i, j), rs[i:j], g[i:j], spec, out=s)
-            accumulate_grads(gs, models[0], prepared[0][1], i, j, bufs)
+            accumulate_grads(gs, models[0], prepared[0][1], i, j, bufs, first=n == 0)
         dh, dw, db = bufs
     if group is not None and dh is not None:
         parallel.all_reduce_sum(dh, group)  # every rank holds a vocab shard's share of dL/dh
@@ -144,13 +209,13 @@ def fl_backward(be, models, targets, rs, g, spec: RowSpec, need, group=None):
 
 def fl_loss_with_grads(be, models, targets, g, spec: RowSpec, need):
     """Per-row ``(main, entropy)`` and the gradients of ``sum_i g_i . (main_i, H_i)``."""
-    if hasattr(be, "fused_grad"):
+    if _use_kernels(be, models, spec):
         main, ent, rs = fl_forward(be, models, targets, spec)
         grads = fl_backward(be, models, targets, rs, g, spec, need) if any(need) else (None, None, None)
         return main, ent, grads
-    prepared, bufs = _prepared(models), grad_buffers(models, need)
+    prepared, bufs = _prepared(models), grad_buffers(models, need, overwrite=True)
     mains, ents = [g.new_zeros(0)], [g.new_zeros(0)]
-    for i, j in _ranges(models, spec):
+    for n, (i, j) in enumerate(_ranges(models, spec)):
         s, t, r = _chunk_logits(prepared, i, j)
         tg = _part(targets, i, j)
         if _compiled(models, spec):  # statistics and gradient in one compiled pass
@@ -160,10 +225,10 @@ def fl_loss_with_grads(be, models, targets, g, spec: RowSpec, need):
                 main, ent, _ = torch_compiled.rows(s, t, r, tg, spec)
         else:
             main, ent, rs = rows_forward(be, s, t, r, tg, spec)
-            gs = rows_backward(be, s, t, r, tg, rs, g[i:j], spec, out=s) if any(need) else None
+            gs = rows_backward(be, s, t, r, tg, rs, g[i:j], spec, out=s) if any(need) else None  # in place
         mains.append(main), ents.append(ent)
         if any(need):
-            accumulate_grads(gs, models[0], prepared[0][1], i, j, bufs)
+            accumulate_grads(gs, models[0], prepared[0][1], i, j, bufs, first=n == 0)
     return torch.cat(mains), torch.cat(ents), bufs
 
 

@@ -28,7 +28,7 @@ class RowSpec:
     beta:     JSD skew (kind ``jsd`` only, ``0 < beta < 1``).
     entropy:  also compute the entropy (and its gradient).
     impl:     a *resolved* backend name (``_dispatch.resolved_name``).
-    chunk:    rows per chunk of the chunked fused-linear path (0: from ``OPD_CHUNK_BYTES``).
+    chunk:    rows per chunk of the chunked fused-linear path (0: the budget, ``_chunks.fused_row_ranges``).
     """
     kind: str
     inv_temp: float
