@@ -2,7 +2,8 @@
 and ``{student,teacher,ref}_softcap`` / ``_logit_scale`` (two/three-model ops), on logits and fused
 with the lm_head, on every backend: torch (float64 and float32), triton (the interpreter on CPU,
 small shapes, one case per op and side), cuda (marked, skipped without a GPU); plus the nn.Modules,
-vocab-parallel (2 gloo processes), the compiled torch chunk path and the input errors.
+the TRL integration's heads and the compiled torch chunk path (vocab-parallel:
+``test_transforms_parallel.py``; input errors: ``test_transforms_errors.py``).
 
 Oracle: ``reference.softcap_f64`` (logit_scale first, then ``cap * tanh(x / cap)``) on the raw float64
 logits, then the DESIGN.md formulas at the temperature; gradients by float64 autograd through both,
@@ -12,11 +13,9 @@ student and the teacher stay banned: a banned target's logprob is ``-inf`` (a so
 equal the oracle's, in which a banned entry has zero probability.
 """
 import math
-import tempfile
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 import opd_kernels as ok
 import reference as oracle
@@ -339,120 +338,3 @@ def test_compiled_logits_token_logprobs(compiled):
     _check(lp, oracle.token_logprobs(_tf(x, cfg, "student"), y, TEMP)[0], [s], [x], torch.float32,
            torch.arange(N) != 3)
     assert compiled == ["rows", "grad"]
-
-
-# ------------------------------------------------------------------------------ vocab-parallel
-def _worker(rank, world, port, sizes, errfile):
-    import os
-
-    import torch.distributed as dist
-    from test_parallel import _ACTIVE, _check as check, _install_guards
-    try:
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        dist.init_process_group("gloo", rank=rank, world_size=world)
-        torch.set_num_threads(1)
-        group, Vt = dist.group.WORLD, sum(sizes)
-        lo, hi = sum(sizes[:rank]), sum(sizes[:rank + 1])
-        shard, same = (lambda x: x[..., lo:hi]), (lambda x: x)
-        g = torch.Generator().manual_seed(0)
-        rnd = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
-        S, Tt, R = rnd(N, Vt) * 3, rnd(N, Vt) * 3, rnd(N, Vt) * 3
-        S[2, :4] = Tt[2, :4] = -INF  # banned, on rank 0's shard only
-        y = torch.randint(0, Vt, (N,), generator=g)
-        y[1], y[2] = -100, Vt - 1
-        cap_s, cap_t, cap_r = (2.0, 1.3), (3.0, 0.6), (1.5, 1.0)  # (softcap, logit_scale)
-        tf = lambda x, c: softcap_f64(x, c[1], c[0])  # noqa: E731
-        side = lambda p, c: {f"{p}softcap": c[0], f"{p}logit_scale": c[1]}  # noqa: E731
-        _install_guards()
-        _ACTIVE.update(("all_gather_object", "item", "tolist"))  # no host reads in the ops
-        s, x = shard(S).clone().requires_grad_(), S.clone().requires_grad_()
-        lp = ok.token_logprobs(s, y, temperature=TEMP, process_group=group, **side("", cap_s))
-        check("token_logprobs", lp, oracle.token_logprobs(tf(x, cap_s), y, TEMP)[0], [s], [x], [shard])
-        s, x = shard(S).clone().requires_grad_(), S.clone().requires_grad_()
-        out = ok.distill_loss(s, shard(Tt), divergence="jsd", beta=BETA, temperature=TEMP, reduction="none",
-                              process_group=group, **side("student_", cap_s), **side("teacher_", cap_t))
-        want = oracle.divergence_rows(tf(x, cap_s), tf(Tt, cap_t), "jsd", BETA, TEMP)
-        check("distill jsd", out, want, [s], [x], [shard])
-        s, x = shard(S).clone().requires_grad_(), S.clone().requires_grad_()
-        out = ok.gopd_loss(s, shard(Tt), shard(R), reward_scale=LAM, reduction="none", process_group=group,
-                           **side("student_", cap_s), **side("teacher_", cap_t), **side("ref_", cap_r))
-        want = oracle.divergence_rows(tf(x, cap_s), tf(Tt, cap_t), "reverse_kl", r=tf(R, cap_r), lam=LAM)
-        check("gopd", out, want, [s], [x], [shard])
-        Hs, Ws, Ht, Wt = rnd(N, D), rnd(Vt, D) / 2, rnd(N, DT), rnd(Vt, DT) / 2
-        loc = [Hs.clone().requires_grad_(), Ws[lo:hi].clone().requires_grad_()]
-        glob = [Hs.clone().requires_grad_(), Ws.clone().requires_grad_()]
-        out = ok.fused_linear_distill_loss(loc[0], loc[1], Ht, Wt[lo:hi], divergence="reverse_kl", reduction="none",
-                                           chunk_size=4, process_group=group, **side("student_", cap_s),
-                                           **side("teacher_", cap_t))
-        want = oracle.divergence_rows(tf(glob[0] @ glob[1].T, cap_s), tf(Ht @ Wt.T, cap_t), "reverse_kl")
-        check("fused reverse_kl", out, want, loc, glob, [same, lambda w: w[lo:hi]])
-        loc = [Hs.clone().requires_grad_(), Ws[lo:hi].clone().requires_grad_()]
-        glob = [Hs.clone().requires_grad_(), Ws.clone().requires_grad_()]
-        tlp, ids = torch.log_softmax(Ht @ Wt.T, -1).topk(5, -1)
-        out = ok.fused_linear_sparse_distill_loss(loc[0], loc[1], ids, tlp, divergence="jsd", reduction="none",
-                                                  chunk_size=4, process_group=group, **side("", cap_s))
-        want = oracle.sparse_rows(tf(glob[0] @ glob[1].T, cap_s), ids, tlp, "jsd")
-        check("fused sparse jsd", out, want, loc, glob, [same, lambda w: w[lo:hi]])
-        dist.destroy_process_group()
-    except Exception:
-        import traceback
-        with open(errfile, "a") as f:
-            f.write(f"rank {rank}:\n{traceback.format_exc()}\n")
-        raise
-
-
-def test_vocab_parallel():
-    from test_parallel import _free_port
-    sizes = [190, 141]
-    with tempfile.NamedTemporaryFile("r", suffix=".log") as err:
-        try:
-            mp.spawn(_worker, args=(len(sizes), _free_port(), sizes, err.name), nprocs=len(sizes), join=True)
-        except Exception as exc:
-            pytest.fail(f"{exc}\n{open(err.name).read()}")
-
-
-# ------------------------------------------------------------------------------------ errors
-S2, T2 = torch.randn(4, 10), torch.randn(4, 10)
-H, W, Y = torch.randn(4, 8), torch.randn(10, 8), torch.tensor([0, 1, 2, 3])
-IDS, TLP = torch.zeros(4, 2, dtype=torch.long), torch.full((4, 2), -1.0)
-POS = r"must be a finite number > 0 \(None: no softcap\), got "
-SCALE = r": the logit scale must be finite and > 0, got "
-
-
-@pytest.mark.parametrize("call,exc,pattern", [
-    (lambda: ok.token_logprobs(S2, Y, softcap=0.0), ValueError, r"^softcap " + POS + r"0\.0$"),
-    (lambda: ok.token_logprobs(S2, Y, softcap=-30), ValueError, r"^softcap " + POS + "-30$"),
-    (lambda: ok.token_logprobs(S2, Y, softcap=INF), ValueError, r"^softcap " + POS + "inf$"),
-    (lambda: ok.token_logprobs(S2, Y, softcap=math.nan), ValueError, r"^softcap " + POS + "nan$"),
-    (lambda: ok.token_logprobs(S2, Y, logit_scale=0), ValueError, r"^logit_scale" + SCALE + r"0\.0$"),
-    (lambda: ok.token_logprobs(S2, Y, logit_scale=-0.5), ValueError, r"^logit_scale" + SCALE + r"-0\.5$"),
-    (lambda: ok.token_logprobs(S2, Y, logit_scale=math.nan), ValueError, r"^logit_scale" + SCALE + "nan$"),
-    (lambda: ok.token_logprobs(S2, Y, softcap="30"), TypeError, r"^softcap must be a number or None, got str '30'$"),
-    (lambda: ok.token_logprobs(S2, Y, logit_scale=True), TypeError, r"^logit_scale must be a number.*bool True$"),
-    (lambda: ok.token_logprobs(S2, Y, softcap=torch.tensor(30.0)), TypeError, r"^softcap must be a number.*Tensor"),
-    (lambda: ok.fused_linear_token_logprobs(H, W, Y, softcap=-1.0), ValueError, r"^softcap " + POS + r"-1\.0$"),
-    (lambda: ok.fused_linear_token_logprobs(H, W, Y, logit_scale=INF), ValueError, r"^logit_scale" + SCALE + "inf$"),
-    (lambda: ok.sparse_distill_loss(S2, IDS, TLP, softcap=0), ValueError, r"^softcap " + POS + "0$"),
-    (lambda: ok.sparse_distill_loss(S2, IDS, TLP, logit_scale=-2), ValueError, r"^logit_scale" + SCALE + r"-2\.0$"),
-    (lambda: ok.fused_linear_sparse_distill_loss(H, W, IDS, TLP, softcap=-3.0), ValueError, r"^softcap " + POS),
-    (lambda: ok.fused_linear_sparse_distill_loss(H, W, IDS, TLP, logit_scale=0.0), ValueError, r"^logit_scale"),
-    (lambda: ok.distill_loss(S2, T2, student_softcap=0.0), ValueError, r"^student_softcap " + POS + r"0\.0$"),
-    (lambda: ok.distill_loss(S2, T2, teacher_softcap=-1.5), ValueError, r"^teacher_softcap " + POS + r"-1\.5$"),
-    (lambda: ok.distill_loss(S2, T2, student_logit_scale=0), ValueError, r"^student_logit_scale" + SCALE + r"0\.0$"),
-    (lambda: ok.distill_loss(S2, T2, teacher_logit_scale=math.nan), ValueError, r"^teacher_logit_scale" + SCALE),
-    (lambda: ok.distill_loss(S2, T2, teacher_softcap=[30.0]), TypeError, r"^teacher_softcap must be a number.*list"),
-    (lambda: ok.fused_linear_distill_loss(H, W, H, W, student_softcap=INF), ValueError, r"^student_softcap " + POS),
-    (lambda: ok.fused_linear_distill_loss(H, W, H, W, teacher_logit_scale=-1.0), ValueError,
-     r"^teacher_logit_scale" + SCALE + r"-1\.0$"),
-    (lambda: ok.gopd_loss(S2, T2, T2, reward_scale=1.5, ref_softcap=-2.0), ValueError, r"^ref_softcap " + POS),
-    (lambda: ok.gopd_loss(S2, T2, T2, ref_logit_scale=0.0), ValueError, r"^ref_logit_scale" + SCALE),  # lam = 1 too
-    (lambda: ok.gopd_loss(S2, T2, T2, student_softcap=0), ValueError, r"^student_softcap " + POS),
-    (lambda: ok.fused_linear_gopd_loss(H, W, H, W, H, W, ref_softcap=0.0), ValueError, r"^ref_softcap " + POS),
-    (lambda: ok.fused_linear_gopd_loss(H, W, H, W, H, W, reward_scale=2.0, teacher_logit_scale="2"), TypeError,
-     r"^teacher_logit_scale must be a number or None, got str '2'$"),
-    (lambda: ok.DistillLoss(student_softcap=-30.0), ValueError, r"^student_softcap " + POS + r"-30\.0$"),
-    (lambda: ok.FusedLinearDistillLoss(teacher_logit_scale=0.0), ValueError, r"^teacher_logit_scale" + SCALE),
-])
-def test_bad_transform(call, exc, pattern):
-    with pytest.raises(exc, match=pattern):
-        call()
