@@ -8,8 +8,11 @@ they become a device-side assert (``torch._assert_async``), so the hot path neve
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
+
+from .backends import check_transform
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 REDUCTIONS = ("mean", "sum", "none")
@@ -67,6 +70,21 @@ def check_options(*, temperature=1.0, divergence=None, beta=None, reduction=None
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if reward_scale is not None and (not isinstance(reward_scale, (int, float)) or not math.isfinite(reward_scale)):
         raise ValueError(f"reward_scale must be a finite number, got {reward_scale!r}")
+
+
+def check_logit_transform(softcap=None, logit_scale=None, *, prefix: str = "") -> tuple[float, float]:
+    """One model's public ``{prefix}softcap=`` / ``{prefix}logit_scale=`` (None: absent) as the
+    backends' ``(scale, cap)`` pair (``backends.check_transform``): its raw logits ``x`` become
+    ``softcap * tanh(logit_scale * x / softcap)`` (``logit_scale * x`` without a softcap), before
+    the temperature divides them."""
+    cname, sname = f"{prefix}softcap", f"{prefix}logit_scale"
+    for name, v in ((cname, softcap), (sname, logit_scale)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Real)):
+            raise TypeError(f"{name} must be a number or None, got {type(v).__name__} {v!r}")
+    if softcap is not None and not (math.isfinite(softcap) and softcap > 0):
+        raise ValueError(f"{cname} must be a finite number > 0 (None: no softcap), got {softcap!r}")
+    scale, _ = check_transform((1.0 if logit_scale is None else logit_scale, None), sname)
+    return check_transform((scale, softcap), f"{prefix}(logit_scale, softcap)")
 
 
 def check_pair(sname: str, s: torch.Tensor, tname: str, t: torch.Tensor, vocab_size=None) -> int:

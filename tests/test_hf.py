@@ -4,7 +4,6 @@ and every parameter gradient. The naive side runs a copy of the same float32 mod
 float32 logits to float64 for the loss (reference.py's convention: the tolerance covers the loss's
 own arithmetic, not the backbone's, which both sides share)."""
 import copy
-import inspect
 
 import pytest
 import torch
@@ -39,19 +38,6 @@ MODELS = {
     "cohere": (T.CohereForCausalLM, lambda **k: _cfg(T.CohereConfig, logit_scale=0.5, **k)),
     "phi": (T.PhiForCausalLM, lambda **k: _cfg(T.PhiConfig, drop=("head_dim",), **k)),  # lm_head has a bias
 }
-SOFTCAP_OR_SCALE = {"gemma2", "gemma3", "cohere"}
-
-_single = inspect.signature(ok.fused_linear_token_logprobs).parameters
-_pair = inspect.signature(ok.fused_linear_distill_loss).parameters
-ops_lack_single = not {"softcap", "logit_scale"} <= set(_single)
-ops_lack_pair = not {"student_softcap", "teacher_softcap", "student_logit_scale", "teacher_logit_scale"} <= set(_pair)
-
-
-def _param(name, lacking):
-    marks = [pytest.mark.skipif(lacking, reason="softcap/logit_scale not in ops yet")] if name in SOFTCAP_OR_SCALE else []
-    return pytest.param(name, marks=marks, id=name)
-
-
 def build(name, seed=0, **kw):
     cls, cfg = MODELS[name]
     torch.manual_seed(seed)
@@ -128,7 +114,7 @@ DTYPES = [torch.float64, torch.float32]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("name", [_param(n, ops_lack_single) for n in MODELS])
+@pytest.mark.parametrize("name", list(MODELS))
 def test_token_logprobs_equal_forward_logits(name, dtype):
     ids, attn, y = batch()
     w = torch.randn(y.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)  # non-unit upstream
@@ -152,7 +138,7 @@ def test_token_logprobs_equal_forward_logits(name, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("name", [_param(n, ops_lack_pair) for n in MODELS])
+@pytest.mark.parametrize("name", list(MODELS))
 def test_distill_loss_equals_forward_logits(name, dtype):
     ids, attn, y = batch()
     mask = y != -100

@@ -25,7 +25,8 @@ term is 0, as in the uncompiled backend. Three entry points, one per need of the
 yields both, so a chunk is read once instead of twice).
 
 Logit transform ``T`` per model, ``tf = (scale, cap)``: ``x -> cap tanh(scale x / cap)`` (cap > 0)
-or ``scale x``; ``-inf`` stays ``-inf``; ``T'`` is recomputed from ``s``.
+or ``scale x``; ``-inf`` stays ``-inf``; ``T'`` is recomputed from ``s``. The entry points take
+``tf = (tf_s, tf_t, tf_r)``; by default (``tf=None``) the spec's own ``RowSpec.tf``.
 
 When it applies (``applies``): the torch backend, CPU tensors in fp32/bf16/fp16 (float64 is the
 test oracle and stays uncompiled), no process group, at least ``OPD_COMPILE_MIN_ELEMENTS``
@@ -159,7 +160,8 @@ def _compiled(kind: str, want: str):
 
 
 def _call(want, s, t, r, y, g, rs, spec, tf):
-    tf = tf or (IDENTITY, IDENTITY, IDENTITY)
+    if tf is None:  # the spec's own transforms (``RowSpec.tf``); a spec without them: the identity
+        tf = getattr(spec, "tf", (IDENTITY, IDENTITY, IDENTITY))
     return _compiled(spec.kind, want)(s, t, r, y, g, rs, spec.kind, want, spec.inv_temp, spec.lam, spec.beta,
                                       spec.entropy, *tf)
 

@@ -1,6 +1,8 @@
 """Helpers shared by the public ops: dtypes, flattening, masks, reductions, lm_head slices."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .._validate import check_mask, check_no_padding_with_group, check_vocab
@@ -9,6 +11,18 @@ from .._validate import check_mask, check_no_padding_with_group, check_vocab
 def acc_dtype(x: torch.Tensor) -> torch.dtype:
     """Accumulation/output dtype: float64 stays float64 (the oracle), everything else fp32."""
     return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def transform_logits(x: torch.Tensor, tf) -> torch.Tensor:
+    """A model's logit transform ``tf = (scale, cap)`` on a few logits in torch (differentiable):
+    ``x * scale``, then ``cap * tanh(x / cap)`` when ``cap > 0``; ``-inf`` (banned) stays ``-inf``
+    with slope 0, as in the backends. For the k gathered logits of the sparse ops."""
+    scale, cap = tf
+    if scale != 1.0:
+        x = x * scale
+    if cap:
+        x = torch.where(torch.isneginf(x), -math.inf, cap * torch.tanh(x / cap))
+    return x
 
 
 def rows2d(x: torch.Tensor, V: int) -> torch.Tensor:

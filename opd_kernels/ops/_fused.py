@@ -37,7 +37,7 @@ from ..backends import torch_compiled
 from ._common import acc_dtype
 from ._route import use_fused_kernels_for
 from ._rows import rows_backward, rows_forward, rows_from_stats, upstream
-from ._spec import RowSpec, SpecOp, pad_grads
+from ._spec import RowSpec, SpecOp, pad_grads, transform_fields
 
 MODEL_INPUTS = ("Tensor hs", "Tensor ws", "Tensor? bs", "Tensor? ht", "Tensor? wt", "Tensor? bt",
                 "Tensor? hr", "Tensor? wr", "Tensor? br")
@@ -366,7 +366,9 @@ def fl_loss(models, targets, g, spec: RowSpec):
     return loss, main
 
 
-def log_normalizer(h, w, b, *, inv_temp: float, chunk: int, impl: str, group=None) -> Tensor:
-    """``A = logsumexp((h @ w.T + b) * inv_temp)`` per row (over all shards), differentiable."""
+def log_normalizer(h, w, b, *, inv_temp: float, chunk: int, impl: str, group=None, tf=None) -> Tensor:
+    """``A = logsumexp(inv_temp * T(h @ w.T + b))`` per row (over all shards), differentiable;
+    ``tf``: the model's logit transform ``(scale, cap)`` (None: identity)."""
     models = (h, w, b) + (None,) * (N_MODEL - 3)
-    return fl_rows(models, None, RowSpec("log_normalizer", inv_temp, impl=impl, chunk=chunk), group)[0]
+    spec = RowSpec("log_normalizer", inv_temp, impl=impl, chunk=chunk, **transform_fields(tf))
+    return fl_rows(models, None, spec, group)[0]

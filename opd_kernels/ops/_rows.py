@@ -17,7 +17,7 @@ from .._dispatch import backend
 from ..backends import torch_compiled
 from .._stats import finish, row_outputs
 from ._common import acc_dtype
-from ._spec import RowSpec, SpecOp, pad_grads
+from ._spec import RowSpec, SpecOp, pad_grads, transform_fields
 
 
 def rows_from_stats(stats: Tensor, jsd_sums, spec: RowSpec, group=None):
@@ -52,7 +52,8 @@ def _parts(x, i, j):
 
 def _rows_impl(s, t, r, targets, spec):
     if torch_compiled.applies(spec, s, *s.shape):  # row chunks through the compiled chunk math
-        outs = [torch_compiled.rows(s[i:j], _parts(t, i, j), _parts(r, i, j), _parts(targets, i, j), spec)
+        outs = [torch_compiled.rows(s[i:j], _parts(t, i, j), _parts(r, i, j), _parts(targets, i, j), spec,
+                                    tf=spec.tf)
                 for i, j in row_ranges(*s.shape)]
         return tuple(torch.cat(x) for x in zip(*outs))
     main, ent, rs = rows_forward(backend(spec.impl), s, t, r, targets, spec)
@@ -66,7 +67,7 @@ def _backward_impl(s, t, r, targets, rs, g, spec):
     ds = torch.empty_like(s)
     for i, j in row_ranges(*s.shape):
         ds[i:j] = torch_compiled.grad(s[i:j], _parts(t, i, j), _parts(r, i, j), _parts(targets, i, j), rs[i:j],
-                                      g[i:j], spec)
+                                      g[i:j], spec, tf=spec.tf)
     return ds
 
 
@@ -125,6 +126,8 @@ def rows(s, t, r, targets, spec: RowSpec, group=None):
     return main, ent
 
 
-def log_normalizer(s, *, inv_temp: float, impl: str, group=None) -> Tensor:
-    """``A = logsumexp(s * inv_temp)`` per row (over all shards), differentiable (``dA/da = q``)."""
-    return rows(s, None, None, None, RowSpec("log_normalizer", inv_temp, impl=impl), group)[0]
+def log_normalizer(s, *, inv_temp: float, impl: str, group=None, tf=None) -> Tensor:
+    """``A = logsumexp(inv_temp * T(s))`` per row (over all shards), differentiable (``dA/da = q``);
+    ``tf``: the model's logit transform ``(scale, cap)`` (None: identity)."""
+    spec = RowSpec("log_normalizer", inv_temp, impl=impl, **transform_fields(tf))
+    return rows(s, None, None, None, spec, group)[0]

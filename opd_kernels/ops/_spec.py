@@ -4,9 +4,9 @@ boundary, the only place where the spec is unpacked into primitive arguments.
 Everything between the public ops and the backend primitives passes a ``RowSpec``; the keyword
 arguments of each primitive come from ``stats_kw`` / ``jsd_kw`` / ``grad_kw``. A custom op's
 schema is its tensor inputs followed by the spec's fields, derived from the dataclass, and its
-backward's ``None`` padding is derived from the input count. A new option (e.g. per-model logit
-transforms: softcap ``c`` with ``s -> c tanh(s / c)``, a ``logit_scale``) is therefore a new
-field (str/int/float/bool) plus its entries in the ``*_kw`` methods; no signature changes.
+backward's ``None`` padding is derived from the input count. A new option is therefore a new
+field (str/int/float/bool) plus its entries in the ``*_kw`` methods; no signature changes (the
+per-model logit transforms below were added that way).
 """
 from __future__ import annotations
 
@@ -29,6 +29,9 @@ class RowSpec:
     entropy:  also compute the entropy (and its gradient).
     impl:     a *resolved* backend name (``_dispatch.resolved_name``).
     chunk:    rows per chunk of the chunked fused-linear path (0: the budget, ``_chunks.fused_row_ranges``).
+    s_scale, s_cap / t_scale, t_cap / r_scale, r_cap: the logit transform ``(scale, cap)`` of the
+              student / teacher / reference (``backends``: ``x -> cap tanh(scale x / cap)``, or
+              ``scale x`` with ``cap = 0``; before the temperature). Identity: ``1.0, 0.0``.
     """
     kind: str
     inv_temp: float
@@ -37,6 +40,20 @@ class RowSpec:
     entropy: bool = False
     impl: str = "torch"
     chunk: int = 0
+    s_scale: float = 1.0
+    s_cap: float = 0.0
+    t_scale: float = 1.0
+    t_cap: float = 0.0
+    r_scale: float = 1.0
+    r_cap: float = 0.0
+
+    @property
+    def tf(self) -> tuple:
+        """``(tf_s, tf_t, tf_r)``: each model's ``(scale, cap)`` (the backends' ``tf_*`` keywords)."""
+        return (self.s_scale, self.s_cap), (self.t_scale, self.t_cap), (self.r_scale, self.r_cap)
+
+    def _tf_kw(self, models: str = "str") -> dict:
+        return {f"tf_{m}": tf for m, tf in zip("str", self.tf) if m in models}
 
     @property
     def grad_kind(self) -> str:
@@ -47,19 +64,19 @@ class RowSpec:
     def stats_kw(self, be) -> dict:
         """Keywords of ``row_stats`` / ``fused_row_stats`` (plus ``need=`` for backends that can
         skip columns, i.e. torch)."""
-        kw = dict(inv_temp=self.inv_temp, lam=self.lam)
+        kw = dict(inv_temp=self.inv_temp, lam=self.lam, **self._tf_kw())
         if getattr(be, "ACCEPTS_NEED", False):
             kw["need"] = be.NEED["logprob+entropy" if self.grad_kind == "logprob" and self.entropy else self.grad_kind]
         return kw
 
     def jsd_kw(self) -> dict:
         """Keywords of ``jsd_sums`` / ``fused_jsd_sums``."""
-        return dict(inv_temp=self.inv_temp, beta=self.beta)
+        return dict(inv_temp=self.inv_temp, beta=self.beta, **self._tf_kw("st"))
 
     def grad_kw(self) -> dict:
         """Keywords of ``grad_logits`` / ``fused_grad``."""
         return dict(kind=self.grad_kind, inv_temp=self.inv_temp, lam=self.lam, beta=self.beta,
-                    with_entropy=self.entropy)
+                    with_entropy=self.entropy, **self._tf_kw())
 
     def grad_inputs(self, targets, g: torch.Tensor):
         """``(targets, g)`` for the gradient primitive: for ``log_normalizer``, targets on no
@@ -67,6 +84,15 @@ class RowSpec:
         if self.kind != "log_normalizer":
             return targets, g
         return torch.full(g.shape[:1], -1, dtype=torch.long, device=g.device), torch.cat([-g[:, :1], g[:, 1:]], 1)
+
+
+def transform_fields(tf_s=None, tf_t=None, tf_r=None) -> dict:
+    """``RowSpec`` keyword fields of the three models' checked ``(scale, cap)`` pairs (None: identity)."""
+    out = {}
+    for m, tf in zip("str", (tf_s, tf_t, tf_r)):
+        if tf is not None:
+            out[f"{m}_scale"], out[f"{m}_cap"] = float(tf[0]), float(tf[1])
+    return out
 
 
 SPEC_FIELDS = tuple(f.name for f in dataclasses.fields(RowSpec))

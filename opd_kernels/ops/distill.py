@@ -4,6 +4,11 @@ Per row, with ``a = s/T``, ``b = t/T``, ``q = softmax(a)``, ``p = softmax(b)``:
 ``forward_kl = KL(p||q)``, ``reverse_kl = KL(q||p)``, ``jsd = beta KL(p||M) + (1-beta) KL(q||M)``
 with ``M = beta p + (1-beta) q`` (beta=0 / 1 are forward / reverse KL, TRL's convention).
 The teacher is a constant. G-OPD (``gopd.py``) reuses this path with a reference model.
+
+Each model may carry its own logit transform (``student_softcap`` / ``student_logit_scale``,
+``teacher_...``): its raw logits ``x`` become ``x * logit_scale``, then ``softcap * tanh(x / softcap)``
+(Gemma 2/3's ``final_logit_softcapping``), then are divided by the temperature; the backends apply
+it tile by tile (gradients by the chain rule in the same tiles), ``-inf`` logits stay banned.
 """
 from __future__ import annotations
 
@@ -11,15 +16,22 @@ import torch
 
 from .. import parallel
 from .._dispatch import resolved_name
-from .._validate import (check_hidden_weight, check_logits, check_no_padding_with_group, check_options, check_pair,
-                         check_same_device, check_vocab)
+from .._validate import (check_hidden_weight, check_logit_transform, check_logits, check_no_padding_with_group,
+                         check_options, check_pair, check_same_device, check_vocab)
 from . import _fused, _rows
 from ._common import acc_dtype, flat_mask, jsd_kind, linear_args, reduce_rows, row_weights, rows2d
-from ._spec import RowSpec
+from ._spec import RowSpec, transform_fields
 
 
-def logits_loss(s, t, r, *, kind, beta, lam, temperature, mask, reduction, vocab_size, impl, group):
-    """Shared body of ``distill_loss`` and ``gopd_loss`` (``r``: reference logits or None)."""
+def model_transforms(**sides) -> tuple:
+    """Checked ``(scale, cap)`` per model from ``student=(softcap, logit_scale), teacher=..., ref=...``
+    (the public ``{side}_softcap`` / ``{side}_logit_scale``), in that order."""
+    return tuple(check_logit_transform(*v, prefix=f"{side}_") for side, v in sides.items())
+
+
+def logits_loss(s, t, r, *, kind, beta, lam, temperature, mask, reduction, vocab_size, impl, group, tfs=()):
+    """Shared body of ``distill_loss`` and ``gopd_loss`` (``r``: reference logits or None;
+    ``tfs``: the models' ``(scale, cap)``, student first)."""
     vocab = check_pair("student_logits", s, "teacher_logits", t, vocab_size)
     if r is not None:
         vocab = check_pair("student_logits", s, "ref_logits", r, vocab_size)
@@ -27,17 +39,21 @@ def logits_loss(s, t, r, *, kind, beta, lam, temperature, mask, reduction, vocab
     lead = s.shape[:-1]
     m = flat_mask(mask, lead, s.device)
     rows = [None if x is None else rows2d(x.detach() if x is not s else x, vocab) for x in (s, t, r)]
-    spec = RowSpec(kind, 1.0 / temperature, lam=lam, beta=beta, impl=resolved_name(impl, s.device))
+    spec = RowSpec(kind, 1.0 / temperature, lam=lam, beta=beta, impl=resolved_name(impl, s.device),
+                   **transform_fields(*tfs))
     main, _ = _rows.rows(*rows, None, spec, parallel.group_of(group))
     return reduce_rows(main, m, reduction, lead)
 
 
 def distill_loss(student_logits, teacher_logits, *, divergence="reverse_kl", beta=0.5, temperature=1.0, mask=None,
-                 reduction="mean", vocab_size=None, impl="auto", process_group=None):
+                 reduction="mean", vocab_size=None, student_softcap=None, teacher_softcap=None,
+                 student_logit_scale=None, teacher_logit_scale=None, impl="auto", process_group=None):
     """Divergence between student and teacher token distributions, over the full vocabulary.
 
     ``student_logits, teacher_logits [..., V]``; ``mask`` bool over the leading dims;
     ``reduction`` mean (over unmasked tokens) | sum | none. Differentiable w.r.t. the student.
+    ``{student,teacher}_logit_scale`` multiplies that model's logits, then ``{student,teacher}_softcap``
+    maps them to ``softcap * tanh(x / softcap)``, then the temperature divides them (None: absent).
     With ``process_group`` the inputs are this rank's vocabulary shard: 2 all-reduces (2 + 6
     floats per row), plus one of 2 floats per row for ``jsd``.
     """
@@ -45,15 +61,19 @@ def distill_loss(student_logits, teacher_logits, *, divergence="reverse_kl", bet
         check_logits(name, x)
     check_same_device(student_logits=student_logits, teacher_logits=teacher_logits, mask=mask)
     check_options(temperature=temperature, divergence=divergence, beta=beta, reduction=reduction)
+    tfs = model_transforms(student=(student_softcap, student_logit_scale), teacher=(teacher_softcap,
+                                                                                     teacher_logit_scale))
     return logits_loss(student_logits, teacher_logits, None, kind=jsd_kind(divergence, beta), beta=beta, lam=1.0,
                        temperature=temperature, mask=mask, reduction=reduction, vocab_size=vocab_size,
-                       impl=impl, group=process_group)
+                       impl=impl, group=process_group, tfs=tfs)
 
 
-def linear_loss(models, *, kind, beta, lam, temperature, mask, reduction, vocab_size, chunk_size, impl, group):
+def linear_loss(models, *, kind, beta, lam, temperature, mask, reduction, vocab_size, chunk_size, impl, group,
+                tfs=()):
     """Shared body of the fused-linear distillation and G-OPD losses.
 
-    ``models``: [(name, hidden, weight, bias) for student, teacher (, reference)].
+    ``models``: [(name, hidden, weight, bias) for student, teacher (, reference)]; ``tfs``: their
+    ``(scale, cap)`` logit transforms, in that order.
     """
     (sn, hs, ws, bs) = models[0]
     lead = hs.shape[:-1]
@@ -74,7 +94,7 @@ def linear_loss(models, *, kind, beta, lam, temperature, mask, reduction, vocab_
         args += [None if x is None else x.detach() for x in linear_args(h, w, b, vocab)]
     args += [None] * (_fused.N_MODEL - len(args))
     spec = RowSpec(kind, 1.0 / temperature, lam=lam, beta=beta, chunk=chunk_size or 0,
-                   impl=resolved_name(impl, hs.device))
+                   impl=resolved_name(impl, hs.device), **transform_fields(*tfs))
     if reduction != "none" and group is None:
         loss, _ = _fused.fl_loss(tuple(args), None, row_weights(m, reduction, acc_dtype(ws)), spec)
         return loss
@@ -84,38 +104,49 @@ def linear_loss(models, *, kind, beta, lam, temperature, mask, reduction, vocab_
 
 def fused_linear_distill_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, *, student_bias=None,
                               teacher_bias=None, divergence="reverse_kl", beta=0.5, temperature=1.0, mask=None,
-                              reduction="mean", vocab_size=None, chunk_size=None, impl="auto", process_group=None):
+                              reduction="mean", vocab_size=None, chunk_size=None, student_softcap=None,
+                              teacher_softcap=None, student_logit_scale=None, teacher_logit_scale=None, impl="auto",
+                              process_group=None):
     """``distill_loss(student_hidden @ student_weight.T, teacher_hidden @ teacher_weight.T)`` fused:
     the ``[N, V]`` logits are never materialized (row chunks or fused kernels).
 
     Teacher hidden size may differ from the student's. Differentiable w.r.t. the student's
     hidden, weight and bias; the teacher gets no gradient. For scalar reductions without a
     process group the gradients are computed during forward, on every backend (see
-    ``opd_kernels.ops._fused``; 4 GEMM passes in all on the chunked path).
+    ``opd_kernels.ops._fused``; 4 GEMM passes in all on the chunked path). The logit transforms
+    (``{student,teacher}_softcap`` / ``_logit_scale``) are those of :func:`distill_loss`;
+    ``opd_kernels.hf.head(model).kwargs("student")`` gives a model's.
     """
     check_options(temperature=temperature, divergence=divergence, beta=beta, reduction=reduction)
+    tfs = model_transforms(student=(student_softcap, student_logit_scale), teacher=(teacher_softcap,
+                                                                                     teacher_logit_scale))
     return linear_loss([("student", student_hidden, student_weight, student_bias),
                         ("teacher", teacher_hidden, teacher_weight, teacher_bias)],
                        kind=jsd_kind(divergence, beta), beta=beta, lam=1.0, temperature=temperature, mask=mask,
                        reduction=reduction, vocab_size=vocab_size, chunk_size=chunk_size, impl=impl,
-                       group=process_group)
+                       group=process_group, tfs=tfs)
 
 
 class DistillLoss(torch.nn.Module):
     """``nn.Module`` form of :func:`distill_loss` (options fixed at construction)."""
 
     def __init__(self, divergence="reverse_kl", beta=0.5, temperature=1.0, reduction="mean", vocab_size=None,
-                 impl="auto", process_group=None):
+                 impl="auto", process_group=None, *, student_softcap=None, teacher_softcap=None,
+                 student_logit_scale=None, teacher_logit_scale=None):
         super().__init__()
         check_options(temperature=temperature, divergence=divergence, beta=beta, reduction=reduction)
+        model_transforms(student=(student_softcap, student_logit_scale), teacher=(teacher_softcap, teacher_logit_scale))
         self.kw = dict(divergence=divergence, beta=beta, temperature=temperature, reduction=reduction,
-                       vocab_size=vocab_size, impl=impl, process_group=process_group)
+                       vocab_size=vocab_size, impl=impl, process_group=process_group, student_softcap=student_softcap,
+                       teacher_softcap=teacher_softcap, student_logit_scale=student_logit_scale,
+                       teacher_logit_scale=teacher_logit_scale)
 
     def forward(self, student_logits, teacher_logits, mask=None):
         return distill_loss(student_logits, teacher_logits, mask=mask, **self.kw)
 
     def extra_repr(self):
-        return ", ".join(f"{k}={v!r}" for k, v in self.kw.items() if k != "process_group")
+        return ", ".join(f"{k}={v!r}" for k, v in self.kw.items()
+                         if k != "process_group" and not (v is None and k.endswith(("_softcap", "_logit_scale"))))
 
 
 class FusedLinearDistillLoss(DistillLoss):

@@ -12,14 +12,24 @@ import torch
 
 from .._validate import (check_float_tensor, check_hidden_weight, check_logits, check_options, check_pair,
                          check_same_device, check_vocab)
-from .distill import linear_loss, logits_loss
+from .distill import linear_loss, logits_loss, model_transforms
+
+
+def _transforms(student_softcap, student_logit_scale, teacher_softcap, teacher_logit_scale, ref_softcap,
+                ref_logit_scale):
+    return model_transforms(student=(student_softcap, student_logit_scale),
+                            teacher=(teacher_softcap, teacher_logit_scale), ref=(ref_softcap, ref_logit_scale))
 
 
 def gopd_loss(student_logits, teacher_logits, ref_logits, *, reward_scale=1.0, temperature=1.0, mask=None,
-              reduction="mean", vocab_size=None, impl="auto", process_group=None):
+              reduction="mean", vocab_size=None, student_softcap=None, teacher_softcap=None, ref_softcap=None,
+              student_logit_scale=None, teacher_logit_scale=None, ref_logit_scale=None, impl="auto",
+              process_group=None):
     """``KL(q || softmax(reward_scale * b_T + (1 - reward_scale) * b_ref))`` per token, reduced.
 
-    Teacher and reference get no gradient. Same options as :func:`opd_kernels.distill_loss`.
+    Teacher and reference get no gradient. Same options as :func:`opd_kernels.distill_loss`, and
+    the reference model's logit transform ``ref_softcap`` / ``ref_logit_scale`` (each model's
+    logits are transformed, then divided by the temperature, before they are combined).
     """
     for name, x in (("student_logits", student_logits), ("teacher_logits", teacher_logits),
                     ("ref_logits", ref_logits)):
@@ -27,19 +37,25 @@ def gopd_loss(student_logits, teacher_logits, ref_logits, *, reward_scale=1.0, t
     check_same_device(student_logits=student_logits, teacher_logits=teacher_logits, ref_logits=ref_logits,
                         mask=mask)
     check_options(temperature=temperature, reduction=reduction, reward_scale=reward_scale)
+    tfs = _transforms(student_softcap, student_logit_scale, teacher_softcap, teacher_logit_scale, ref_softcap,
+                      ref_logit_scale)
     check_pair("student_logits", student_logits, "ref_logits", ref_logits, vocab_size)
     ref_logits = None if reward_scale == 1.0 else ref_logits  # lam = 1: OPD, the reference drops out
     return logits_loss(student_logits, teacher_logits, ref_logits, kind="reverse_kl", beta=0.5,
                        lam=float(reward_scale), temperature=temperature, mask=mask, reduction=reduction,
-                       vocab_size=vocab_size, impl=impl, group=process_group)
+                       vocab_size=vocab_size, impl=impl, group=process_group, tfs=tfs)
 
 
 def fused_linear_gopd_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, ref_hidden, ref_weight, *,
                            student_bias=None, teacher_bias=None, ref_bias=None, reward_scale=1.0, temperature=1.0,
-                           mask=None, reduction="mean", vocab_size=None, chunk_size=None, impl="auto",
-                           process_group=None):
-    """:func:`gopd_loss` on ``hidden @ weight.T + bias`` of the three models, without their logits."""
+                           mask=None, reduction="mean", vocab_size=None, chunk_size=None, student_softcap=None,
+                           teacher_softcap=None, ref_softcap=None, student_logit_scale=None, teacher_logit_scale=None,
+                           ref_logit_scale=None, impl="auto", process_group=None):
+    """:func:`gopd_loss` on ``hidden @ weight.T + bias`` of the three models, without their logits
+    (``opd_kernels.hf.head(model).kwargs("ref")`` gives the reference model's bias and transform)."""
     check_options(temperature=temperature, reduction=reduction, reward_scale=reward_scale)
+    tfs = _transforms(student_softcap, student_logit_scale, teacher_softcap, teacher_logit_scale, ref_softcap,
+                      ref_logit_scale)
     models = [("student", student_hidden, student_weight, student_bias),
               ("teacher", teacher_hidden, teacher_weight, teacher_bias)]
     if reward_scale != 1.0:  # lam = 1: OPD, the reference drops out (after validation)
@@ -53,7 +69,7 @@ def fused_linear_gopd_loss(student_hidden, student_weight, teacher_hidden, teach
     return linear_loss(models,
                        kind="reverse_kl", beta=0.5, lam=float(reward_scale), temperature=temperature, mask=mask,
                        reduction=reduction, vocab_size=vocab_size, chunk_size=chunk_size, impl=impl,
-                       group=process_group)
+                       group=process_group, tfs=tfs)
 
 
 def gopd_advantages(teacher_logprobs, ref_logprobs, old_logprobs, *, reward_scale=1.0):

@@ -9,7 +9,9 @@ k-sized rest is plain torch, in float64. Tails are ``-expm1(logsumexp(...))``, f
 smallest normal number when rounding ate them (see ``_tail_log``), so a top-k covering nearly
 all mass stays finite. The teacher's logprobs are taken as given (already at the teacher's
 temperature; each must be <= 0, checked like the ids' range, see ``_validate``); the
-``temperature`` option divides the student's logits.
+``temperature`` option divides the student's logits, after its logit transform (``logit_scale``
+multiplies them, then ``softcap`` maps them to ``softcap * tanh(x / softcap)``), which applies to
+the full-vocabulary ``A`` (in the backends) and to the k gathered logits (``transform_logits``).
 
 Fused with the lm_head (``fused_linear_sparse_distill_loss``), ``A`` comes from
 ``_fused.log_normalizer`` (row chunks or fused kernels, never ``[N, V]``) and the k student logits
@@ -24,9 +26,10 @@ import torch
 from .. import parallel
 from .._chunks import rows_per_chunk
 from .._dispatch import resolved_name
-from .._validate import check_hidden_weight, check_logits, check_options, check_same_device, check_targets, check_topk
+from .._validate import (check_hidden_weight, check_logit_transform, check_logits, check_options, check_same_device,
+                         check_targets, check_topk)
 from . import _fused, _rows
-from ._common import acc_dtype, flat_mask, jsd_kind, linear_args, linear_vocab, reduce_rows, rows2d
+from ._common import acc_dtype, flat_mask, jsd_kind, linear_args, linear_vocab, reduce_rows, rows2d, transform_logits
 
 
 def _tail_log(logp_k: torch.Tensor, empty: bool) -> torch.Tensor:
@@ -75,20 +78,23 @@ def _bucket_loss(A, a_k, teacher_topk_logprobs, total, m, divergence, beta, redu
 
 
 def sparse_distill_loss(student_logits, teacher_topk_ids, teacher_topk_logprobs, *, divergence="reverse_kl",
-                        beta=0.5, temperature=1.0, mask=None, reduction="mean", impl="auto", process_group=None):
-    """Divergence over the teacher's top-k buckets + tail (see module docstring)."""
+                        beta=0.5, temperature=1.0, mask=None, reduction="mean", softcap=None, logit_scale=None,
+                        impl="auto", process_group=None):
+    """Divergence over the teacher's top-k buckets + tail (see module docstring); ``softcap`` /
+    ``logit_scale``: the student's logit transform, as in :func:`opd_kernels.token_logprobs`."""
     check_logits("student_logits", student_logits)
     check_same_device(student_logits=student_logits, teacher_topk_ids=teacher_topk_ids,
                       teacher_topk_logprobs=teacher_topk_logprobs, mask=mask)
     check_options(temperature=temperature, divergence=divergence, beta=beta, reduction=reduction)
+    tf = check_logit_transform(softcap, logit_scale)
     lead, vocab = student_logits.shape[:-1], student_logits.shape[-1]
     local, inside, total, group = _topk_ids(teacher_topk_ids, teacher_topk_logprobs, lead, vocab, process_group,
                                             student_logits.device)
     m = flat_mask(mask, lead, student_logits.device)
     s = rows2d(student_logits, vocab)
     inv_temp = 1.0 / temperature
-    A = _rows.log_normalizer(s, inv_temp=inv_temp, impl=resolved_name(impl, s.device), group=group)
-    a_k = torch.where(inside, s.gather(1, local).double() * inv_temp, 0.0)
+    A = _rows.log_normalizer(s, inv_temp=inv_temp, impl=resolved_name(impl, s.device), group=group, tf=tf)
+    a_k = torch.where(inside, transform_logits(s.gather(1, local).double(), tf) * inv_temp, 0.0)
     a_k = parallel.sum_across_shards(a_k, group)
     return _bucket_loss(A, a_k, teacher_topk_logprobs, total, m, divergence, beta, reduction, lead, acc_dtype(s))
 
@@ -150,20 +156,22 @@ class _TopkLogits(torch.autograd.Function):
 
 def fused_linear_sparse_distill_loss(hidden, weight, teacher_topk_ids, teacher_topk_logprobs, *, bias=None,
                                      divergence="reverse_kl", beta=0.5, temperature=1.0, mask=None,
-                                     reduction="mean", vocab_size=None, chunk_size=None, impl="auto",
-                                     process_group=None):
+                                     reduction="mean", softcap=None, logit_scale=None, vocab_size=None,
+                                     chunk_size=None, impl="auto", process_group=None):
     """``sparse_distill_loss(hidden @ weight.T + bias, ...)`` without materializing the logits.
 
     ``hidden [..., d]``, ``weight [V, d]`` (this rank's shard with ``process_group``; the top-k
     ids are global), ``teacher_topk_ids`` / ``teacher_topk_logprobs`` ``[..., k]``. The full
     vocabulary is read once for the student's log-normalizer (the fused logprob op); the
-    top-k logits cost ``2 N k d`` flops (see module docstring). Differentiable w.r.t. hidden,
-    weight and bias.
+    top-k logits cost ``2 N k d`` flops (see module docstring). ``softcap`` / ``logit_scale``: the
+    student's logit transform (``opd_kernels.hf.head(model).kwargs()``). Differentiable w.r.t.
+    hidden, weight and bias.
     """
     check_hidden_weight("hidden", hidden, "weight", weight, "bias", bias)
     check_same_device(hidden=hidden, weight=weight, teacher_topk_ids=teacher_topk_ids,
                       teacher_topk_logprobs=teacher_topk_logprobs, bias=bias, mask=mask)
     check_options(temperature=temperature, divergence=divergence, beta=beta, reduction=reduction)
+    tf = check_logit_transform(softcap, logit_scale)
     lead = hidden.shape[:-1]
     vocab = linear_vocab(weight, vocab_size, process_group)
     local, inside, total, group = _topk_ids(teacher_topk_ids, teacher_topk_logprobs, lead, vocab, process_group,
@@ -172,9 +180,9 @@ def fused_linear_sparse_distill_loss(hidden, weight, teacher_topk_ids, teacher_t
     h, w, b = linear_args(hidden, weight, bias, vocab)
     inv_temp = 1.0 / temperature
     A = _fused.log_normalizer(h, w, b, inv_temp=inv_temp, chunk=chunk_size or 0,
-                              impl=resolved_name(impl, hidden.device), group=group)
+                              impl=resolved_name(impl, hidden.device), group=group, tf=tf)
     # rows per gather chunk: [rows, k, d] fp32 near the chunk budget (chunk_size overrides)
     rows = chunk_size or rows_per_chunk(local.shape[-1] * h.shape[-1])
     a_k = _TopkLogits.apply(h, w, b, local, inside, rows, group)
-    a_k = parallel.sum_across_shards(a_k.double() * inv_temp, group)
+    a_k = parallel.sum_across_shards(transform_logits(a_k.double(), tf) * inv_temp, group)  # T(0) = 0 off-shard
     return _bucket_loss(A, a_k, teacher_topk_logprobs, total, m, divergence, beta, reduction, lead, acc_dtype(w))
