@@ -39,6 +39,7 @@ class Trainer:
     vocab_size: int | None
     rank: int = 0
     world: int = 1
+    teacher_path: str | None = None  # the external teacher's directory (G-OPD finds its base there)
 
 
 def make_task(args):
@@ -108,4 +109,5 @@ def build(args, task, ckpt: Path | None, rank: int, world: int, device: torch.de
         fwd = torch.nn.parallel.DistributedDataParallel(lm, device_ids=[device.index] if device.type == "cuda" else None)
     return Trainer(args, task, tok, lm, fwd, R.LM(teacher, vocab_size) if teacher is not None else None,
                    str(student_path), device, random.Random(f"{args.seed}-{rank}"),
-                   args.max_new_tokens or task.max_answer_chars + 2, vocab_size, rank, world)
+                   args.max_new_tokens or task.max_answer_chars + 2, vocab_size, rank, world,
+                   str(teacher_path) if teacher_path else None)
