@@ -2,8 +2,10 @@
 
 Every run is a ``python -m opd_train`` run (in this process, one after another) with the same
 preset, steps, completions per step and seed for every method, and a warmup + cosine schedule
-(``--lr-schedule cosine --warmup-steps steps/20``) at the preset's lr for all of them: **the
-per-method lr grid (``--tune``) of issue #15 is not implemented yet**, so no method here is tuned.
+(``--lr-schedule cosine --warmup-steps steps/20``). The lr is the preset's for every method, or
+with ``--tune`` each run's best of the shared grid `LR_GRID`, chosen by the final accuracy on the
+bundled task's validation split (``--eval-split validation``, disjoint from the test set; one run
+per grid point at seed `TUNE_SEED`, ties to the smaller lr).
 Each claim turns one seed's runs into one number ``d`` whose sign the claim predicts (> 0 when
 the claim holds); over the seeds it gets the mean ``m`` and the spread ``s`` (sample standard
 deviation; 0 for a single seed) and a verdict by `verdict`:
@@ -39,6 +41,10 @@ RUNS = {
     "gopd-1": ["--method", "gopd", "--gopd-reward-scale", "1"],
     "gopd-1.25": ["--method", "gopd", "--gopd-reward-scale", "1.25"],
 }
+
+
+LR_GRID = (3e-4, 1e-3, 3e-3)
+TUNE_SEED = 1000  # not one of the test seeds
 
 
 def final(run: list[dict]) -> float:
@@ -123,17 +129,17 @@ def table(results: dict[int, dict[str, list[dict]]], teacher_acc: float) -> tupl
     return "\n".join(lines) + "\n", measured
 
 
-def runs_table(results: dict[int, dict[str, list[dict]]], teacher_acc: float) -> str:
+def runs_table(results: dict[int, dict[str, list[dict]]], teacher_acc: float, lrs: dict[str, float]) -> str:
     seeds = sorted(results)
-    lines = ["| run | options | " + " | ".join(f"seed {s}: start → final" for s in seeds) + " |",
-             "|---|---|" + "---|" * len(seeds)]
+    lines = ["| run | options | lr | " + " | ".join(f"seed {s}: start → final" for s in seeds) + " |",
+             "|---|---|---|" + "---|" * len(seeds)]
     for name, opts in RUNS.items():
         if all(name in results[s] for s in seeds):
             cells = []
             for s in seeds:
                 evals = [r for r in results[s][name] if "eval_accuracy" in r]
                 cells.append(f"{100 * evals[0]['eval_accuracy']:.1f} → {100 * evals[-1]['eval_accuracy']:.1f}")
-            lines.append(f"| {name} | `{' '.join(opts)}` | " + " | ".join(cells) + " |")
+            lines.append(f"| {name} | `{' '.join(opts)}` | {lrs[name]:g} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + f"\n\nThe external teacher's held-out accuracy: {teacher_acc:.1f}%.\n"
 
 
@@ -173,36 +179,56 @@ def teacher_accuracy(preset: str, eval_size: int) -> float:
     return 100 * R.evaluate(load(path), load_tokenizer(path), task, task.eval_examples())
 
 
-def run_claims(preset: str, seeds: list[int], steps: int | None, out: Path, extra: list[str],
-               docs: Path | None, log=print) -> str:
+def _train(argv: list[str], run_out: Path, log) -> list[dict]:
     from .train import main as train_main
 
+    argv = [*argv, "--out", str(run_out)]
+    log("$ python -m opd_train " + " ".join(argv))
+    if train_main(argv) != 0:
+        raise RuntimeError(f"claims run failed: python -m opd_train {' '.join(argv)}")
+    return [json.loads(x) for x in (run_out / "metrics.jsonl").read_text().splitlines()]
+
+
+def tune(shared: list[str], out: Path, log=print) -> dict[str, float]:
+    """Per run: the lr of `LR_GRID` with the best final validation accuracy (ties: the smaller lr)."""
+    best = {}
+    for name, opts in RUNS.items():
+        scores = []
+        for lr in LR_GRID:
+            rows = _train([*opts, *shared, "--lr", repr(lr), "--eval-split", "validation",
+                           "--seed", str(TUNE_SEED)], out / "tune" / f"{name}-lr{lr:g}", log)
+            scores.append((final(rows), -lr))
+        best[name] = -max(scores)[1]
+        log(f"tune {name}: " + ", ".join(f"lr {lr:g} -> {acc:.1f}%" for (acc, _), lr in zip(scores, LR_GRID))
+            + f"; chosen {best[name]:g}")
+    return best
+
+
+def run_claims(preset: str, seeds: list[int], steps: int | None, out: Path, extra: list[str],
+               docs: Path | None, log=print, tuned: bool = False) -> str:
     p = cli.PRESETS[preset]
     steps = steps or p["steps"]
     eval_size = p["eval_size"]
-    needed = list(RUNS)  # all of them, also those only a not-yet-measurable claim needs (claims_runs.md)
     shared = ["--preset", preset, "--steps", str(steps), "--lr-schedule", "cosine",
               "--warmup-steps", str(max(1, steps // 20)), *extra]
+    lrs = tune(shared, out, log) if tuned else {name: p["lr"] for name in RUNS}
     results: dict[int, dict[str, list[dict]]] = {}
     for seed in seeds:
         results[seed] = {}
-        for name in needed:
-            run_out = out / f"seed{seed}" / name
-            argv = [*RUNS[name], *shared, "--seed", str(seed), "--out", str(run_out)]
-            log("$ python -m opd_train " + " ".join(argv))
-            if train_main(argv) != 0:
-                raise RuntimeError(f"claims run {name} (seed {seed}) failed")
-            results[seed][name] = [json.loads(x) for x in (run_out / "metrics.jsonl").read_text().splitlines()]
+        for name in RUNS:  # all of them, also those only a not-yet-measurable claim needs (claims_runs.md)
+            results[seed][name] = _train([*RUNS[name], *shared, "--lr", repr(lrs[name]), "--seed", str(seed)],
+                                         out / f"seed{seed}" / name, log)
     t_acc = teacher_accuracy(preset, eval_size)
     tab, measured = table(results, t_acc)
+    lr_text = (f"lr per method from the grid {', '.join(f'{x:g}' for x in LR_GRID)} on the validation split"
+               if tuned else f"every method at lr {p['lr']:g} (not tuned per method)")
     title = (f"opd_train.compare --claims: {preset} preset, {steps} steps per run, seeds "
-             f"{', '.join(map(str, seeds))}; every method at lr {p['lr']:g} (not tuned per method), warmup + "
-             "cosine. d per seed, mean ± sample std over seeds; holds: mean > 0 and > spread; does not hold: "
-             "mean < 0 and |mean| > spread; else mixed.")
+             f"{', '.join(map(str, seeds))}; {lr_text}, warmup + cosine. d per seed, mean ± sample std over "
+             "seeds; holds: mean > 0 and > spread; does not hold: mean < 0 and |mean| > spread; else mixed.")
     out.mkdir(parents=True, exist_ok=True)
     (out / "claims.md").write_text(f"{title}\n\n{tab}")
     (out / "claims_runs.md").write_text(f"Runs behind claims.md ({preset} preset, {steps} steps).\n\n"
-                                        + runs_table(results, t_acc))
+                                        + runs_table(results, t_acc, lrs))
     plot(measured, out / "claims.png", f"claims, {preset} preset, {len(seeds)} seeds")
     if docs is not None:
         docs.mkdir(parents=True, exist_ok=True)

@@ -138,6 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("evaluation and checkpoints")
     g.add_argument("--eval-every", type=pos_int, help=f"steps between held-out evaluations ({_preset('eval_every')})")
     g.add_argument("--eval-size", type=pos_int, help=f"held-out prompts, greedy exact match ({_preset('eval_size')})")
+    g.add_argument("--eval-split", choices=("test", "validation"), default="test",
+                   help="bundled task: the held-out test set, or a disjoint validation set (lr selection)")
     g.add_argument("--save-every", type=pos_int, help=f"steps between checkpoints ({_preset('save_every')})")
 
     g = p.add_argument_group("bundled task (ignored with --data)")

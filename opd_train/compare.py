@@ -85,6 +85,8 @@ def main(argv=None) -> int:
     p.add_argument("--preset", choices=sorted(cli.PRESETS), default=None,
                    help="default: 'default', or 'selfdistill' with --claims (the student that can use context)")
     p.add_argument("--claims", action="store_true", help="check the headline claims over --seeds instead")
+    p.add_argument("--tune", action="store_true",
+                   help="--claims: choose each run's lr from a shared grid on the validation split first")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of --claims")
     p.add_argument("--no-docs", action="store_true",
                    help="--claims: do not copy the results to docs/compare (never copied with --preset smoke)")
@@ -102,7 +104,8 @@ def main(argv=None) -> int:
         from .claims import run_claims
 
         docs = None if args.no_docs or args.preset == "smoke" else Path(__file__).resolve().parents[1] / "docs" / "compare"
-        print(run_claims(args.preset, args.seeds, args.steps, out, [a for a in args.extra if a != "--"], docs))
+        print(run_claims(args.preset, args.seeds, args.steps, out, [a for a in args.extra if a != "--"], docs,
+                         tuned=args.tune))
         print(f"wrote {out / 'claims.md'}" + (f" (and copied it to {docs})" if docs else ""))
         return 0
     out.mkdir(parents=True, exist_ok=True)

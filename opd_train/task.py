@@ -76,18 +76,35 @@ class Task:
 class ArithmeticTask(Task):
     """``digits``-digit addition/subtraction (``ops`` in "+-"), answers least-significant digit first."""
 
-    def __init__(self, digits: int = 3, ops: str = "+", eval_size: int = 256, eval_seed: int = 1234):
+    def __init__(self, digits: int = 3, ops: str = "+", eval_size: int = 256, eval_seed: int = 1234,
+                 split: str = "test"):
         if digits < 1 or not ops or set(ops) - set("+-"):
             raise ValueError(f"ArithmeticTask: need digits >= 1 and ops from '+-', got {digits}, {ops!r}")
+        if split not in ("test", "validation"):
+            raise ValueError(f"ArithmeticTask: split must be 'test' or 'validation', got {split!r}")
         self.digits, self.ops = digits, ops
         self.max_answer_chars = digits + 1
         # Held-out problems are a fixed hash-defined 10% slice of all problems; training never sees them.
+        # The test set is drawn from it with eval_seed; the validation set (lr selection, --tune) is
+        # drawn from the rest of the slice, disjoint from the test set. eval_examples() is ``split``'s.
         rng = random.Random(eval_seed)
         self._eval = []
         while len(self._eval) < eval_size:
             a, b, op = self._draw(rng)
             if self._is_heldout(a, b, op):
                 self._eval.append(self.make(a, b, op))
+        self.split = split
+        if split == "validation":
+            test, rng, self._eval = {ex.prompt for ex in self._eval}, random.Random(eval_seed + 1), []
+            for _ in range(1_000_000):
+                if len(self._eval) == eval_size:
+                    break
+                a, b, op = self._draw(rng)
+                if self._is_heldout(a, b, op) and self.make(a, b, op).prompt not in test:
+                    self._eval.append(self.make(a, b, op))
+            else:
+                raise ValueError(f"ArithmeticTask: no room for a validation set of {eval_size} beside the "
+                                 f"test set among the held-out {digits}-digit problems")
 
     # -- problems -------------------------------------------------------------------------
     def _draw(self, rng: random.Random) -> tuple[int, int, str]:

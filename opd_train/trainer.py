@@ -44,8 +44,10 @@ class Trainer:
 
 def make_task(args):
     if args.data:
+        if getattr(args, "eval_split", "test") != "test":
+            raise InputError("--eval-split validation: only the bundled task has a validation split")
         return JsonlTask(args.data, args.eval_data, args.eval_size)
-    return ArithmeticTask(args.digits, args.ops, eval_size=args.eval_size)
+    return ArithmeticTask(args.digits, args.ops, eval_size=args.eval_size, split=getattr(args, "eval_split", "test"))
 
 
 def model_paths(args, task, rank: int, world: int, log) -> tuple[str, str | None]:

@@ -220,3 +220,40 @@ def test_claims_smoke_end_to_end(tmp_path, smoke_models):
         args = json.loads((out / "seed1" / name / "args.json").read_text())
         assert (args["seed"], args["steps"], args["lr_schedule"]) == (1, 4, "cosine")
     assert (out / "claims.png").stat().st_size > 0 and "| sdft |" in (out / "claims_runs.md").read_text()
+
+
+def test_validation_split_is_disjoint_from_test_and_training():
+    import random
+
+    test = ArithmeticTask(2, "+", eval_size=64)
+    val = ArithmeticTask(2, "+", eval_size=64, split="validation")
+    t, v = {ex.prompt for ex in test.eval_examples()}, {ex.prompt for ex in val.eval_examples()}
+    assert len(val.eval_examples()) == 64 and not t & v
+    assert not v & {ex.prompt for ex in val.sample(random.Random(0), 3000)}
+    assert [ex.prompt for ex in test.eval_examples()] == [ex.prompt for ex in ArithmeticTask(2, "+", eval_size=64).eval_examples()]
+    with pytest.raises(ValueError, match="split must be 'test' or 'validation', got 'dev'"):
+        ArithmeticTask(2, "+", split="dev")
+
+
+def test_eval_split_validation_refused_with_own_data(tmp_path, smoke_models, capsys):
+    from test_train import write_jsonl
+
+    data = write_jsonl(tmp_path / "train.jsonl")
+    assert main(["--method", "sft", *SMOKE, "--student", str(smoke_models["student"]), "--data", str(data),
+                 "--eval-split", "validation", "--out", str(tmp_path / "run")]) == 2
+    assert "--eval-split validation: only the bundled task has a validation split" in one_line_error(capsys)
+
+
+def test_claims_tune_picks_the_best_validation_lr(tmp_path, smoke_models, monkeypatch):
+    monkeypatch.setattr(claims, "RUNS", {"sft": ["--method", "sft"], "opd": ["--method", "opd"]})
+    monkeypatch.setattr(claims, "LR_GRID", (1e-3, 1e-2))
+    shared = ["--preset", "smoke", "--steps", "3", "--eval-size", "32"]
+    best = claims.tune(shared, tmp_path, log=lambda *a: None)
+    for name in ("sft", "opd"):
+        finals = []
+        for lr in (1e-3, 1e-2):
+            d = tmp_path / "tune" / f"{name}-lr{lr:g}"
+            args = json.loads((d / "args.json").read_text())
+            assert (args["eval_split"], args["lr"], args["seed"]) == ("validation", lr, claims.TUNE_SEED)
+            finals.append(claims.final(rows(d)))
+        assert best[name] == (1e-3 if finals[0] >= finals[1] else 1e-2)
