@@ -40,7 +40,10 @@ RUNS = {
     "sdpo": ["--method", "sdpo"],
     "gopd-1": ["--method", "gopd", "--gopd-reward-scale", "1"],
     "gopd-1.25": ["--method", "gopd", "--gopd-reward-scale", "1.25"],
+    # only where the bundled teacher keeps its pre-RL base (a preset with teacher_rl)
+    "gopd-1.25-base": ["--method", "gopd", "--gopd-reward-scale", "1.25", "--gopd-ref", "teacher-base"],
 }
+NEEDS_TEACHER_BASE = {"gopd-1.25-base"}
 
 
 LR_GRID = (3e-4, 1e-3, 3e-3)
@@ -72,6 +75,10 @@ class Claim:
     runs: tuple[str, ...]       # RUNS it needs
     value: object = None        # (runs of one seed: name -> metric rows, teacher accuracy) -> d
     missing: str | None = None  # why it cannot be measured on the bundled benchmark yet
+    missing_without_base: str | None = None  # why not, where the teacher has no pre-RL base
+
+    def why_not(self, has_base: bool) -> str | None:
+        return self.missing or (None if has_base else self.missing_without_base)
 
 
 CLAIMS = [
@@ -93,8 +100,9 @@ CLAIMS = [
     Claim("ExOPD can exceed an imperfect teacher", "final acc. G-OPD λ=1.25 − the teacher's (points)",
           ("gopd-1.25",), lambda r, t: final(r["gopd-1.25"]) - t),
     Claim("reward correction with the teacher's base helps",
-          "final acc. G-OPD ref=teacher base − ref=student init (points)", ("gopd-1.25",),
-          missing="the bundled teacher has no kept pre-RL base (SFT-then-RL teacher not built yet)"),
+          "final acc. G-OPD λ=1.25 ref=teacher base − ref=student init (points)", ("gopd-1.25-base", "gopd-1.25"),
+          lambda r, t: final(r["gopd-1.25-base"]) - final(r["gopd-1.25"]),
+          missing_without_base="this preset's teacher has no kept pre-RL base (presets with teacher_rl have one)"),
     Claim("a multi-teacher student >= each expert on its domain",
           "per-domain acc. student − expert, worst domain (points)", (),
           missing="no domain teachers or multi-teacher routing yet"),
@@ -112,14 +120,16 @@ def verdict(values: list[float]) -> tuple[float, float, str]:
     return m, s, "mixed"
 
 
-def table(results: dict[int, dict[str, list[dict]]], teacher_acc: float) -> tuple[str, list]:
+def table(results: dict[int, dict[str, list[dict]]], teacher_acc: float,
+          has_base: bool = False) -> tuple[str, list]:
     """The claims table (markdown) and, per measured claim, its per-seed values (for the plot)."""
     seeds = sorted(results)
     lines = ["| claim | metric (> 0: as claimed) | per seed | mean ± spread | verdict |", "|---|---|---|---|---|"]
     measured = []
     for c in CLAIMS:
-        if c.missing:
-            lines.append(f"| {c.text} | {c.metric} | — | — | not measured: {c.missing} |")
+        why = c.why_not(has_base)
+        if why:
+            lines.append(f"| {c.text} | {c.metric} | — | — | not measured: {why} |")
             continue
         vals = [c.value(results[s], teacher_acc) for s in seeds]
         m, s, v = verdict(vals)
@@ -163,19 +173,28 @@ def plot(measured: list, path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def bundled_teacher_dir(preset: str) -> Path:
+    from .benchmark import bundled_teacher
+    from .task import ArithmeticTask
+
+    p = cli.PRESETS[preset]
+    return bundled_teacher(p, ArithmeticTask(p["digits"], p["ops"], eval_size=p["eval_size"]))
+
+
 def teacher_accuracy(preset: str, eval_size: int) -> float:
     """The bundled teacher's greedy held-out accuracy (points) on the runs' evaluation set."""
     import torch
 
     from . import rollout as R
-    from .models import PRETRAIN_SEED, get_pretrained, load
+    from .benchmark import bundled_teacher
+    from .models import load
     from .task import ArithmeticTask
     from .tokenizer import load_tokenizer
 
     torch.set_num_threads(1)
     p = cli.PRESETS[preset]
     task = ArithmeticTask(p["digits"], p["ops"], eval_size=eval_size)
-    path = get_pretrained("teacher", p["teacher"], task, PRETRAIN_SEED)
+    path = bundled_teacher(p, task)
     return 100 * R.evaluate(load(path), load_tokenizer(path), task, task.eval_examples())
 
 
@@ -189,10 +208,11 @@ def _train(argv: list[str], run_out: Path, log) -> list[dict]:
     return [json.loads(x) for x in (run_out / "metrics.jsonl").read_text().splitlines()]
 
 
-def tune(shared: list[str], out: Path, log=print) -> dict[str, float]:
+def tune(shared: list[str], out: Path, log=print, names=None) -> dict[str, float]:
     """Per run: the lr of `LR_GRID` with the best final validation accuracy (ties: the smaller lr)."""
     best = {}
-    for name, opts in RUNS.items():
+    for name in names or RUNS:
+        opts = RUNS[name]
         scores = []
         for lr in LR_GRID:
             rows = _train([*opts, *shared, "--lr", repr(lr), "--eval-split", "validation",
@@ -211,15 +231,17 @@ def run_claims(preset: str, seeds: list[int], steps: int | None, out: Path, extr
     eval_size = p["eval_size"]
     shared = ["--preset", preset, "--steps", str(steps), "--lr-schedule", "cosine",
               "--warmup-steps", str(max(1, steps // 20)), *extra]
-    lrs = tune(shared, out, log) if tuned else {name: p["lr"] for name in RUNS}
+    has_base = (bundled_teacher_dir(preset) / "base" / "config.json").exists()
+    names = [n for n in RUNS if has_base or n not in NEEDS_TEACHER_BASE]
+    lrs = tune(shared, out, log, names) if tuned else {name: p["lr"] for name in names}
     results: dict[int, dict[str, list[dict]]] = {}
     for seed in seeds:
         results[seed] = {}
-        for name in RUNS:  # all of them, also those only a not-yet-measurable claim needs (claims_runs.md)
+        for name in names:  # also those only a not-yet-measurable claim needs (claims_runs.md)
             results[seed][name] = _train([*RUNS[name], *shared, "--lr", repr(lrs[name]), "--seed", str(seed)],
                                          out / f"seed{seed}" / name, log)
     t_acc = teacher_accuracy(preset, eval_size)
-    tab, measured = table(results, t_acc)
+    tab, measured = table(results, t_acc, has_base)
     lr_text = (f"lr per method from the grid {', '.join(f'{x:g}' for x in LR_GRID)} on the validation split"
                if tuned else f"every method at lr {p['lr']:g} (not tuned per method)")
     title = (f"opd_train.compare --claims: {preset} preset, {steps} steps per run, seeds "

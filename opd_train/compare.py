@@ -31,14 +31,15 @@ def prepare_models(preset: str) -> None:
     """Pre-train/cache the bundled models once, outside the timed runs."""
     import torch
 
+    from .benchmark import bundled_teacher
     from .models import PRETRAIN_SEED, get_pretrained
     from .task import ArithmeticTask
 
     torch.set_num_threads(1)
     p = cli.PRESETS[preset]
     task = ArithmeticTask(p["digits"], p["ops"], eval_size=p["eval_size"])
-    for role in ("teacher", "student"):
-        get_pretrained(role, p[role], task, PRETRAIN_SEED)
+    bundled_teacher(p, task)
+    get_pretrained("student", p["student"], task, PRETRAIN_SEED)
 
 
 def accuracy_at(evals: list[dict], samples: int) -> float:

@@ -19,6 +19,7 @@ from . import rollout as R
 from .data import JsonlTask
 from .inputs import InputError
 from .methods import METHODS
+from .benchmark import bundled_teacher
 from .models import PRETRAIN_SEED, get_pretrained
 from .task import ArithmeticTask
 
@@ -63,7 +64,7 @@ def model_paths(args, task, rank: int, world: int, log) -> tuple[str, str | None
         s = args.student or str(get_pretrained("student", preset["student"], task, PRETRAIN_SEED, log))
         t = None
         if need_teacher:
-            t = args.teacher or str(get_pretrained("teacher", preset["teacher"], task, PRETRAIN_SEED, log))
+            t = args.teacher or str(bundled_teacher(preset, task, log))
         return s, t
 
     if rank == 0:

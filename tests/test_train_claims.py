@@ -193,8 +193,15 @@ def test_claims_table_from_per_seed_numbers():
     assert "+20.0, +20.0, +20.0" in next(x for x in lines if x.startswith("| OPD reaches GRPO"))
     exceed = next(x for x in lines if x.startswith("| ExOPD can exceed"))
     assert "-70.0, -70.0, -70.0" in exceed and "**does not hold**" in exceed
-    assert sum("not measured:" in x for x in lines) == sum(c.missing is not None for c in claims.CLAIMS)
-    assert [t for t, _ in measured] == [c.text for c in claims.CLAIMS if not c.missing]
+    assert sum("not measured:" in x for x in lines) == sum(c.why_not(False) is not None for c in claims.CLAIMS)
+    assert [t for t, _ in measured] == [c.text for c in claims.CLAIMS if not c.why_not(False)]
+    assert "not measured: this preset's teacher has no kept pre-RL base" in tab
+    # with the teacher's base, the reward-correction claim is measured from its own two runs
+    for seed_runs in results.values():
+        seed_runs["gopd-1.25-base"] = fake_run([0.1, 0.2, 0.3, 0.4, 0.35])
+    tab, _ = claims.table(results, teacher_acc=80.0, has_base=True)
+    assert "| +25.0, +25.0, +25.0 | +25.0 ± 0.0 | **holds** |" in next(
+        x for x in tab.split("\n") if x.startswith("| reward correction"))
 
 
 def test_claims_smoke_end_to_end(tmp_path, smoke_models):
@@ -216,7 +223,7 @@ def test_claims_smoke_end_to_end(tmp_path, smoke_models):
         values = [float(x) for x in cells[2].split(",")]
         assert len(values) == 2
         assert cells[4] == f"**{claims.verdict(values)[2]}**"
-    for name in claims.RUNS:  # every run happened, per seed, with the shared schedule
+    for name in set(claims.RUNS) - claims.NEEDS_TEACHER_BASE:  # every run, per seed, with the shared schedule
         args = json.loads((out / "seed1" / name / "args.json").read_text())
         assert (args["seed"], args["steps"], args["lr_schedule"]) == (1, 4, "cosine")
     assert (out / "claims.png").stat().st_size > 0 and "| sdft |" in (out / "claims_runs.md").read_text()
@@ -257,3 +264,27 @@ def test_claims_tune_picks_the_best_validation_lr(tmp_path, smoke_models, monkey
             assert (args["eval_split"], args["lr"], args["seed"]) == ("validation", lr, claims.TUNE_SEED)
             finals.append(claims.final(rows(d)))
         assert best[name] == (1e-3 if finals[0] >= finals[1] else 1e-2)
+
+
+def test_rl_teacher_keeps_its_base_and_serves_gopd_reward_correction(tmp_path, smoke_models, monkeypatch):
+    """get_rl_teacher: GRPO on the SFT teacher, cached with the SFT model as DIR/base."""
+    from transformers import AutoModelForCausalLM
+
+    from opd_train.benchmark import RLSpec, get_rl_teacher
+
+    monkeypatch.setenv("OPD_TRAIN_CACHE", str(tmp_path / "cache"))  # a fresh cache: built here, not found
+    for role in ("teacher", "student"):
+        shutil.copytree(smoke_models[role], tmp_path / "cache" / Path(smoke_models[role]).name)
+    p = cli.PRESETS["smoke"]
+    task = ArithmeticTask(p["digits"], p["ops"], eval_size=16)
+    path = get_rl_teacher(p["teacher"], RLSpec(steps=2, batch_size=16, lr=1e-3), task, log=lambda *a: None)
+    meta = json.loads((path / "meta.json").read_text())
+    assert 0.0 <= meta["base_eval_accuracy"] <= 1.0 and 0.0 <= meta["eval_accuracy"] <= 1.0
+    base = AutoModelForCausalLM.from_pretrained(path / "base").state_dict()
+    sft = AutoModelForCausalLM.from_pretrained(smoke_models["teacher"]).state_dict()
+    rl = AutoModelForCausalLM.from_pretrained(path).state_dict()
+    assert all(torch.equal(base[k], sft[k]) for k in sft) and any(not torch.equal(rl[k], sft[k]) for k in sft)
+    assert get_rl_teacher(p["teacher"], RLSpec(steps=2, batch_size=16, lr=1e-3), task) == path  # cached
+    out = tmp_path / "run"
+    assert main(["--method", "gopd", "--gopd-ref", "teacher-base", "--teacher", str(path), *SMOKE,
+                 "--out", str(out)]) == 0
