@@ -14,8 +14,9 @@ deviation; 0 for a single seed) and a verdict by `verdict`:
 * **does not hold** if ``m < 0`` and ``−m > s`` (the opposite sign, by more than the spread);
 * **mixed** otherwise (the spread covers 0 or ``m = 0``).
 
-A claim whose runs need assets the bundled benchmark does not have yet (a teacher with a kept
-pre-RL base, domain teachers, a prior-skill evaluation) is listed as *not measured* with the
+A claim whose runs need assets the bundled benchmark does not have yet (domain teachers and
+multi-teacher routing, a prior-skill evaluation; a teacher with a kept pre-RL base exists only in
+presets with ``teacher_rl``, see `opd_train.benchmark`) is listed as *not measured* with the
 reason, never guessed. Outputs: ``OUT/claims.md`` (one row per claim), ``OUT/claims_runs.md``
 (every run's final accuracy per seed), ``OUT/claims.png``; copied to ``docs/compare/`` unless
 ``--preset smoke`` (the CI check) or ``--no-docs``.
