@@ -25,7 +25,7 @@ import textwrap
 import torch
 
 from . import inputs
-from .argtypes import pos_float, pos_int
+from .argtypes import nonneg_int, pos_float, pos_int
 from .data import EXAMPLE_ROW
 from .methods import METHODS, Method
 from .models import ModelSpec
@@ -120,7 +120,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch CPU threads per process (tiny models gain little from more; 1 avoids oversubscription)")
 
     g = p.add_argument_group("optimization")
-    g.add_argument("--lr", type=pos_float, help=f"AdamW learning rate, constant ({_preset('lr')})")
+    g.add_argument("--lr", type=pos_float, help=f"AdamW peak learning rate ({_preset('lr')})")
+    g.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant",
+                   help="after warmup: constant, or cosine decay to 0 at --steps (the SDFT/SDPO/OPSD "
+                        "papers' recipes use warmup + cosine)")
+    g.add_argument("--warmup-steps", type=nonneg_int, default=0, help="linear learning-rate warmup steps")
     g.add_argument("--batch-size", type=pos_int,
                    help=f"completions per step and process = prompts x samples-per-prompt ({_preset('batch_size')})")
     spp = ", ".join(f"{name} {cls.default_samples_per_prompt}" for name, cls in METHODS.items())
@@ -134,6 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("evaluation and checkpoints")
     g.add_argument("--eval-every", type=pos_int, help=f"steps between held-out evaluations ({_preset('eval_every')})")
     g.add_argument("--eval-size", type=pos_int, help=f"held-out prompts, greedy exact match ({_preset('eval_size')})")
+    g.add_argument("--eval-split", choices=("test", "validation"), default="test",
+                   help="bundled task: the held-out test set, or a disjoint validation set (lr selection)")
     g.add_argument("--save-every", type=pos_int, help=f"steps between checkpoints ({_preset('save_every')})")
 
     g = p.add_argument_group("bundled task (ignored with --data)")

@@ -7,6 +7,10 @@ first, so no method's wall time includes pre-training. Writes ``OUT/compare.md``
 held-out accuracy, accuracy at fixed sample budgets, time in training steps and process wall
 time, tokens/s) and
 ``OUT/compare.png`` (accuracy vs. samples).
+
+``--claims`` instead checks the survey's headline claims over several seeds (`opd_train.claims`):
+``python -m opd_train.compare --claims`` (selfdistill preset, 3 seeds, writes
+``docs/compare/claims.md``) or ``--claims --preset smoke`` (a quick end-to-end check).
 """
 from __future__ import annotations
 
@@ -27,14 +31,15 @@ def prepare_models(preset: str) -> None:
     """Pre-train/cache the bundled models once, outside the timed runs."""
     import torch
 
+    from .benchmark import bundled_teacher
     from .models import PRETRAIN_SEED, get_pretrained
     from .task import ArithmeticTask
 
     torch.set_num_threads(1)
     p = cli.PRESETS[preset]
     task = ArithmeticTask(p["digits"], p["ops"], eval_size=p["eval_size"])
-    for role in ("teacher", "student"):
-        get_pretrained(role, p[role], task, PRETRAIN_SEED)
+    bundled_teacher(p, task)
+    get_pretrained("student", p["student"], task, PRETRAIN_SEED)
 
 
 def accuracy_at(evals: list[dict], samples: int) -> float:
@@ -78,15 +83,32 @@ def summarize(runs: dict[str, dict], out: Path, title: str) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m opd_train.compare", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--preset", choices=sorted(cli.PRESETS), default="default")
+    p.add_argument("--preset", choices=sorted(cli.PRESETS), default=None,
+                   help="default: 'default', or 'selfdistill' with --claims (the student that can use context)")
+    p.add_argument("--claims", action="store_true", help="check the headline claims over --seeds instead")
+    p.add_argument("--tune", action="store_true",
+                   help="--claims: choose each run's lr from a shared grid on the validation split first")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of --claims")
+    p.add_argument("--no-docs", action="store_true",
+                   help="--claims: do not copy the results to docs/compare (never copied with --preset smoke)")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     p.add_argument("--steps", type=pos_int, help="steps per method (default: the preset's)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="runs/compare")
+    p.add_argument("--out", default=None, help="default: runs/compare (runs/claims with --claims)")
     p.add_argument("extra", nargs=argparse.REMAINDER,
                    help="after '--': more options passed to every run (e.g. -- --batch-size 64)")
     args = p.parse_args(argv)
-    out = Path(args.out)
+    if args.preset is None:
+        args.preset = "selfdistill" if args.claims else "default"
+    out = Path(args.out or ("runs/claims" if args.claims else "runs/compare"))
+    if args.claims:
+        from .claims import run_claims
+
+        docs = None if args.no_docs or args.preset == "smoke" else Path(__file__).resolve().parents[1] / "docs" / "compare"
+        print(run_claims(args.preset, args.seeds, args.steps, out, [a for a in args.extra if a != "--"], docs,
+                         tuned=args.tune))
+        print(f"wrote {out / 'claims.md'}" + (f" (and copied it to {docs})" if docs else ""))
+        return 0
     out.mkdir(parents=True, exist_ok=True)
     extra = [a for a in args.extra if a != "--"]
     print(f"preparing the bundled models ({args.preset} preset) ...", flush=True)

@@ -95,6 +95,9 @@ class JsonlTask(Task):
         if kind == "demo":
             return (f"{ex.prompt}\n\nHere is an example of a correct response:\n"
                     f"{ex.answer if demo is None else demo}\n\nNow answer with a response of your own.")
+        if kind == "hint":  # feedback without the attempt
+            return (f"{ex.prompt}\n\nFeedback on a previous attempt:\n{self.feedback(ex, attempt or '')}"
+                    "\n\nNow answer the question above correctly.")
         if kind == "feedback":
             return (f"{ex.prompt}\n\nA previous attempt:\n{attempt or ''}\n\nFeedback on it:\n"
                     f"{self.feedback(ex, attempt or '')}\n\nNow answer the question above correctly.")

@@ -194,12 +194,14 @@ def decode(tok, completion: torch.Tensor, mask: torch.Tensor) -> list[str]:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, tok, task, examples, *, max_new_tokens: int | None = None,
-             batch_size: int = 512, vocab_size: int | None = None) -> float:
-    """Held-out exact-match accuracy of greedy decoding (no privileged context)."""
+             batch_size: int = 512, vocab_size: int | None = None, prompt=None) -> float:
+    """Held-out exact-match accuracy of greedy decoding; ``prompt(ex)`` gives the user message
+    (default: the plain prompt, no privileged context)."""
     correct, max_new_tokens = 0, max_new_tokens or task.max_answer_chars + 2
+    prompt = prompt or (lambda ex: ex.prompt)
     for i in range(0, len(examples), batch_size):
         exs = examples[i: i + batch_size]
-        comp, mask = generate(model, tok, encode_prompts(tok, [ex.prompt for ex in exs]),
+        comp, mask = generate(model, tok, encode_prompts(tok, [prompt(ex) for ex in exs]),
                               max_new_tokens=max_new_tokens, greedy=True, vocab_size=vocab_size)
         correct += sum(task.reward(ex, text) for ex, text in zip(exs, decode(tok, comp, mask)))
     return correct / max(1, len(examples))
@@ -222,3 +224,16 @@ def teacher_topk(lm: LM, hidden: torch.Tensor, k: int, temperature: float = 1.0,
         lps.append(val - logits.logsumexp(-1, keepdim=True))
     shape = (*hidden.shape[:-1], k)
     return torch.cat(ids).view(shape), torch.cat(lps).view(shape)
+
+
+@torch.no_grad()
+def logprobs_at(lm: LM, hidden: torch.Tensor, ids: torch.Tensor, temperature: float = 1.0,
+                chunk: int = 1024) -> torch.Tensor:
+    """Full-vocabulary-normalised log-probs of ``lm`` at the given token ids ``[..., k]`` (e.g. the
+    student's top-k, scored by a teacher as SDPO's reference does). ``chunk`` rows of logits at a time."""
+    flat, flat_ids = hidden.reshape(-1, hidden.shape[-1]), ids.reshape(-1, ids.shape[-1])
+    out = []
+    for rows, idx in zip(flat.split(chunk), flat_ids.split(chunk)):
+        logits = F.linear(rows, lm.weight, lm.bias).float() / temperature
+        out.append(logits.gather(-1, idx) - logits.logsumexp(-1, keepdim=True))
+    return torch.cat(out).view(ids.shape)

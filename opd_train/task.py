@@ -13,6 +13,13 @@ Everything a method may condition a teacher on is generated here:
   least significant first, where ``c`` is the incoming carry and ``cd`` the carry-out and digit;
 * a **demonstration** (SDFT; SDPO's successful sibling): a correct answer;
 * **feedback** (SDPO) on an attempt: ``"2311 wrong ==xx"`` marks right ``=`` and wrong ``x`` digits.
+  It repeats the attempt, so a teacher can keep the right digits by copying it;
+* a **hint** (SDPO ``--sdpo-feedback hint``): actionable feedback that does not repeat the attempt,
+  ``"col 2 carry 1"`` (the first wrong answer column, least significant = 1, and the carry that
+  goes into it), ``"need 4 digits"`` for a malformed attempt, ``"right"``. Not one of
+  `CONTEXT_KINDS` (the kinds the bundled models are pre-trained on, unchanged so the cached
+  models stay what they were); a model pre-trained with ``ModelSpec.context_kinds`` including it
+  can use it.
 
 The verifier is exact match. ``Task`` is the interface that `opd_train.data.JsonlTask` (bring
 your own data) implements too.
@@ -22,7 +29,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-CONTEXT_KINDS = ("solution", "demo", "feedback")
+CONTEXT_KINDS = ("solution", "demo", "feedback")  # what the bundled models' pre-training mixes in
+ALL_CONTEXT_KINDS = CONTEXT_KINDS + ("hint",)
 
 
 @dataclass(frozen=True)
@@ -48,8 +56,16 @@ class Task:
         """Exact match after stripping surrounding whitespace: 1.0 or 0.0."""
         return float(completion.strip() == ex.answer.strip())
 
+    def partial_reward(self, ex: Example, completion: str) -> float:
+        """Partial credit in [0, 1] (GRPO ``--grpo-reward digits``); here the exact-match reward."""
+        return self.reward(ex, completion)
+
     def feedback(self, ex: Example, completion: str) -> str:
         raise NotImplementedError
+
+    def hint(self, ex: Example, completion: str) -> str:
+        """Feedback that does not repeat the attempt (here: the generic feedback)."""
+        return self.feedback(ex, completion)
 
     def with_context(self, ex: Example, kind: str, *, attempt: str | None = None,
                      demo: str | None = None) -> str:
@@ -60,18 +76,35 @@ class Task:
 class ArithmeticTask(Task):
     """``digits``-digit addition/subtraction (``ops`` in "+-"), answers least-significant digit first."""
 
-    def __init__(self, digits: int = 3, ops: str = "+", eval_size: int = 256, eval_seed: int = 1234):
+    def __init__(self, digits: int = 3, ops: str = "+", eval_size: int = 256, eval_seed: int = 1234,
+                 split: str = "test"):
         if digits < 1 or not ops or set(ops) - set("+-"):
             raise ValueError(f"ArithmeticTask: need digits >= 1 and ops from '+-', got {digits}, {ops!r}")
+        if split not in ("test", "validation"):
+            raise ValueError(f"ArithmeticTask: split must be 'test' or 'validation', got {split!r}")
         self.digits, self.ops = digits, ops
         self.max_answer_chars = digits + 1
         # Held-out problems are a fixed hash-defined 10% slice of all problems; training never sees them.
+        # The test set is drawn from it with eval_seed; the validation set (lr selection, --tune) is
+        # drawn from the rest of the slice, disjoint from the test set. eval_examples() is ``split``'s.
         rng = random.Random(eval_seed)
         self._eval = []
         while len(self._eval) < eval_size:
             a, b, op = self._draw(rng)
             if self._is_heldout(a, b, op):
                 self._eval.append(self.make(a, b, op))
+        self.split = split
+        if split == "validation":
+            test, rng, self._eval = {ex.prompt for ex in self._eval}, random.Random(eval_seed + 1), []
+            for _ in range(1_000_000):
+                if len(self._eval) == eval_size:
+                    break
+                a, b, op = self._draw(rng)
+                if self._is_heldout(a, b, op) and self.make(a, b, op).prompt not in test:
+                    self._eval.append(self.make(a, b, op))
+            else:
+                raise ValueError(f"ArithmeticTask: no room for a validation set of {eval_size} beside the "
+                                 f"test set among the held-out {digits}-digit problems")
 
     # -- problems -------------------------------------------------------------------------
     def _draw(self, rng: random.Random) -> tuple[int, int, str]:
@@ -82,7 +115,10 @@ class ArithmeticTask(Task):
         return a, b, op
 
     def _is_heldout(self, a: int, b: int, op: str) -> bool:
-        key = (a * 10 ** self.digits + b) * 2 + (op == "-")
+        # The same operand pairs are held out for both operations. (The key used to add 1 for "-":
+        # an odd key times an odd multiplier stays odd, so no "-" problem was ever held out and
+        # ``ops="-"`` looped forever building its held-out set.)
+        key = (a * 10 ** self.digits + b) * 2
         return (key * 2654435761) % 4294967296 % 10 == 0
 
     def make(self, a: int, b: int, op: str) -> Example:
@@ -126,15 +162,35 @@ class ArithmeticTask(Task):
             return f"{got} wrong format"
         return f"{got} wrong " + "".join("=" if g == a else "x" for g, a in zip(got, ex.answer))
 
+    def partial_reward(self, ex: Example, completion: str) -> float:
+        """Share of answer characters in place (0 unless the attempt has the answer's length)."""
+        got = completion.strip()
+        if len(got) != len(ex.answer):
+            return 0.0
+        return sum(g == a for g, a in zip(got, ex.answer)) / len(ex.answer)
+
+    def hint(self, ex: Example, completion: str) -> str:
+        got = completion.strip()[: self.max_answer_chars + 2]
+        if got == ex.answer:
+            return "right"
+        if len(got) != len(ex.answer) or not got.isdigit():
+            return f"need {len(ex.answer)} digits"
+        i = next(k for k, (g, a) in enumerate(zip(got, ex.answer)) if g != a)
+        cols = ex.solution.split()  # "x+y+c=cd": c is the carry in, the first digit of cd the carry out
+        carry_in = cols[i].split("=")[0][-1] if i < len(cols) else cols[-1][-2]
+        return f"col {i + 1} carry {carry_in}"
+
     def with_context(self, ex: Example, kind: str, *, attempt: str | None = None,
                      demo: str | None = None) -> str:
+        if kind == "hint":
+            return f"hint {self.hint(ex, ex.answer if attempt is None else attempt)}\n{ex.prompt}"
         if kind == "solution":
             return f"sol {ex.solution}\n{ex.prompt}"
         if kind == "demo":
             return f"demo {ex.answer if demo is None else demo}\n{ex.prompt}"
         if kind == "feedback":
             return f"fb {self.feedback(ex, ex.answer if attempt is None else attempt)}\n{ex.prompt}"
-        raise ValueError(f"unknown context kind {kind!r}; expected one of {CONTEXT_KINDS}")
+        raise ValueError(f"unknown context kind {kind!r}; expected one of {ALL_CONTEXT_KINDS}")
 
     def corrupt(self, rng: random.Random, ex: Example) -> str:
         """A plausible wrong (or, 1 time in 4, right) attempt, for pre-training on feedback."""

@@ -23,6 +23,7 @@ step k is logged.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -71,7 +72,10 @@ def run(args) -> dict:
         if rank == 0:
             acc = R.evaluate(tr.student.model, tr.tok, task, task.eval_examples(),
                              max_new_tokens=tr.max_new_tokens, vocab_size=tr.vocab_size)
-            metrics.log({"step": step, "eval_accuracy": acc, "samples": progress["samples"]})
+            row = {"step": step, "eval_accuracy": acc, "samples": progress["samples"],
+                   "completion_tokens": progress.get("completion_tokens", 0)}
+            row.update(method.eval_metrics())  # e.g. the self-teacher's accuracy with its context
+            metrics.log(row)
         distributed.barrier(world)
         return acc
 
@@ -86,6 +90,8 @@ def run(args) -> dict:
     for step in range(progress["step"] + 1, args.steps + 1):
         t0 = time.perf_counter()
         batch = method.prepare(task.sample(tr.rng, prompts_per_step))
+        for group in opt.param_groups:
+            group["lr"] = lr_at(args, step)
         for _ in range(args.epochs_per_batch):
             loss, extra = method.loss(batch)
             if step == nan_step:
@@ -94,6 +100,7 @@ def run(args) -> dict:
             method.after_step()
         dt = time.perf_counter() - t0
         row = train_row(tr, step, loss, batch, dt, progress)
+        row["lr"] = opt.param_groups[0]["lr"]
         row.update(extra)
         metrics.log(row)
         bar.update(1)
@@ -118,6 +125,18 @@ def run(args) -> dict:
     return summary
 
 
+def lr_at(args, step: int) -> float:
+    """The learning rate of (1-based) ``step``: linear warmup over ``--warmup-steps``, then constant
+    or cosine decay to 0 at the end of ``--steps`` (``--lr-schedule``). Computed from the step alone,
+    so a resumed run continues the same schedule (given the same ``--steps``)."""
+    warmup = args.warmup_steps
+    factor = min(1.0, step / warmup) if warmup else 1.0
+    if args.lr_schedule == "cosine" and step > warmup:
+        done = (step - warmup) / max(1, args.steps - warmup + 1)  # < 1: the last step still moves
+        factor = 0.5 * (1.0 + math.cos(math.pi * done))
+    return args.lr * factor
+
+
 def optimizer_step(tr: trainer.Trainer, opt, loss: torch.Tensor, step: int, out: Path) -> None:
     """Backward, clip, step; a non-finite loss or gradient on any process stops the run (`NonFiniteLoss`)."""
     opt.zero_grad(set_to_none=True)
@@ -140,16 +159,18 @@ def train_row(tr: trainer.Trainer, step: int, loss: torch.Tensor, batch: dict, d
     """The step's metrics row (loss and reward averaged over processes, tokens/s summed); advances ``progress``."""
     seqs = batch["seqs"]
     stats = torch.tensor([loss.item(), batch["rewards"].mean().item() if "rewards" in batch else 0.0,
-                          float(seqs.attention_mask.sum())], device=tr.device)
+                          float(seqs.attention_mask.sum()), float(seqs.mask.sum())], device=tr.device)
     if tr.world > 1:
         dist.all_reduce(stats)
         stats[:2] /= tr.world
     progress["samples"] += seqs.completion.shape[0] * tr.world
+    progress["completion_tokens"] = progress.get("completion_tokens", 0) + int(stats[3].item())
     progress["train_seconds"] += dt
     row = {"step": step, "loss": stats[0].item()}
     if "rewards" in batch:
         row["reward"] = stats[1].item()
-    row.update(tokens_per_s=stats[2].item() / dt, samples=progress["samples"], time_s=progress["train_seconds"])
+    row.update(tokens_per_s=stats[2].item() / dt, samples=progress["samples"],
+               completion_tokens=progress["completion_tokens"], time_s=progress["train_seconds"])
     return row
 
 

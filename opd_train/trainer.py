@@ -19,6 +19,7 @@ from . import rollout as R
 from .data import JsonlTask
 from .inputs import InputError
 from .methods import METHODS
+from .benchmark import bundled_teacher
 from .models import PRETRAIN_SEED, get_pretrained
 from .task import ArithmeticTask
 
@@ -39,12 +40,15 @@ class Trainer:
     vocab_size: int | None
     rank: int = 0
     world: int = 1
+    teacher_path: str | None = None  # the external teacher's directory (G-OPD finds its base there)
 
 
 def make_task(args):
     if args.data:
+        if getattr(args, "eval_split", "test") != "test":
+            raise InputError("--eval-split validation: only the bundled task has a validation split")
         return JsonlTask(args.data, args.eval_data, args.eval_size)
-    return ArithmeticTask(args.digits, args.ops, eval_size=args.eval_size)
+    return ArithmeticTask(args.digits, args.ops, eval_size=args.eval_size, split=getattr(args, "eval_split", "test"))
 
 
 def model_paths(args, task, rank: int, world: int, log) -> tuple[str, str | None]:
@@ -60,7 +64,7 @@ def model_paths(args, task, rank: int, world: int, log) -> tuple[str, str | None
         s = args.student or str(get_pretrained("student", preset["student"], task, PRETRAIN_SEED, log))
         t = None
         if need_teacher:
-            t = args.teacher or str(get_pretrained("teacher", preset["teacher"], task, PRETRAIN_SEED, log))
+            t = args.teacher or str(bundled_teacher(preset, task, log))
         return s, t
 
     if rank == 0:
@@ -108,4 +112,5 @@ def build(args, task, ckpt: Path | None, rank: int, world: int, device: torch.de
         fwd = torch.nn.parallel.DistributedDataParallel(lm, device_ids=[device.index] if device.type == "cuda" else None)
     return Trainer(args, task, tok, lm, fwd, R.LM(teacher, vocab_size) if teacher is not None else None,
                    str(student_path), device, random.Random(f"{args.seed}-{rank}"),
-                   args.max_new_tokens or task.max_answer_chars + 2, vocab_size, rank, world)
+                   args.max_new_tokens or task.max_answer_chars + 2, vocab_size, rank, world,
+                   str(teacher_path) if teacher_path else None)

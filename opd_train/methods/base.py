@@ -34,6 +34,10 @@ class Method:
     def after_step(self) -> None:
         """Called after each optimizer step (EMA teachers update here)."""
 
+    def eval_metrics(self) -> dict:
+        """Extra numbers for each evaluation row (rank 0), e.g. a self-teacher's accuracy with its context."""
+        return {}
+
     def state_dict(self) -> dict:
         return {}
 
@@ -70,6 +74,12 @@ class Method:
         """The same completions under other prompts (a teacher's view with privileged context)."""
         prompts = R.encode_prompts(self.tr.tok, user_contents)
         return R.pack(prompts, seqs.completion, seqs.mask, self.tr.tok.pad_token_id)
+
+    def context_accuracy(self, model: torch.nn.Module, kind: str) -> float:
+        """Greedy held-out accuracy of ``model`` shown privileged context ``kind`` (a self-teacher's view)."""
+        tr = self.tr
+        return R.evaluate(model, tr.tok, tr.task, tr.task.eval_examples(), max_new_tokens=tr.max_new_tokens,
+                          vocab_size=tr.vocab_size, prompt=lambda ex: tr.task.with_context(ex, kind))
 
     def student_hidden(self, seqs: R.Seqs) -> torch.Tensor:
         """Student hidden states with gradient (through DDP when data-parallel)."""

@@ -1,8 +1,11 @@
 """G-OPD / ExOPD: generalized on-policy distillation with reward extrapolation (Yang et al., 2026).
 
 Target ``p* ∝ p_T^λ · p_ref^(1−λ)`` with ``λ`` = ``--gopd-reward-scale`` (1.25 = ExOPD; λ=1 is
-plain OPD). ``p_ref`` is the student's initial policy, or ``--ref DIR`` (e.g. the teacher's
-pre-RL base model, "reward correction"). On the student's samples:
+plain OPD; the paper's sweep: 1, 1.25, 2). ``p_ref`` is ``--gopd-ref student`` (default: the
+student's initial policy), ``teacher-base`` (the teacher's pre-RL base model, the paper's "reward
+correction": the teacher's implicit reward ``log p_T − log p_base`` then excludes what the base
+already knew; looked up as ``TEACHER_DIR/base``, where a teacher trained by SFT then RL keeps its
+base), or any model given as ``--ref DIR``. On the student's samples:
 
 * ``--gopd-loss fullvocab`` (default): exact ``KL(π ‖ p*)`` per token via
   `opd_kernels.fused_linear_gopd_loss`;
@@ -11,6 +14,8 @@ pre-RL base model, "reward correction"). On the student's samples:
   with the PPO clipped surrogate (``--ppo-clip`` 0.2).
 """
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 
@@ -34,18 +39,33 @@ class GOPD(Method):
     def add_options(g):
         g.add_argument("--gopd-reward-scale", type=pos_float, default=1.25,
                        help="λ: 1 = OPD, >1 = ExOPD reward extrapolation (useful range 1-3)")
+        g.add_argument("--gopd-ref", choices=("student", "teacher-base"), default="student",
+                       help="reference p_ref: the student at initialisation, or the teacher's pre-RL base "
+                            "(TEACHER_DIR/base; reward correction); --ref DIR overrides both")
         g.add_argument("--gopd-loss", choices=("fullvocab", "sampled"), default="fullvocab",
                        help="fullvocab: exact KL to the extrapolated target; sampled: gopd_advantages + "
                             "the PPO clip --ppo-clip")
 
     def __init__(self, tr):
         super().__init__(tr)
-        ref = load_model("--ref", self.args.ref or tr.student_path, tr.device).eval().requires_grad_(False)
+        ref = load_model("--ref", self.ref_path(), tr.device).eval().requires_grad_(False)
         self.ref = R.LM(ref, tr.vocab_size)
         v_ref, v_s = self.ref.weight.shape[0], tr.student.weight.shape[0]
         if v_ref != v_s:
             raise InputError(f"--ref {self.args.ref}: its lm_head has {v_ref} rows, the student's {v_s}; "
                              "the reference needs the student's vocabulary (--vocab-size N uses the first N of each)")
+
+    def ref_path(self) -> str:
+        a, tr = self.args, self.tr
+        if a.ref:
+            return a.ref
+        if a.gopd_ref == "student":
+            return tr.student_path
+        base = Path(tr.teacher_path) / "base"
+        if not (base / "config.json").exists():
+            raise InputError(f"--gopd-ref teacher-base: the teacher {tr.teacher_path} has no pre-RL base model "
+                             f"({base} does not exist); pass its base as --ref DIR")
+        return str(base)
 
     def prepare(self, examples):
         tr = self.tr

@@ -4,7 +4,9 @@ The teacher is the student itself, frozen at the start of training, shown the pr
 the reference (worked) solution; the student sees the prompt only. On the student's own
 samples, the loss is the full-vocabulary divergence between the two (``--opsd-divergence``:
 ``jsd`` with β=``--opsd-beta`` (0.5) or ``forward_kl``) per token, optionally clipped per token
-at ``--opsd-clip`` so that a few "pivot" tokens cannot dominate the update.
+at ``--opsd-clip`` so that a few "pivot" tokens cannot dominate the update. Evaluation rows log
+``teacher_context_accuracy``: the frozen teacher's greedy held-out accuracy with the solution in
+context (measured once; the teacher does not change), the ceiling of what it can teach.
 """
 from __future__ import annotations
 
@@ -33,6 +35,11 @@ class OPSD(Method):
         super().__init__(tr)
         # frozen copy of the initial student (reloaded from its directory, so resume needs nothing extra)
         self.teacher = R.LM(load(tr.student_path, tr.device).eval().requires_grad_(False), tr.vocab_size)
+
+    def eval_metrics(self):
+        if not hasattr(self, "_teacher_acc"):
+            self._teacher_acc = self.context_accuracy(self.teacher.model, "solution")
+        return {"teacher_context_accuracy": self._teacher_acc}
 
     def prepare(self, examples):
         b = self.rollout(examples, self.samples_per_prompt, self.args.temperature)

@@ -1,0 +1,290 @@
+"""The method options from the reference recipes (issue #15) and ``python -m opd_train.compare --claims``.
+
+Unit tests of the pieces (lr schedule, GRPO advantages, SDPO teacher contexts and mask, the task's
+hint feedback and partial reward, teacher log-probs at given ids, the claim verdict rule and
+table), method runs with the new options on the smoke preset, and the claims run end to end on
+the smoke preset (about a minute on 2 cores).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from opd_train import claims, cli
+from opd_train import rollout as R
+from opd_train.methods.grpo import group_advantages
+from opd_train.methods.sdpo import teacher_contexts
+from opd_train.task import ArithmeticTask
+from opd_train.train import lr_at, main
+from test_train import SMOKE, one_line_error, rows, smoke_models  # noqa: F401  (fixture)
+
+
+# -- learning-rate schedule ---------------------------------------------------------------------
+def test_lr_schedule_constant_is_todays_and_cosine_warms_up_and_decays():
+    const = argparse.Namespace(lr=1e-3, lr_schedule="constant", warmup_steps=0, steps=100)
+    assert all(lr_at(const, s) == 1e-3 for s in (1, 50, 100))  # the default: unchanged behaviour
+    cos = argparse.Namespace(lr=1e-3, lr_schedule="cosine", warmup_steps=10, steps=100)
+    lrs = [lr_at(cos, s) for s in range(1, 101)]
+    assert lrs[:10] == pytest.approx([1e-4 * k for k in range(1, 11)])  # linear warmup to the peak
+    assert all(a > b for a, b in zip(lrs[10:], lrs[11:]))  # then strictly decreasing
+    assert 0 < lrs[-1] < 1e-5  # the last step still moves, barely
+    assert lr_at(argparse.Namespace(lr=1e-3, lr_schedule="cosine", warmup_steps=0, steps=10), 1) < 1e-3
+
+
+# -- GRPO / Dr.GRPO -----------------------------------------------------------------------------
+def test_group_advantages_std_norm_and_dr_grpo():
+    r = torch.tensor([1.0, 0.0, 0.0, 0.0, 0.5, 0.5, 0.5, 0.5])
+    dr = group_advantages(r, 4, std_norm=False)
+    torch.testing.assert_close(dr, torch.tensor([0.75, -0.25, -0.25, -0.25, 0, 0, 0, 0]))
+    std = group_advantages(r, 4, std_norm=True)
+    torch.testing.assert_close(std[:4], dr[:4] / (r[:4].std() + 1e-4))
+    assert torch.equal(std[4:], torch.zeros(4))  # a group with one reward value has no signal either way
+
+
+def test_task_hint_does_not_repeat_the_attempt_and_partial_reward():
+    task = ArithmeticTask(3, "+", eval_size=1)
+    ex = task.make(347, 85, "+")  # answer 2340: columns 7+5+0=12 4+8+1=13 3+0+1=04, final carry 0
+    assert task.hint(ex, "2340") == "right"
+    assert task.hint(ex, "2350") == "col 3 carry 1"  # first wrong column (least significant = 1) and its carry in
+    assert task.hint(ex, "1340") == "col 1 carry 0"
+    assert task.hint(ex, "2341") == "col 4 carry 0"  # the final carry digit's column gets the last carry out
+    assert task.hint(ex, "234") == task.hint(ex, "2a40") == "need 4 digits"
+    ctx = task.with_context(ex, "hint", attempt="2350")
+    assert ctx == "hint col 3 carry 1\n743+580=" and "2350" not in ctx
+    assert "2350" in task.with_context(ex, "feedback", attempt="2350")  # the old feedback is still there
+    assert [task.partial_reward(ex, a) for a in ("2340", "2350", "1351", "234")] == [1.0, 0.75, 0.25, 0.0]
+    with pytest.raises(ValueError, match="unknown context kind 'x'"):
+        task.with_context(ex, "x")
+
+
+def test_subtraction_problems_are_held_out_too():
+    task = ArithmeticTask(2, "-", eval_size=20)  # looped forever before: no "-" problem was ever held out
+    held = {ex.prompt for ex in task.eval_examples()}
+    assert len(held) > 5 and not held & {ex.prompt for ex in task.sample(__import__("random").Random(0), 500)}
+    assert any("-" in ex.prompt for ex in ArithmeticTask(2, "+-", eval_size=40).eval_examples())
+
+
+# -- SDPO teacher contexts and the self-distillation mask ----------------------------------------
+def test_sdpo_teacher_contexts_sibling_self_success_and_feedback():
+    task = ArithmeticTask(2, "+", eval_size=1)
+    ex = task.make(12, 34, "+")  # answer 640
+    exs = [ex] * 6
+    texts = ["640", "650", "600", "640", "650", "640"]
+    rewards = [1.0, 0.0, 0.0, 1.0, 0.0, 0.0]  # group 1: samples 0-2 (one success); group 2: 3-5 (3 is right)
+    out = teacher_contexts(task, exs, texts, rewards, 3, "hint")
+    # the lone success of group 1 is not its own demonstration: no context, masked out
+    assert out[0] == (ex.prompt, False, False)
+    assert out[1] == (task.with_context(ex, "demo", demo="640"), True, True)
+    assert out[2][1:] == (True, True)
+    assert out[3] == (ex.prompt, False, False)
+    assert out[4] == (task.with_context(ex, "demo", demo="640"), True, True)
+    # no successful sibling and a failure: feedback of the chosen kind, or nothing with "none"
+    alone = teacher_contexts(task, [ex] * 2, ["650", "600"], [0.0, 0.0], 2, "hint")
+    assert alone[0] == ("hint col 2 carry 0\n21+43=", True, False)
+    assert teacher_contexts(task, [ex] * 2, ["650", "600"], [0.0, 0.0], 2, "attempt")[0][0] == \
+        task.with_context(ex, "feedback", attempt="650")
+    assert teacher_contexts(task, [ex] * 2, ["650", "600"], [0.0, 0.0], 2, "none") == [(ex.prompt, False, False)] * 2
+
+
+def test_logprobs_at_equals_full_log_softmax_gather():
+    torch.manual_seed(0)
+
+    class Head:
+        weight, bias = torch.randn(11, 5), torch.randn(11)
+
+    h, ids = torch.randn(3, 4, 5), torch.randint(0, 11, (3, 4, 6))
+    ref = torch.log_softmax(h @ Head.weight.T + Head.bias, -1).gather(-1, ids)
+    torch.testing.assert_close(R.logprobs_at(Head, h, ids, chunk=5), ref)
+    top_ids, top_lp = R.teacher_topk(Head, h, 6)
+    torch.testing.assert_close(R.logprobs_at(Head, h, top_ids), top_lp)  # student-side ids, same numbers
+
+
+# -- the new options end to end (smoke preset) ------------------------------------------------------
+NEW_VARIANTS = [
+    ["grpo", "--no-grpo-std-norm", "--grpo-loss-norm", "max-tokens", "--grpo-reward", "digits"],
+    ["sdpo", "--sdpo-feedback", "hint", "--sdpo-topk", "8", "--sdpo-distill-weight", "0.5",
+     "--lr-schedule", "cosine", "--warmup-steps", "1"],
+    ["sdpo", "--sdpo-feedback", "none", "--no-sdpo-mask", "--sdpo-topk-from", "teacher", "--sdpo-topk", "5"],
+    ["sdft", "--sdft-teacher", "frozen", "--sdft-skip-tokens", "1"],
+    ["opsd"],
+]
+
+
+@pytest.mark.parametrize("variant", NEW_VARIANTS, ids=lambda v: "-".join(x.lstrip("-") for x in v))
+def test_new_method_options_run(variant, tmp_path, smoke_models):
+    out = tmp_path / "run"
+    assert main(["--method", variant[0], *variant[1:], *SMOKE, "--out", str(out)]) == 0
+    rs = rows(out)
+    train = [r for r in rs if "loss" in r]
+    evals = [r for r in rs if "eval_accuracy" in r]
+    assert [r["step"] for r in train] == [1, 2] and all(math.isfinite(r["loss"]) for r in train)
+    assert all(r["completion_tokens"] > 0 for r in train) and train[0]["completion_tokens"] < train[1]["completion_tokens"]
+    if "--lr-schedule" in variant:
+        assert [r["lr"] for r in train] == [lr_at(argparse.Namespace(lr=3e-3, lr_schedule="cosine", warmup_steps=1,
+                                                                     steps=2), s) for s in (1, 2)]
+    else:
+        assert all(r["lr"] == cli.PRESETS["smoke"]["lr"] for r in train)
+    if variant[0] == "sdpo":
+        assert all(0.0 <= r["context_fraction"] <= 1.0 for r in train)
+    if variant[0] in ("sdft", "opsd"):  # the self-teacher's accuracy with its context, at every evaluation
+        accs = [r["teacher_context_accuracy"] for r in evals]
+        assert len(accs) == 2 and all(0.0 <= a <= 1.0 for a in accs)
+        assert accs[0] == accs[1]  # a frozen teacher does not change
+    if variant[0] == "sdft":  # the frozen teacher is the initial student
+        from transformers import AutoModelForCausalLM
+
+        init = AutoModelForCausalLM.from_pretrained(smoke_models["student"]).state_dict()
+        ema = torch.load(out / "ckpt" / "state.pt", weights_only=False)["method"]["ema"]
+        assert all(torch.equal(init[k], ema[k]) for k in init)
+
+
+def test_gopd_ref_teacher_base(tmp_path, smoke_models, capsys):
+    """--gopd-ref teacher-base reads TEACHER_DIR/base; a teacher without one is refused in one line."""
+    common = ["--method", "gopd", "--gopd-ref", "teacher-base", *SMOKE, "--out", str(tmp_path / "run")]
+    assert main(common) == 2
+    assert re.search(r"--gopd-ref teacher-base: the teacher .* has no pre-RL base model", one_line_error(capsys))
+    teacher = tmp_path / "teacher"
+    shutil.copytree(smoke_models["teacher"], teacher)
+    shutil.copytree(smoke_models["student"], teacher / "base")  # any model of the same vocabulary
+    assert main([*common, "--teacher", str(teacher)]) == 0
+    assert [r["step"] for r in rows(tmp_path / "run") if "eval_accuracy" in r] == [0, 2]
+
+
+# -- claims: the verdict rule, the table, the smoke run --------------------------------------------
+@pytest.mark.parametrize("values, expected", [
+    ([3.0, 4.0, 5.0], "holds"),
+    ([1.0, -1.0, 3.0], "mixed"),          # mean 1 < spread 2
+    ([-3.0, -4.0, -5.0], "does not hold"),
+    ([0.0, 0.0, 0.0], "mixed"),
+    ([-1.0, 1.0, -3.0], "mixed"),
+    ([2.0], "holds"),                     # one seed: spread 0
+])
+def test_verdict_rule(values, expected):
+    m, s, v = claims.verdict(values)
+    assert v == expected and m == pytest.approx(sum(values) / len(values))
+
+
+def fake_run(accs, samples_per_eval=100, tokens_per_eval=400):
+    return [{"step": i, "eval_accuracy": a, "samples": i * samples_per_eval, "completion_tokens": i * tokens_per_eval}
+            for i, a in enumerate(accs)]
+
+
+def test_claims_table_from_per_seed_numbers():
+    def seed(opd_final, sft_final):
+        runs = {name: fake_run([0.1, 0.1, 0.1, 0.1, 0.1]) for name in claims.RUNS}
+        runs["opd"] = fake_run([0.1, 0.3, 0.4, 0.5, opd_final])
+        runs["sft"] = fake_run([0.1, 0.2, 0.2, 0.2, sft_final])
+        return runs
+
+    results = {0: seed(0.6, 0.2), 1: seed(0.7, 0.3), 2: seed(0.5, 0.2)}
+    tab, measured = claims.table(results, teacher_acc=80.0)
+    lines = tab.strip().split("\n")
+    assert len(lines) == 2 + len(claims.CLAIMS)
+    opd_sft = next(x for x in lines if x.startswith("| OPD beats SFT"))
+    assert "+40.0, +40.0, +30.0" in opd_sft and "+36.7 ± 5.8" in opd_sft and "**holds**" in opd_sft
+    # OPD at 1/4 of the samples (the eval at 100 of 400) is 30%, GRPO ends at 10%
+    assert "+20.0, +20.0, +20.0" in next(x for x in lines if x.startswith("| OPD reaches GRPO"))
+    exceed = next(x for x in lines if x.startswith("| ExOPD can exceed"))
+    assert "-70.0, -70.0, -70.0" in exceed and "**does not hold**" in exceed
+    assert sum("not measured:" in x for x in lines) == sum(c.why_not(False) is not None for c in claims.CLAIMS)
+    assert [t for t, _ in measured] == [c.text for c in claims.CLAIMS if not c.why_not(False)]
+    assert "not measured: this preset's teacher has no kept pre-RL base" in tab
+    # with the teacher's base, the reward-correction claim is measured from its own two runs
+    for seed_runs in results.values():
+        seed_runs["gopd-1.25-base"] = fake_run([0.1, 0.2, 0.3, 0.4, 0.35])
+    tab, _ = claims.table(results, teacher_acc=80.0, has_base=True)
+    assert "| +25.0, +25.0, +25.0 | +25.0 ± 0.0 | **holds** |" in next(
+        x for x in tab.split("\n") if x.startswith("| reward correction"))
+
+
+def test_claims_smoke_end_to_end(tmp_path, smoke_models):
+    from opd_train import compare
+
+    out = tmp_path / "claims"
+    assert compare.main(["--claims", "--preset", "smoke", "--seeds", "0", "1", "--steps", "4",
+                         "--out", str(out)]) == 0
+    md = (out / "claims.md").read_text()
+    title, tab = md.split("\n\n", 1)
+    assert "smoke preset, 4 steps per run, seeds 0, 1" in title
+    rows_ = [x for x in tab.strip().split("\n")[2:]]
+    assert len(rows_) == len(claims.CLAIMS)
+    for line in rows_:  # each measured row's verdict follows from its own per-seed numbers
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if cells[2] == "—":
+            assert cells[4].startswith("not measured:")
+            continue
+        values = [float(x) for x in cells[2].split(",")]
+        assert len(values) == 2
+        assert cells[4] == f"**{claims.verdict(values)[2]}**"
+    for name in set(claims.RUNS) - claims.NEEDS_TEACHER_BASE:  # every run, per seed, with the shared schedule
+        args = json.loads((out / "seed1" / name / "args.json").read_text())
+        assert (args["seed"], args["steps"], args["lr_schedule"]) == (1, 4, "cosine")
+    assert (out / "claims.png").stat().st_size > 0 and "| sdft |" in (out / "claims_runs.md").read_text()
+
+
+def test_validation_split_is_disjoint_from_test_and_training():
+    import random
+
+    test = ArithmeticTask(2, "+", eval_size=64)
+    val = ArithmeticTask(2, "+", eval_size=64, split="validation")
+    t, v = {ex.prompt for ex in test.eval_examples()}, {ex.prompt for ex in val.eval_examples()}
+    assert len(val.eval_examples()) == 64 and not t & v
+    assert not v & {ex.prompt for ex in val.sample(random.Random(0), 3000)}
+    assert [ex.prompt for ex in test.eval_examples()] == [ex.prompt for ex in ArithmeticTask(2, "+", eval_size=64).eval_examples()]
+    with pytest.raises(ValueError, match="split must be 'test' or 'validation', got 'dev'"):
+        ArithmeticTask(2, "+", split="dev")
+
+
+def test_eval_split_validation_refused_with_own_data(tmp_path, smoke_models, capsys):
+    from test_train import write_jsonl
+
+    data = write_jsonl(tmp_path / "train.jsonl")
+    assert main(["--method", "sft", *SMOKE, "--student", str(smoke_models["student"]), "--data", str(data),
+                 "--eval-split", "validation", "--out", str(tmp_path / "run")]) == 2
+    assert "--eval-split validation: only the bundled task has a validation split" in one_line_error(capsys)
+
+
+def test_claims_tune_picks_the_best_validation_lr(tmp_path, smoke_models, monkeypatch):
+    monkeypatch.setattr(claims, "RUNS", {"sft": ["--method", "sft"], "opd": ["--method", "opd"]})
+    monkeypatch.setattr(claims, "LR_GRID", (1e-3, 1e-2))
+    shared = ["--preset", "smoke", "--steps", "3", "--eval-size", "32"]
+    best = claims.tune(shared, tmp_path, log=lambda *a: None)
+    for name in ("sft", "opd"):
+        finals = []
+        for lr in (1e-3, 1e-2):
+            d = tmp_path / "tune" / f"{name}-lr{lr:g}"
+            args = json.loads((d / "args.json").read_text())
+            assert (args["eval_split"], args["lr"], args["seed"]) == ("validation", lr, claims.TUNE_SEED)
+            finals.append(claims.final(rows(d)))
+        assert best[name] == (1e-3 if finals[0] >= finals[1] else 1e-2)
+
+
+def test_rl_teacher_keeps_its_base_and_serves_gopd_reward_correction(tmp_path, smoke_models, monkeypatch):
+    """get_rl_teacher: GRPO on the SFT teacher, cached with the SFT model as DIR/base."""
+    from transformers import AutoModelForCausalLM
+
+    from opd_train.benchmark import RLSpec, get_rl_teacher
+
+    monkeypatch.setenv("OPD_TRAIN_CACHE", str(tmp_path / "cache"))  # a fresh cache: built here, not found
+    for role in ("teacher", "student"):
+        shutil.copytree(smoke_models[role], tmp_path / "cache" / Path(smoke_models[role]).name)
+    p = cli.PRESETS["smoke"]
+    task = ArithmeticTask(p["digits"], p["ops"], eval_size=16)
+    path = get_rl_teacher(p["teacher"], RLSpec(steps=2, batch_size=16, lr=1e-3), task, log=lambda *a: None)
+    meta = json.loads((path / "meta.json").read_text())
+    assert 0.0 <= meta["base_eval_accuracy"] <= 1.0 and 0.0 <= meta["eval_accuracy"] <= 1.0
+    base = AutoModelForCausalLM.from_pretrained(path / "base").state_dict()
+    sft = AutoModelForCausalLM.from_pretrained(smoke_models["teacher"]).state_dict()
+    rl = AutoModelForCausalLM.from_pretrained(path).state_dict()
+    assert all(torch.equal(base[k], sft[k]) for k in sft) and any(not torch.equal(rl[k], sft[k]) for k in sft)
+    assert get_rl_teacher(p["teacher"], RLSpec(steps=2, batch_size=16, lr=1e-3), task) == path  # cached
+    out = tmp_path / "run"
+    assert main(["--method", "gopd", "--gopd-ref", "teacher-base", "--teacher", str(path), *SMOKE,
+                 "--out", str(out)]) == 0
