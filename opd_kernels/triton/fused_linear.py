@@ -11,7 +11,7 @@ scaled by ``1/tau`` and folded straight into the online max/rescale recurrence o
 ``stats.py`` (or the JSD sums of ``jsd.py``); the logits never reach global memory.
 
 Backward (``fused_grad``): recompute each logits tile the same way, turn it into
-``ds = d loss / d s`` with ``grad.py``'s ``grad_tile`` (it needs only the saved per-row
+``ds = d loss / d s`` with ``grad.py``'s ``grad_tile_for`` (it needs only the saved per-row
 ``A, B, C, H`` and ``g``), and consume it at once::
 
     dh[rows, :] += ds @ ws[cols, :]      dw[cols, :] += ds^T @ hs[rows, :]      db[cols] += sum_rows ds
@@ -40,9 +40,16 @@ writes are ``out`` ([splits, N, 8] or [splits, N, 2]), ``dh`` [N, d], ``dw`` [V,
 import triton
 import triton.language as tl
 
-from .grad import grad_tile, grad_tile_capped, load_row_grad_inputs
-from .jsd import jsd_terms
+from .grad import grad_tile_for, load_row_grad_inputs
+from .jsd import jsd_row_block, jsd_terms, store_jsd_sums
 from .stats import softcap, split_range, stats_update, store_stats
+
+
+@triton.jit
+def tile_cols(v0, end, BLOCK_V: tl.constexpr):
+    """int64 vocabulary columns ``v0 + [0, BLOCK_V)`` of a tile and their mask ``< end``."""
+    cols = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)
+    return cols, cols < end
 
 
 @triton.jit
@@ -123,8 +130,7 @@ def fused_row_stats_kernel(hs, ws, bs, ht, wt, bt, hr, wr, br, y_ptr, out_ptr,
     s_a = tl.zeros([BLOCK_N], tl.float32)
     u_a, s_b, d_q, d_p, a_y = s_a, s_a, s_a, s_a, s_a
     for v0 in range(lo, hi, BLOCK_V):
-        cols = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)
-        col_ok = cols < hi
+        cols, col_ok = tile_cols(v0, hi, BLOCK_V)
         a = model_logits_tile(hs, ws, bs, rows, cols, row_ok, col_ok, DS, stride_hs, stride_ws,
                               pre_s, post_s, HAS_CAP_S, HAS_BS, PRECISION, BLOCK_N, BLOCK_V,
                               BLOCK_K)
@@ -151,17 +157,11 @@ def fused_jsd_sums_kernel(hs, ws, bs, ht, wt, bt, ab_ptr, out_ptr,
                           HAS_CAP_T: tl.constexpr, PRECISION: tl.constexpr,
                           BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
     """out[split, rows, 0:2] = (KL(p||M), KL(q||M)) (jsd.py) of the projected logits."""
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < N
-    rows = rows.to(tl.int64)
-    lo, hi = split_range(V, n_splits, BLOCK_V)
-    A = tl.load(ab_ptr + rows * 2, mask=row_ok, other=0.0)
-    B = tl.load(ab_ptr + rows * 2 + 1, mask=row_ok, other=0.0)
+    rows, row_ok, lo, hi, A, B = jsd_row_block(ab_ptr, N, V, n_splits, BLOCK_N, BLOCK_V)
     acc_p = tl.zeros([BLOCK_N], tl.float32)
     acc_q = tl.zeros([BLOCK_N], tl.float32)
     for v0 in range(lo, hi, BLOCK_V):
-        cols = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)
-        col_ok = cols < hi
+        cols, col_ok = tile_cols(v0, hi, BLOCK_V)
         a = model_logits_tile(hs, ws, bs, rows, cols, row_ok, col_ok, DS, stride_hs, stride_ws,
                               pre_s, post_s, HAS_CAP_S, HAS_BS, PRECISION, BLOCK_N, BLOCK_V,
                               BLOCK_K)
@@ -171,22 +171,22 @@ def fused_jsd_sums_kernel(hs, ws, bs, ht, wt, bt, ab_ptr, out_ptr,
         kl_p, kl_q = jsd_terms(a, b, A, B, log_beta, log_1m_beta)
         acc_p += tl.sum(kl_p, 1)
         acc_q += tl.sum(kl_q, 1)
-    o = out_ptr + (tl.program_id(1).to(tl.int64) * N + rows) * 2
-    tl.store(o, acc_p, mask=row_ok)
-    tl.store(o + 1, acc_q, mask=row_ok)
+    store_jsd_sums(out_ptr, N, rows, row_ok, acc_p, acc_q)
 
 
 @triton.jit
 def fused_ds_tile(hs, ws, bs, ht, wt, bt, hr, wr, br, rows, cols, row_ok, col_ok, DS, DT, DR,
                   stride_hs, stride_ws, stride_ht, stride_wt, stride_hr, stride_wr,
-                  y, A, B, C, H, g_main, g_ent, pre_s, post_s, pre_t, post_t, pre_r, post_r,
-                  lam, beta, log_beta, log_1m_beta,
+                  row_in, pre_s, post_s, pre_t, post_t, pre_r, post_r, lam, beta, log_beta,
+                  log_1m_beta,
                   KIND: tl.constexpr, HAS_T: tl.constexpr, HAS_R: tl.constexpr,
                   HAS_ENT: tl.constexpr, HAS_BS: tl.constexpr, HAS_BT: tl.constexpr,
                   HAS_BR: tl.constexpr, HAS_CAP_S: tl.constexpr, HAS_CAP_T: tl.constexpr,
                   HAS_CAP_R: tl.constexpr, PRECISION: tl.constexpr,
                   BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Recompute one logits tile and return fp32 ``ds`` (exactly 0 in padded rows/columns)."""
+    """Recompute one logits tile and return fp32 ``ds`` (exactly 0 in padded rows/columns);
+    ``row_in`` is the ``load_row_grad_inputs`` tuple of ``rows``."""
+    A, B, C, H, g_main, g_ent, y = row_in
     if HAS_CAP_S:  # `a` holds the raw logits; grad_tile_capped transforms them (chain rule too)
         a = scaled_logits_tile(hs, ws, bs, rows, cols, row_ok, col_ok, DS, stride_hs, stride_ws,
                                1.0, HAS_BS, PRECISION, BLOCK_N, BLOCK_V, BLOCK_K)
@@ -199,13 +199,27 @@ def fused_ds_tile(hs, ws, bs, ht, wt, bt, hr, wr, br, rows, cols, row_ok, col_ok
                                stride_ht, stride_wt, stride_hr, stride_wr, pre_t, post_t, pre_r,
                                post_r, lam, HAS_R, HAS_BT, HAS_BR, HAS_CAP_T, HAS_CAP_R,
                                PRECISION, BLOCK_N, BLOCK_V, BLOCK_K)
-    if HAS_CAP_S:
-        ds = grad_tile_capped(a, b, cols, y, A, B, C, H, g_main, g_ent, pre_s, post_s, beta,
-                              log_beta, log_1m_beta, KIND, HAS_ENT)
-    else:
-        ds = grad_tile(a, b, cols, y, A, B, C, H, g_main, g_ent, post_s, beta, log_beta,
-                       log_1m_beta, KIND, HAS_ENT)
+    ds = grad_tile_for(a, b, cols, y, A, B, C, H, g_main, g_ent, pre_s, post_s, beta, log_beta,
+                       log_1m_beta, KIND, HAS_ENT, HAS_CAP_S)
     return tl.where(row_ok[:, None] & col_ok[None, :], ds, 0.0)
+
+
+@triton.jit
+def add_dot(acc_ptr, acc_rows, acc_ok, lhs, x_ptr, x_rows, x_ok, stride_x, D,
+            PRECISION: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``acc[acc_rows, :] += lhs @ x[x_rows, :]`` for an fp32 ``[., D]`` contiguous ``acc`` in
+    global memory, ``BLOCK_K`` columns at a time (read-modify-write; ``x`` cast to ``lhs``'s
+    dtype for tl.dot). Rows outside ``acc_ok`` are not written; ``x`` is 0 outside ``x_ok``."""
+    for k0 in range(0, D, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < D
+        x = tl.load(x_ptr + x_rows[:, None] * stride_x + ks[None, :],
+                    mask=x_ok[:, None] & k_ok[None, :], other=0.0)
+        ptrs = acc_ptr + acc_rows[:, None] * D + ks[None, :]
+        mask = acc_ok[:, None] & k_ok[None, :]
+        acc = tl.load(ptrs, mask=mask, other=0.0)
+        acc = tl.dot(lhs, x.to(lhs.dtype), acc, input_precision=PRECISION)
+        tl.store(ptrs, acc, mask=mask)
 
 
 @triton.jit
@@ -222,28 +236,16 @@ def fused_grad_dh_kernel(hs, ws, bs, ht, wt, bt, hr, wr, br, y_ptr, rs_ptr, g_pt
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     rows = rows.to(tl.int64)
-    A, B, C, H, g_main, g_ent, y = load_row_grad_inputs(rs_ptr, g_ptr, y_ptr, rows, row_ok, V,
-                                                        vocab_start, HAS_Y)
+    row_in = load_row_grad_inputs(rs_ptr, g_ptr, y_ptr, rows, row_ok, V, vocab_start, HAS_Y)
     for v0 in range(0, V, BLOCK_V):
-        cols = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)
-        col_ok = cols < V
-        ds = fused_ds_tile(hs, ws, bs, ht, wt, bt, hr, wr, br, rows, cols, row_ok, col_ok,
-                           DS, DT, DR, stride_hs, stride_ws, stride_ht, stride_wt, stride_hr,
-                           stride_wr, y, A, B, C, H, g_main, g_ent, pre_s, post_s, pre_t,
-                           post_t, pre_r, post_r, lam, beta, log_beta, log_1m_beta, KIND, HAS_T,
-                           HAS_R, HAS_ENT, HAS_BS, HAS_BT, HAS_BR, HAS_CAP_S, HAS_CAP_T,
-                           HAS_CAP_R, PRECISION, BLOCK_N, BLOCK_V, BLOCK_K)
+        cols, col_ok = tile_cols(v0, V, BLOCK_V)
+        ds = fused_ds_tile(hs, ws, bs, ht, wt, bt, hr, wr, br, rows, cols, row_ok, col_ok, DS, DT,
+                           DR, stride_hs, stride_ws, stride_ht, stride_wt, stride_hr, stride_wr,
+                           row_in, pre_s, post_s, pre_t, post_t, pre_r, post_r, lam, beta, log_beta,
+                           log_1m_beta, KIND, HAS_T, HAS_R, HAS_ENT, HAS_BS, HAS_BT, HAS_BR,
+                           HAS_CAP_S, HAS_CAP_T, HAS_CAP_R, PRECISION, BLOCK_N, BLOCK_V, BLOCK_K)
         ds = ds.to(ws.dtype.element_ty)
-        for k0 in range(0, DS, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            k_ok = ks < DS
-            w = tl.load(ws + cols[:, None] * stride_ws + ks[None, :],
-                        mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-            ptrs = dh_ptr + rows[:, None] * DS + ks[None, :]
-            mask = row_ok[:, None] & k_ok[None, :]
-            acc = tl.load(ptrs, mask=mask, other=0.0)
-            acc = tl.dot(ds, w, acc, input_precision=PRECISION)
-            tl.store(ptrs, acc, mask=mask)
+        add_dot(dh_ptr, rows, row_ok, ds, ws, cols, col_ok, stride_ws, DS, PRECISION, BLOCK_K)
         tl.debug_barrier()  # next tile's read of dh may come from other threads of this program
 
 
@@ -252,42 +254,31 @@ def fused_grad_dw_kernel(hs, ws, bs, ht, wt, bt, hr, wr, br, y_ptr, rs_ptr, g_pt
                          N, V, DS, DT, DR, stride_hs, stride_ws, stride_ht, stride_wt,
                          stride_hr, stride_wr, pre_s, post_s, pre_t, post_t, pre_r, post_r,
                          lam, beta, log_beta, log_1m_beta, vocab_start,
+                         NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
                          KIND: tl.constexpr, HAS_T: tl.constexpr, HAS_R: tl.constexpr,
                          HAS_Y: tl.constexpr, HAS_ENT: tl.constexpr, HAS_BS: tl.constexpr,
                          HAS_BT: tl.constexpr, HAS_BR: tl.constexpr, HAS_CAP_S: tl.constexpr,
-                         HAS_CAP_T: tl.constexpr, HAS_CAP_R: tl.constexpr, NEED_DW: tl.constexpr,
-                         NEED_DB: tl.constexpr, PRECISION: tl.constexpr,
+                         HAS_CAP_T: tl.constexpr, HAS_CAP_R: tl.constexpr, PRECISION: tl.constexpr,
                          BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
     """dw[cols, :] (fp32, zero-initialised, [V, DS]) += sum over N of ds^T @ hs; db[cols] too."""
-    cols = (tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
-    col_ok = cols < V
+    cols, col_ok = tile_cols(tl.program_id(0) * BLOCK_V, V, BLOCK_V)
     db = tl.zeros([BLOCK_V], tl.float32)
     for n0 in range(0, N, BLOCK_N):
         rows = n0 + tl.arange(0, BLOCK_N)
         row_ok = rows < N
         rows = rows.to(tl.int64)
-        A, B, C, H, g_main, g_ent, y = load_row_grad_inputs(rs_ptr, g_ptr, y_ptr, rows, row_ok, V,
-                                                            vocab_start, HAS_Y)
-        ds = fused_ds_tile(hs, ws, bs, ht, wt, bt, hr, wr, br, rows, cols, row_ok, col_ok,
-                           DS, DT, DR, stride_hs, stride_ws, stride_ht, stride_wt, stride_hr,
-                           stride_wr, y, A, B, C, H, g_main, g_ent, pre_s, post_s, pre_t,
-                           post_t, pre_r, post_r, lam, beta, log_beta, log_1m_beta, KIND, HAS_T,
-                           HAS_R, HAS_ENT, HAS_BS, HAS_BT, HAS_BR, HAS_CAP_S, HAS_CAP_T,
-                           HAS_CAP_R, PRECISION, BLOCK_N, BLOCK_V, BLOCK_K)
+        row_in = load_row_grad_inputs(rs_ptr, g_ptr, y_ptr, rows, row_ok, V, vocab_start, HAS_Y)
+        ds = fused_ds_tile(hs, ws, bs, ht, wt, bt, hr, wr, br, rows, cols, row_ok, col_ok, DS, DT,
+                           DR, stride_hs, stride_ws, stride_ht, stride_wt, stride_hr, stride_wr,
+                           row_in, pre_s, post_s, pre_t, post_t, pre_r, post_r, lam, beta, log_beta,
+                           log_1m_beta, KIND, HAS_T, HAS_R, HAS_ENT, HAS_BS, HAS_BT, HAS_BR,
+                           HAS_CAP_S, HAS_CAP_T, HAS_CAP_R, PRECISION, BLOCK_N, BLOCK_V, BLOCK_K)
         if NEED_DB:
             db += tl.sum(ds, 0)
         if NEED_DW:
             ds_t = tl.trans(ds.to(ws.dtype.element_ty))
-            for k0 in range(0, DS, BLOCK_K):
-                ks = k0 + tl.arange(0, BLOCK_K)
-                k_ok = ks < DS
-                h = tl.load(hs + rows[:, None] * stride_hs + ks[None, :],
-                            mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-                ptrs = dw_ptr + cols[:, None] * DS + ks[None, :]
-                mask = col_ok[:, None] & k_ok[None, :]
-                acc = tl.load(ptrs, mask=mask, other=0.0)
-                acc = tl.dot(ds_t, h.to(ws.dtype.element_ty), acc, input_precision=PRECISION)
-                tl.store(ptrs, acc, mask=mask)
+            add_dot(dw_ptr, cols, col_ok, ds_t, hs, rows, row_ok, stride_hs, DS, PRECISION,
+                    BLOCK_K)
             tl.debug_barrier()  # next row block's read of dw may come from other threads
     if NEED_DB:
         tl.store(db_ptr + cols, db, mask=col_ok)

@@ -94,6 +94,19 @@ def grad_tile_capped(x, b, cols, y, A, B, C, H, g_main, g_ent, pre, post, beta, 
 
 
 @triton.jit
+def grad_tile_for(a, b, cols, y, A, B, C, H, g_main, g_ent, pre, post, beta, log_beta,
+                  log_1m_beta, KIND: tl.constexpr, HAS_ENT: tl.constexpr, HAS_CAP: tl.constexpr):
+    """``ds`` for a student tile as loaded for ``HAS_CAP``: raw logits ``a`` under a softcap
+    (``grad_tile_capped``, chain rule included), else ``a = post * s`` (``grad_tile``, factor
+    ``post``)."""
+    if HAS_CAP:
+        return grad_tile_capped(a, b, cols, y, A, B, C, H, g_main, g_ent, pre, post, beta,
+                                log_beta, log_1m_beta, KIND, HAS_ENT)
+    return grad_tile(a, b, cols, y, A, B, C, H, g_main, g_ent, post, beta, log_beta, log_1m_beta,
+                     KIND, HAS_ENT)
+
+
+@triton.jit
 def grad_logits_kernel(s_ptr, t_ptr, r_ptr, y_ptr, rs_ptr, g_ptr, out_ptr,
                        N, V, stride_s, stride_t, stride_r, stride_o,
                        pre_s, post_s, pre_t, post_t, pre_r, post_r, lam, beta, log_beta,
@@ -120,11 +133,7 @@ def grad_logits_kernel(s_ptr, t_ptr, r_ptr, y_ptr, rs_ptr, g_ptr, out_ptr,
         if HAS_T:
             b = load_target(t_ptr, r_ptr, rows, cols, stride_t, stride_r, mask, pre_t, post_t,
                             pre_r, post_r, lam, HAS_R, HAS_CAP_T, HAS_CAP_R)
-        if HAS_CAP_S:
-            d = grad_tile_capped(a, b, cols, y, A, B, C, H, g_main, g_ent, pre_s, post_s, beta,
-                                 log_beta, log_1m_beta, KIND, HAS_ENT)
-        else:
-            d = grad_tile(a, b, cols, y, A, B, C, H, g_main, g_ent, post_s, beta, log_beta,
-                          log_1m_beta, KIND, HAS_ENT)
+        d = grad_tile_for(a, b, cols, y, A, B, C, H, g_main, g_ent, pre_s, post_s, beta, log_beta,
+                          log_1m_beta, KIND, HAS_ENT, HAS_CAP_S)
         tl.store(out_ptr + rows[:, None] * stride_o + cols[None, :],
                  d.to(out_ptr.dtype.element_ty), mask=mask)

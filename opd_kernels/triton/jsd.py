@@ -47,18 +47,33 @@ def jsd_terms(a, b, A, B, log_beta, log_1m_beta):
 
 
 @triton.jit
-def jsd_sums_kernel(s_ptr, t_ptr, ab_ptr, out_ptr,
-                    N, V, stride_s, stride_t, pre_s, post_s, pre_t, post_t, log_beta,
-                    log_1m_beta, n_splits, HAS_CAP_S: tl.constexpr, HAS_CAP_T: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr):
-    """out[split, rows, 0:2] = (KL(p||M), KL(q||M)) summed over this program's vocab split."""
+def jsd_row_block(ab_ptr, N, V, n_splits, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr):
+    """This program's rows (int64) and their mask, its vocabulary split ``[lo, hi)`` and the
+    rows' global ``A, B`` (``ab`` [N, 2]; 0 in padded rows)."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     rows = rows.to(tl.int64)
     lo, hi = split_range(V, n_splits, BLOCK_V)
     A = tl.load(ab_ptr + rows * 2, mask=row_ok, other=0.0)
     B = tl.load(ab_ptr + rows * 2 + 1, mask=row_ok, other=0.0)
+    return rows, row_ok, lo, hi, A, B
 
+
+@triton.jit
+def store_jsd_sums(out_ptr, N, rows, row_ok, acc_p, acc_q):
+    """Write this split's ``(KL(p||M), KL(q||M))`` row sums to ``out[split, rows, 0:2]``."""
+    o = out_ptr + (tl.program_id(1).to(tl.int64) * N + rows) * 2
+    tl.store(o, acc_p, mask=row_ok)
+    tl.store(o + 1, acc_q, mask=row_ok)
+
+
+@triton.jit
+def jsd_sums_kernel(s_ptr, t_ptr, ab_ptr, out_ptr,
+                    N, V, stride_s, stride_t, pre_s, post_s, pre_t, post_t, log_beta,
+                    log_1m_beta, n_splits, HAS_CAP_S: tl.constexpr, HAS_CAP_T: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr):
+    """out[split, rows, 0:2] = (KL(p||M), KL(q||M)) summed over this program's vocab split."""
+    rows, row_ok, lo, hi, A, B = jsd_row_block(ab_ptr, N, V, n_splits, BLOCK_N, BLOCK_V)
     acc_p = tl.zeros([BLOCK_N], tl.float32)
     acc_q = tl.zeros([BLOCK_N], tl.float32)
     for v0 in range(lo, hi, BLOCK_V):
@@ -69,6 +84,4 @@ def jsd_sums_kernel(s_ptr, t_ptr, ab_ptr, out_ptr,
         kl_p, kl_q = jsd_terms(a, b, A, B, log_beta, log_1m_beta)
         acc_p += tl.sum(kl_p, 1)
         acc_q += tl.sum(kl_q, 1)
-    o = out_ptr + (tl.program_id(1).to(tl.int64) * N + rows) * 2
-    tl.store(o, acc_p, mask=row_ok)
-    tl.store(o + 1, acc_q, mask=row_ok)
+    store_jsd_sums(out_ptr, N, rows, row_ok, acc_p, acc_q)
