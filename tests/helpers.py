@@ -220,3 +220,21 @@ def check_grad_in_place(be, dtype, device=DEV):
     assert got.data_ptr() == buf.data_ptr() and got.dtype == dtype
     assert torch.equal(got, fresh)
     return got, torch_backend_ref.grad_logits(*d64(s, t), None, None, rs, g.double(), **kw)
+
+
+def output_bytes(fn):
+    """Run ``fn()`` and return the byte sizes of every tensor any aten op produced meanwhile (to
+    assert that no ``[N, V]`` buffer is ever allocated)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    sizes = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, a=(), kw=None):
+            out = func(*a, **(kw or {}))
+            sizes.extend(o.nbytes for o in torch.utils._pytree.tree_leaves(out) if isinstance(o, torch.Tensor))
+            return out
+
+    with Record():
+        fn()
+    return sizes

@@ -130,8 +130,7 @@ def test_no_full_logits_buffer(monkeypatch):
 def test_chunked_path_allocates_no_NxV(monkeypatch, kind, beta):
     """Every aten op of the chunk loop (forward with gradients, and the recomputing backward of
     fl_rows), torch backend, outputs at most one fp32 ``[chunk, V]`` buffer, never ``[N, V]``."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
+    from helpers import output_bytes
     from opd_kernels.ops import _fused
     from opd_kernels.ops._spec import RowSpec
     monkeypatch.setattr(_chunks, "CHUNK_BYTES", 64 * 1000 * 4)  # 64 rows of V=1000 fp32
@@ -139,19 +138,14 @@ def test_chunked_path_allocates_no_NxV(monkeypatch, kind, beta):
     models = (rand(N, d), rand(V, d), rand(V), rand(N, d), rand(V, d), None, None, None, None)
     g = torch.full((N, 2), 1.0 / N)
     spec = RowSpec(kind, 0.9, beta=beta, impl="torch")
-    sizes = []
-
-    class Record(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, a=(), kw=None):
-            out = func(*a, **(kw or {}))
-            sizes.extend(o.nbytes for o in torch.utils._pytree.tree_leaves(out) if isinstance(o, torch.Tensor))
-            return out
-
     be = _fused.backend("torch")
-    with Record():
+
+    def run():
         _fused.fl_loss_with_grads(be, models, None, g, spec, [True, True, True])
         _, _, rs = _fused.fl_forward(be, models, None, spec)
         _fused.fl_backward(be, models, None, rs, g, spec, [True, True, True])
+
+    sizes = output_bytes(run)
     assert max(sizes) == 64 * V * 4 < N * V * 4, max(sizes)
 
 

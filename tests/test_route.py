@@ -187,23 +187,13 @@ def test_bad_route_env_through_the_op(monkeypatch):
 def test_triton_chunked_route_allocates_no_NxV(monkeypatch):
     """Every aten op of the chunk loop (with triton's row kernels, interpreted) outputs at most one
     fp32 ``[chunk, V]`` buffer's worth of bytes, never ``[N, V]``."""
-    from torch.utils._python_dispatch import TorchDispatchMode
+    from helpers import output_bytes
     monkeypatch.setenv(_route.ENV, "chunked")
     N, V, d, chunk = 96, 300, 8, 16
     hs, ws, _ = _model(N, V, d)
     ht, wt, _ = _model(N, V, d)
     models = (hs, ws, None, ht, wt, None, None, None, None)
     g = torch.full((N, 2), 1.0 / N)
-    sizes = []
-
-    class Record(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, a=(), kw=None):
-            out = func(*a, **(kw or {}))
-            sizes.extend(o.nbytes for o in torch.utils._pytree.tree_leaves(out) if isinstance(o, torch.Tensor))
-            return out
-
-    be = triton_backend
-    with Record():
-        _fused.fl_loss_with_grads(be, models, None, g, RowSpec("jsd", 1.0, beta=0.3, impl="triton", chunk=chunk),
-                                  [True, True, False])
+    spec = RowSpec("jsd", 1.0, beta=0.3, impl="triton", chunk=chunk)
+    sizes = output_bytes(lambda: _fused.fl_loss_with_grads(triton_backend, models, None, g, spec, [True, True, False]))
     assert max(sizes) == chunk * V * 4 < N * V * 4  # (the interpreter copies storages as bytes)

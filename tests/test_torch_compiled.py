@@ -17,15 +17,6 @@ N, V, d = 67, 389, 24
 T = 0.8
 
 
-@pytest.fixture
-def compiled(monkeypatch):
-    monkeypatch.setattr(torch_compiled, "MIN_ELEMENTS", 0)
-    calls = []
-    real = torch_compiled._call
-    monkeypatch.setattr(torch_compiled, "_call", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
-    return calls
-
-
 def _models(seed=0, ban=True):
     g = torch.Generator().manual_seed(seed)
     hs = torch.randn(N, d, generator=g, dtype=torch.float64)

@@ -306,16 +306,7 @@ def test_trl_gkd_loss_passes_the_heads_transforms():
 
 
 # --------------------------------------------------------------------------- the compiled torch path
-@pytest.fixture
-def compiled(monkeypatch):
-    from opd_kernels.backends import torch_compiled
-    monkeypatch.setattr(torch_compiled, "MIN_ELEMENTS", 0)
-    calls = []
-    real = torch_compiled._call
-    monkeypatch.setattr(torch_compiled, "_call", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
-    return calls
-
-
+# (fixture ``compiled``: tests/conftest.py)
 @pytest.mark.filterwarnings("ignore")
 def test_compiled_fused_scalar_loss(compiled):
     """fp32 CPU torch above the (lowered) threshold: statistics and gradient in one compiled pass."""
