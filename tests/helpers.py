@@ -238,3 +238,28 @@ def output_bytes(fn):
     with Record():
         fn()
     return sizes
+
+
+class EmulatedLib:
+    """ctypes access to csrc/emulate/host_emulation.cu (the CUDA kernels' per-thread code built for
+    the CPU with nvcc): library loading and the operand marshalling shared by its test wrappers."""
+
+    CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+    KIND_IDS = {"logprob": 0, "forward_kl": 1, "reverse_kl": 2, "jsd": 3}
+
+    def __init__(self, path):
+        import ctypes
+        self.lib = ctypes.CDLL(path)
+
+    @staticmethod
+    def _p(x):
+        import ctypes
+        return ctypes.c_void_p(None if x is None else x.data_ptr())
+
+    def _x(self, x):
+        """(pointer, row stride, dtype code) of a 2-D logits operand (or of nothing)."""
+        import ctypes
+        if x is None:
+            return self._p(None), ctypes.c_int64(0), ctypes.c_int(0)
+        assert x.dim() == 2 and x.stride(1) == 1 and x.device.type == "cpu"
+        return self._p(x), ctypes.c_int64(x.stride(0)), ctypes.c_int(self.CODES[x.dtype])

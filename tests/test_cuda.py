@@ -26,7 +26,8 @@ import torch
 
 import helpers
 import reference as oracle
-from helpers import DTYPES, GPU, assert_close, assert_rel, d64, logits, targets, torch_backend_ref, upstream
+from helpers import (DTYPES, GPU, EmulatedLib, assert_close, assert_rel, d64, logits, targets, torch_backend_ref,
+                     upstream)
 from opd_kernels.backends import KINDS
 from opd_kernels.backends import cuda_backend as cb
 
@@ -77,26 +78,10 @@ def _nvcc():
     return next((c for c in cands if c and os.path.isfile(c) and os.access(c, os.X_OK)), None)
 
 
-class Emulated:
+class Emulated(EmulatedLib):
     """The backend contract over csrc/emulate/host_emulation.cu (CPU tensors, via ctypes)."""
 
     device = "cpu"
-    CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-    KIND_IDS = {"logprob": 0, "forward_kl": 1, "reverse_kl": 2, "jsd": 3}
-
-    def __init__(self, path):
-        self.lib = ctypes.CDLL(path)
-
-    @staticmethod
-    def _p(x):
-        return ctypes.c_void_p(None if x is None else x.data_ptr())
-
-    def _x(self, x):
-        """(pointer, row stride, dtype code) of a 2-D logits operand (or of nothing)."""
-        if x is None:
-            return self._p(None), ctypes.c_int64(0), ctypes.c_int(0)
-        assert x.dim() == 2 and x.stride(1) == 1 and x.device.type == "cpu"
-        return self._p(x), ctypes.c_int64(x.stride(0)), ctypes.c_int(self.CODES[x.dtype])
 
     def _y(self, y):
         return self._p(None if y is None else y.long().contiguous())

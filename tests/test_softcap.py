@@ -22,6 +22,7 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 import reference  # noqa: E402
+from helpers import EmulatedLib  # noqa: E402
 from reference import softcap_f64  # noqa: E402
 from opd_kernels._stats import finish  # noqa: E402
 from opd_kernels.backends import IDENTITY, check_transform, transform_consts  # noqa: E402
@@ -47,25 +48,10 @@ BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.triton),
 
 
 # ------------------------------------------------------------------------------ backends
-class Emulated:
+class Emulated(EmulatedLib):
     """The CUDA kernels' per-thread code (csrc/emulate/host_emulation.cu) on CPU tensors."""
 
     NAME = "emulated"
-    CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-    KIND_IDS = {"logprob": 0, "forward_kl": 1, "reverse_kl": 2, "jsd": 3}
-
-    def __init__(self, path):
-        self.lib = ctypes.CDLL(path)
-
-    @staticmethod
-    def _p(x):
-        return ctypes.c_void_p(None if x is None else x.data_ptr())
-
-    def _x(self, x):
-        if x is None:
-            return self._p(None), ctypes.c_int64(0), ctypes.c_int(0)
-        assert x.dim() == 2 and x.stride(1) == 1 and x.device.type == "cpu"
-        return self._p(x), ctypes.c_int64(x.stride(0)), ctypes.c_int(self.CODES[x.dtype])
 
     @staticmethod
     def _tf(**tfs):
