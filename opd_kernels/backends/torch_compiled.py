@@ -25,8 +25,8 @@ term is 0, as in the uncompiled backend. Three entry points, one per need of the
 yields both, so a chunk is read once instead of twice).
 
 Logit transform ``T`` per model, ``tf = (scale, cap)``: ``x -> cap tanh(scale x / cap)`` (cap > 0)
-or ``scale x``; ``-inf`` stays ``-inf``; ``T'`` is recomputed from ``s``. The entry points take
-``tf = (tf_s, tf_t, tf_r)``; by default (``tf=None``) the spec's own ``RowSpec.tf``.
+or ``scale x``; ``-inf`` stays ``-inf``; ``T'`` is recomputed from ``s``. The transforms come from
+the spec (``RowSpec.tf = (tf_s, tf_t, tf_r)``).
 
 When it applies (``applies``): the torch backend, CPU tensors in fp32/bf16/fp16 (float64 is the
 test oracle and stays uncompiled), no process group, at least ``OPD_COMPILE_MIN_ELEMENTS``
@@ -45,7 +45,6 @@ from functools import lru_cache
 
 import torch
 
-IDENTITY = (1.0, 0.0)
 MIN_ELEMENTS = int(os.environ.get("OPD_COMPILE_MIN_ELEMENTS", 2**21))
 
 
@@ -159,24 +158,22 @@ def _compiled(kind: str, want: str):
     return torch.compile(fn, dynamic=True)
 
 
-def _call(want, s, t, r, y, g, rs, spec, tf):
-    if tf is None:  # the spec's own transforms (``RowSpec.tf``); a spec without them: the identity
-        tf = getattr(spec, "tf", (IDENTITY, IDENTITY, IDENTITY))
+def _call(want, s, t, r, y, g, rs, spec):
     return _compiled(spec.kind, want)(s, t, r, y, g, rs, spec.kind, want, spec.inv_temp, spec.lam, spec.beta,
-                                      spec.entropy, *tf)
+                                      spec.entropy, *spec.tf)
 
 
 # ----------------------------------------------------------------------------- entry points
-def rows(s, t, r, y, spec, tf=None):
+def rows(s, t, r, y, spec):
     """``(main [c], entropy [c], rs [c, 4])`` of one chunk of logits (fp32)."""
-    return _call("rows", s, t, r, y, None, None, spec, tf)
+    return _call("rows", s, t, r, y, None, None, spec)
 
 
-def grad(s, t, r, y, rs, g, spec, tf=None):
+def grad(s, t, r, y, rs, g, spec):
     """``d(sum_i g_i . (main_i, H_i)) / ds`` of one chunk (fp32 ``[c, V]``) from the saved ``rs``."""
-    return _call("grad", s, t, r, y, g, rs, spec, tf)
+    return _call("grad", s, t, r, y, g, rs, spec)
 
 
-def rows_and_grad(s, t, r, y, g, spec, tf=None):
+def rows_and_grad(s, t, r, y, g, spec):
     """``(main, entropy, grad)`` of one chunk in one pass (the gradient-in-forward ops)."""
-    return _call("both", s, t, r, y, g, None, spec, tf)
+    return _call("both", s, t, r, y, g, None, spec)

@@ -25,6 +25,11 @@ def transform_logits(x: torch.Tensor, tf) -> torch.Tensor:
     return x
 
 
+def part(x, i: int, j: int):
+    """Rows ``i:j`` of an optional per-row tensor (None stays None)."""
+    return None if x is None else x[i:j]
+
+
 def rows2d(x: torch.Tensor, V: int) -> torch.Tensor:
     """``x[..., :V]`` flattened to ``[N, V]`` with a contiguous last dim (a view when possible)."""
     x = x[..., :V] if x.shape[-1] != V else x

@@ -34,7 +34,7 @@ from .._chunks import fused_row_ranges
 from .._dispatch import backend
 from ..backends import N_STATS
 from ..backends import torch_compiled
-from ._common import acc_dtype
+from ._common import acc_dtype, part
 from ._route import use_fused_kernels_for
 from ._rows import rows_backward, rows_forward, rows_from_stats, upstream
 from ._spec import RowSpec, SpecOp, pad_grads, transform_fields
@@ -82,10 +82,6 @@ def _ranges(models, spec: RowSpec):
 def _compiled(models, spec: RowSpec, group=None) -> bool:
     """Whether the chunks run through the compiled chunk math (``backends.torch_compiled``)."""
     return torch_compiled.applies(spec, models[0], models[0].shape[0], models[1].shape[0], group)
-
-
-def _part(x: Optional[Tensor], i: int, j: int) -> Optional[Tensor]:
-    return None if x is None else x[i:j]
 
 
 def grad_buffers(models, need, overwrite: bool = False):
@@ -170,12 +166,12 @@ def fl_forward(be, models, targets, spec: RowSpec, group=None):
         return rows_from_stats(stats, lambda AB: be.fused_jsd_sums(*models[:6], AB, **spec.jsd_kw()), spec, group)
     prepared, ranges = _prepared(models), _ranges(models, spec)
     if _compiled(models, spec, group):
-        outs = [torch_compiled.rows(*_chunk_logits(prepared, i, j), _part(targets, i, j), spec) for i, j in ranges]
+        outs = [torch_compiled.rows(*_chunk_logits(prepared, i, j), part(targets, i, j), spec) for i, j in ranges]
         return tuple(torch.cat(x) for x in zip(*outs))
     parts = [models[0].new_zeros(0, N_STATS, dtype=torch.float32)]
     for i, j in ranges:
         s, t, r = _chunk_logits(prepared, i, j)
-        parts.append(be.row_stats(s, t, r, _part(targets, i, j), **spec.stats_kw(be)))
+        parts.append(be.row_stats(s, t, r, part(targets, i, j), **spec.stats_kw(be)))
 
     def jsd(AB):  # second pass: recompute the logits chunk by chunk
         out = [AB.new_zeros(0, 2)]
@@ -194,12 +190,13 @@ def fl_backward(be, models, targets, rs, g, spec: RowSpec, need, group=None):
         dh, dw, db = be.fused_grad(*models, tg, rs, g, need_dw=need[1], need_db=need[2], **spec.grad_kw())
     else:
         prepared, bufs = _prepared(models), grad_buffers(models, need, overwrite=True)
+        compiled = _compiled(models, spec, group)
         for n, (i, j) in enumerate(_ranges(models, spec)):
             s, t, r = _chunk_logits(prepared, i, j)
-            if _compiled(models, spec, group):
-                gs = torch_compiled.grad(s, t, r, _part(targets, i, j), rs[i:j], g[i:j], spec)
+            if compiled:
+                gs = torch_compiled.grad(s, t, r, part(targets, i, j), rs[i:j], g[i:j], spec)
             else:  # ds in place of the logits
-                gs = rows_backward(be, s, t, r, _part(targets, i, j), rs[i:j], g[i:j], spec, out=s)
+                gs = rows_backward(be, s, t, r, part(targets, i, j), rs[i:j], g[i:j], spec, out=s)
             accumulate_grads(gs, models[0], prepared[0][1], i, j, bufs, first=n == 0)
         dh, dw, db = bufs
     if group is not None and dh is not None:
@@ -215,10 +212,11 @@ def fl_loss_with_grads(be, models, targets, g, spec: RowSpec, need):
         return main, ent, grads
     prepared, bufs = _prepared(models), grad_buffers(models, need, overwrite=True)
     mains, ents = [g.new_zeros(0)], [g.new_zeros(0)]
+    compiled = _compiled(models, spec)
     for n, (i, j) in enumerate(_ranges(models, spec)):
         s, t, r = _chunk_logits(prepared, i, j)
-        tg = _part(targets, i, j)
-        if _compiled(models, spec):  # statistics and gradient in one compiled pass
+        tg = part(targets, i, j)
+        if compiled:  # statistics and gradient in one compiled pass
             if any(need):
                 main, ent, gs = torch_compiled.rows_and_grad(s, t, r, tg, g[i:j], spec)
             else:

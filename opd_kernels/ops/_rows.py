@@ -16,7 +16,7 @@ from .._chunks import row_ranges
 from .._dispatch import backend
 from ..backends import torch_compiled
 from .._stats import finish, row_outputs
-from ._common import acc_dtype
+from ._common import acc_dtype, part
 from ._spec import RowSpec, SpecOp, pad_grads, transform_fields
 
 
@@ -46,14 +46,9 @@ def rows_backward(be, s, t, r, targets, rs, g, spec: RowSpec, out=None):
     return be.grad_logits(s, t, r, targets, rs, g, out=out, **spec.grad_kw())
 
 
-def _parts(x, i, j):
-    return None if x is None else x[i:j]
-
-
 def _rows_impl(s, t, r, targets, spec):
     if torch_compiled.applies(spec, s, *s.shape):  # row chunks through the compiled chunk math
-        outs = [torch_compiled.rows(s[i:j], _parts(t, i, j), _parts(r, i, j), _parts(targets, i, j), spec,
-                                    tf=spec.tf)
+        outs = [torch_compiled.rows(s[i:j], part(t, i, j), part(r, i, j), part(targets, i, j), spec)
                 for i, j in row_ranges(*s.shape)]
         return tuple(torch.cat(x) for x in zip(*outs))
     main, ent, rs = rows_forward(backend(spec.impl), s, t, r, targets, spec)
@@ -66,8 +61,8 @@ def _backward_impl(s, t, r, targets, rs, g, spec):
         return rows_backward(backend(spec.impl), s, t, r, targets, rs, g, spec)
     ds = torch.empty_like(s)
     for i, j in row_ranges(*s.shape):
-        ds[i:j] = torch_compiled.grad(s[i:j], _parts(t, i, j), _parts(r, i, j), _parts(targets, i, j), rs[i:j],
-                                      g[i:j], spec, tf=spec.tf)
+        ds[i:j] = torch_compiled.grad(s[i:j], part(t, i, j), part(r, i, j), part(targets, i, j), rs[i:j],
+                                      g[i:j], spec)
     return ds
 
 
