@@ -65,13 +65,18 @@ VARIANTS = [[m] for m in METHODS] + [
 ]
 
 
-@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: "-".join(x.lstrip("-") for x in v))
-def test_method_smoke(variant, tmp_path, smoke_models):
+def run_smoke(variant, tmp_path):
+    """Run ``--method variant[0] *variant[1:]`` on the smoke preset for 2 steps; return the output
+    dir and its metrics rows split into training steps and evaluations."""
     out = tmp_path / "run"
     assert main(["--method", variant[0], *variant[1:], *SMOKE, "--out", str(out)]) == 0
     rs = rows(out)
-    train = [r for r in rs if "loss" in r]
-    evals = [r for r in rs if "eval_accuracy" in r]
+    return out, [r for r in rs if "loss" in r], [r for r in rs if "eval_accuracy" in r]
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: "-".join(x.lstrip("-") for x in v))
+def test_method_smoke(variant, tmp_path, smoke_models):
+    out, train, evals = run_smoke(variant, tmp_path)
     assert [r["step"] for r in train] == [1, 2]
     assert [r["step"] for r in evals] == [0, 2]
     assert all(math.isfinite(r["loss"]) and r["tokens_per_s"] > 0 for r in train)

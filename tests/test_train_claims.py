@@ -23,7 +23,7 @@ from opd_train.methods.grpo import group_advantages
 from opd_train.methods.sdpo import teacher_contexts
 from opd_train.task import ArithmeticTask
 from opd_train.train import lr_at, main
-from test_train import SMOKE, one_line_error, rows, smoke_models  # noqa: F401  (fixture)
+from test_train import SMOKE, one_line_error, rows, run_smoke, smoke_models  # noqa: F401  (fixture)
 
 
 # -- learning-rate schedule ---------------------------------------------------------------------
@@ -119,11 +119,7 @@ NEW_VARIANTS = [
 
 @pytest.mark.parametrize("variant", NEW_VARIANTS, ids=lambda v: "-".join(x.lstrip("-") for x in v))
 def test_new_method_options_run(variant, tmp_path, smoke_models):
-    out = tmp_path / "run"
-    assert main(["--method", variant[0], *variant[1:], *SMOKE, "--out", str(out)]) == 0
-    rs = rows(out)
-    train = [r for r in rs if "loss" in r]
-    evals = [r for r in rs if "eval_accuracy" in r]
+    out, train, evals = run_smoke(variant, tmp_path)
     assert [r["step"] for r in train] == [1, 2] and all(math.isfinite(r["loss"]) for r in train)
     assert all(r["completion_tokens"] > 0 for r in train) and train[0]["completion_tokens"] < train[1]["completion_tokens"]
     if "--lr-schedule" in variant:
