@@ -21,3 +21,11 @@ nonneg_int = _typed(int, lambda v: v >= 0, "a non-negative integer")
 pos_float = _typed(float, lambda v: v > 0 and v < float("inf"), "a positive finite number")
 unit = _typed(float, lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]")
 rate = _typed(float, lambda v: 0.0 < v <= 1.0, "a number in (0, 1]")
+
+
+def domain_dir(text):
+    """``DOMAIN=DIR`` (``--domain-teacher``) as a (domain, dir) pair."""
+    domain, sep, path = text.partition("=")
+    if not sep or not domain or not path:
+        raise argparse.ArgumentTypeError(f"expected DOMAIN=DIR, got {text!r}")
+    return domain, path

@@ -1,20 +1,23 @@
-"""Benchmark assets beyond the pre-trained models of `opd_train.models`: an RL-trained teacher
-that keeps its pre-RL base (for G-OPD's reward correction, ``--gopd-ref teacher-base``).
+"""The bundled benchmark's assets beyond a preset's pre-trained student and teacher.
 
-`RLSpec` describes a short GRPO run (Dr.GRPO advantages, partial-credit reward, warmup + cosine)
-on top of an SFT-pre-trained teacher. `get_rl_teacher` builds it once and caches it as a model
-directory whose ``base/`` subdirectory is the SFT model it started from, so
-``TEACHER_DIR/base`` is the teacher's base. A preset with a ``teacher_rl`` entry gets its teacher
-this way (`bundled_teacher`); presets without one keep the plain SFT teacher, unchanged.
-The RL run is a ``python -m opd_train --method grpo --student BASE`` subprocess, so it is the same
-code path as any GRPO run.
+* An **RL-trained teacher** that keeps its pre-RL base (for G-OPD's reward correction,
+  ``--gopd-ref teacher-base``): `RLSpec` describes a short GRPO run (Dr.GRPO advantages,
+  partial-credit reward, warmup + cosine) on top of an SFT-pre-trained teacher. `get_rl_teacher`
+  builds it once and caches it as a model directory whose ``base/`` subdirectory is the SFT model
+  it started from, so ``TEACHER_DIR/base`` is the teacher's base. A preset with a ``teacher_rl``
+  entry gets its teacher this way (`bundled_teacher`); presets without one keep the SFT teacher.
+  The RL run is a ``python -m opd_train --method grpo --student BASE`` subprocess, the same code
+  path as any GRPO run.
+* **Domain experts** (`bundled_experts`, a preset's ``experts``: domain -> ``"teacher"`` or a
+  `ModelSpec`) for the multi-teacher run (``--domain-teacher``).
 
-No preset sets ``teacher_rl`` yet: an imperfect (~60-80%) teacher was not found in the time
-spent. Measured (default teacher architecture, 3-digit +, 256 held-out prompts, seed 0; RL = 150
-Dr.GRPO steps with the digits reward, batch 64, warmup + cosine): SFT 250 steps 0.0% (RL at lr
-1e-3: 0.0%); 450 steps 1.2% (RL lr 1e-4: 0.4%); 525 steps 19.9% (RL lr 1e-4: 16.8%); 600 steps
-86.7% (RL lr 1e-3: 0.0%, collapsed). The SFT curve jumps between 525 and 600 steps, and none of
-these RL runs raised the teacher.
+In the ``bench`` preset (`opd_train.cli`) the teacher is imperfect by construction: it is
+pre-trained only on additions without a carry chain (``chain_free``; 41% of held-out additions
+have one), so it fails on part of them. Earlier attempts to get an imperfect teacher by stopping
+SFT early failed (default teacher architecture, 3-digit +, seed 0; RL = 150 Dr.GRPO steps): SFT
+250 steps 0.0% (after RL at lr 1e-3: 0.0%); 450 steps 1.2% (RL lr 1e-4: 0.4%); 525 steps 19.9%
+(RL lr 1e-4: 16.8%); 600 steps 86.7% (RL lr 1e-3: 0.0%, collapsed): the SFT curve jumps between
+525 and 600 steps.
 """
 from __future__ import annotations
 
@@ -42,8 +45,9 @@ class RLSpec:
 def get_rl_teacher(spec, rl: RLSpec, task, seed: int = PRETRAIN_SEED, log=print) -> Path:
     """The SFT teacher of ``spec`` after the GRPO run ``rl``; its SFT base is kept in ``DIR/base``."""
     base = get_pretrained("teacher", spec, task, seed, log)
+    ops = spec.ops or task.ops
     key = json.dumps({"base": base.name, "rl": asdict(rl), "seed": seed,
-                      "task": {"digits": task.digits, "ops": task.ops}}, sort_keys=True)
+                      "task": {"digits": task.digits, "ops": ops}}, sort_keys=True)
     path = cache_dir() / f"teacher-rl-{hashlib.sha1(key.encode()).hexdigest()[:12]}"
     if (path / "meta.json").exists():
         return path
@@ -52,7 +56,7 @@ def get_rl_teacher(spec, rl: RLSpec, task, seed: int = PRETRAIN_SEED, log=print)
     shutil.rmtree(tmp, ignore_errors=True)
     t0 = time.time()
     cmd = [sys.executable, "-m", "opd_train", "--method", "grpo", "--student", str(base),
-           "--digits", str(task.digits), "--ops", task.ops, "--steps", str(rl.steps),
+           "--digits", str(task.digits), "--ops", ops, "--steps", str(rl.steps),
            "--batch-size", str(rl.batch_size), "--samples-per-prompt", str(rl.samples_per_prompt),
            "--lr", repr(rl.lr), "--lr-schedule", "cosine", "--warmup-steps", str(max(1, rl.steps // 20)),
            "--no-grpo-std-norm", "--grpo-reward", "digits", "--eval-size", str(len(task.eval_examples())),
@@ -81,3 +85,10 @@ def bundled_teacher(preset: dict, task, log=print) -> Path:
     if preset.get("teacher_rl") is not None:
         return get_rl_teacher(preset["teacher"], preset["teacher_rl"], task, PRETRAIN_SEED, log)
     return get_pretrained("teacher", preset["teacher"], task, PRETRAIN_SEED, log)
+
+
+def bundled_experts(preset: dict, task, log=print) -> dict[str, Path]:
+    """Domain -> expert directory of a preset's ``experts`` (``"teacher"``: the preset's teacher)."""
+    return {domain: bundled_teacher(preset, task, log) if spec == "teacher"
+            else get_pretrained("teacher", spec, task, PRETRAIN_SEED, log)
+            for domain, spec in preset.get("experts", {}).items()}

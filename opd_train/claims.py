@@ -1,11 +1,17 @@
 """``python -m opd_train.compare --claims``: the survey's headline claims, each checked over seeds.
 
-Every run is a ``python -m opd_train`` run (in this process, one after another) with the same
-preset, steps, completions per step and seed for every method, and a warmup + cosine schedule
-(``--lr-schedule cosine --warmup-steps steps/20``). The lr is the preset's for every method, or
-with ``--tune`` each run's best of the shared grid `LR_GRID`, chosen by the final accuracy on the
-bundled task's validation split (``--eval-split validation``, disjoint from the test set; one run
-per grid point at seed `TUNE_SEED`, ties to the smaller lr).
+Every run is a ``python -m opd_train`` run (in this process, one after another) of the ``bench``
+preset (`opd_train.cli`; its assets: `opd_train.benchmark`) with the same student, steps,
+completions per step and seed for every method, and a warmup + cosine schedule
+(``--lr-schedule cosine --warmup-steps steps/20``). Each run's options (`RUNS`) are its method
+as the paper runs it (Dr.GRPO, SDPO with the self-distillation mask and hint feedback, SDFT with
+an EMA or a frozen teacher, G-OPD at λ = 1, 1.25, 2, with the teacher's base as reference, and
+with domain experts). The lr: with ``--tune`` each run's best of the shared grid `LR_GRID`,
+chosen by the final accuracy on the bundled task's validation split (``--eval-split validation``,
+disjoint from the test set; one run per grid point at seed `TUNE_SEED`, ties to the smaller lr);
+the choice is committed in ``opd_train/claims_lrs.json`` (preset, steps, grid, chosen lr per run)
+and used by later runs of that preset and budget; without one, the preset's lr for every run.
+
 Each claim turns one seed's runs into one number ``d`` whose sign the claim predicts (> 0 when
 the claim holds); over the seeds it gets the mean ``m`` and the spread ``s`` (sample standard
 deviation; 0 for a single seed) and a verdict by `verdict`:
@@ -14,59 +20,95 @@ deviation; 0 for a single seed) and a verdict by `verdict`:
 * **does not hold** if ``m < 0`` and ``−m > s`` (the opposite sign, by more than the spread);
 * **mixed** otherwise (the spread covers 0 or ``m = 0``).
 
-A claim whose runs need assets the bundled benchmark does not have yet (domain teachers and
-multi-teacher routing, a prior-skill evaluation; a teacher with a kept pre-RL base exists only in
-presets with ``teacher_rl``, see `opd_train.benchmark`) is listed as *not measured* with the
-reason, never guessed. Outputs: ``OUT/claims.md`` (one row per claim), ``OUT/claims_runs.md``
-(every run's final accuracy per seed), ``OUT/claims.png``; copied to ``docs/compare/`` unless
-``--preset smoke`` (the CI check) or ``--no-docs``.
+A claim whose runs need an asset the preset lacks (a teacher with a kept pre-RL base, domain
+experts, a prior-skill evaluation: `ASSET_MISSING`) is listed as *not measured* with the reason,
+never guessed. Outputs: ``OUT/claims.md`` (one row per claim), ``OUT/claims_runs.md`` (every
+run per seed, whether it learns, its prior skill), ``OUT/claims.png``; copied to
+``docs/compare/`` unless ``--preset smoke`` (the CI check) or ``--no-docs``.
 """
 from __future__ import annotations
 
 import json
 import shutil
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import cli
 
-# name -> method options; every run also gets the shared preset/steps/seed/schedule options
+# name -> method options, each as its paper runs it; every run also gets the shared
+# preset/steps/seed/schedule options. Runs that need a benchmark asset are in NEEDS.
 RUNS = {
     "sft": ["--method", "sft"],
-    "grpo": ["--method", "grpo"],
+    "grpo": ["--method", "grpo", "--no-grpo-std-norm", "--grpo-reward", "digits"],  # Dr.GRPO, group 8
     "opd": ["--method", "opd"],
     "opsd": ["--method", "opsd"],
-    "sdft": ["--method", "sdft"],
-    "sdpo": ["--method", "sdpo"],
+    "sdft": ["--method", "sdft"],  # EMA teacher (the paper's)
+    "sdft-frozen": ["--method", "sdft", "--sdft-teacher", "frozen"],
+    "sdpo": ["--method", "sdpo", "--sdpo-feedback", "hint"],  # self-distillation mask on (default)
     "gopd-1": ["--method", "gopd", "--gopd-reward-scale", "1"],
     "gopd-1.25": ["--method", "gopd", "--gopd-reward-scale", "1.25"],
-    # only where the bundled teacher keeps its pre-RL base (a preset with teacher_rl)
+    "gopd-2": ["--method", "gopd", "--gopd-reward-scale", "2"],
     "gopd-1.25-base": ["--method", "gopd", "--gopd-reward-scale", "1.25", "--gopd-ref", "teacher-base"],
+    # both operations, each prompt's teacher the expert of its domain (--domain-teacher per expert)
+    "multi-1.25": ["--method", "gopd", "--gopd-reward-scale", "1.25", "--ops", "+-"],
 }
-NEEDS_TEACHER_BASE = {"gopd-1.25-base"}
-
+# run -> the asset it needs: "base" (a teacher with a kept pre-RL base: presets with teacher_rl),
+# "experts" (a preset's domain experts), "prior" (a prior-skill evaluation: presets with prior_ops)
+NEEDS = {"gopd-1.25-base": "base", "multi-1.25": "experts"}
+ASSET_MISSING = {
+    "base": "this preset's teacher has no kept pre-RL base (presets with teacher_rl have one)",
+    "experts": "this preset has no domain experts (presets with experts have them)",
+    "prior": "this preset has no prior-skill evaluation (presets with prior_ops have one)",
+}
 
 LR_GRID = (3e-4, 1e-3, 3e-3)
 TUNE_SEED = 1000  # not one of the test seeds
+TUNED_LRS = Path(__file__).with_name("claims_lrs.json")  # preset -> run -> lr, written by --tune
+
+
+@dataclass(frozen=True)
+class Refs:
+    """Accuracies (points) the claims compare against: the external teacher and each domain expert."""
+    teacher: float
+    experts: dict = field(default_factory=dict)  # domain -> the expert's accuracy on that domain
+
+
+def evals(run: list[dict]) -> list[dict]:
+    return [r for r in run if "eval_accuracy" in r]
 
 
 def final(run: list[dict]) -> float:
-    return 100 * [r for r in run if "eval_accuracy" in r][-1]["eval_accuracy"]
+    return 100 * evals(run)[-1]["eval_accuracy"]
+
+
+def gain(run: list[dict]) -> float:
+    ev = evals(run)
+    return 100 * (ev[-1]["eval_accuracy"] - ev[0]["eval_accuracy"])
 
 
 def acc_at_samples(run: list[dict], fraction: float) -> float:
     """Accuracy (points) of the last evaluation within ``fraction`` of the run's training samples."""
-    evals = [r for r in run if "eval_accuracy" in r]
-    budget = fraction * evals[-1]["samples"]
-    return 100 * [r for r in evals if r["samples"] <= budget][-1]["eval_accuracy"]
+    ev = evals(run)
+    budget = fraction * ev[-1]["samples"]
+    return 100 * [r for r in ev if r["samples"] <= budget][-1]["eval_accuracy"]
 
 
 def gain_per_ktoken(run: list[dict]) -> float:
     """Held-out accuracy gain (points) per 1,000 sampled completion tokens of training."""
-    evals = [r for r in run if "eval_accuracy" in r]
-    tokens = max(evals[-1]["completion_tokens"], 1)
-    return 1000 * 100 * (evals[-1]["eval_accuracy"] - evals[0]["eval_accuracy"]) / tokens
+    return 1000 * gain(run) / max(evals(run)[-1]["completion_tokens"], 1)
+
+
+def prior_drop(run: list[dict]) -> float:
+    """How much of the prior skill was lost (points): prior accuracy at the start − at the end."""
+    ev = evals(run)
+    return 100 * (ev[0]["prior_accuracy"] - ev[-1]["prior_accuracy"])
+
+
+def worst_domain_margin(run: list[dict], experts: dict) -> float:
+    """min over domains of the student's final accuracy there − that domain's expert's (points)."""
+    by = evals(run)[-1]["eval_accuracy_by_domain"]
+    return min(100 * by[d] - acc for d, acc in experts.items())
 
 
 @dataclass(frozen=True)
@@ -74,12 +116,14 @@ class Claim:
     text: str
     metric: str                 # what d is, in words (its sign: > 0 if the claim holds)
     runs: tuple[str, ...]       # RUNS it needs
-    value: object = None        # (runs of one seed: name -> metric rows, teacher accuracy) -> d
-    missing: str | None = None  # why it cannot be measured on the bundled benchmark yet
-    missing_without_base: str | None = None  # why not, where the teacher has no pre-RL base
+    value: object = None        # (runs of one seed: name -> metric rows, Refs) -> d
+    needs: str | None = None    # an asset beyond its runs' (see ASSET_MISSING)
 
-    def why_not(self, has_base: bool) -> str | None:
-        return self.missing or (None if has_base else self.missing_without_base)
+    def why_not(self, assets: set[str]) -> str | None:
+        for need in [self.needs, *(NEEDS.get(r) for r in self.runs)]:
+            if need and need not in assets:
+                return ASSET_MISSING[need]
+        return None
 
 
 CLAIMS = [
@@ -93,20 +137,21 @@ CLAIMS = [
           lambda r, t: gain_per_ktoken(r["opsd"]) - gain_per_ktoken(r["grpo"])),
     Claim("SDFT learns the new skill with less forgetting than SFT",
           "prior-skill acc. drop, SFT − SDFT (points)", ("sdft", "sft"),
-          missing="the bundled task has no prior-skill evaluation yet (issue #15, benchmark assets)"),
+          lambda r, t: prior_drop(r["sft"]) - prior_drop(r["sdft"]), needs="prior"),
     Claim("SDPO beats GRPO at equal samples", "final acc. SDPO − GRPO (points)", ("sdpo", "grpo"),
           lambda r, t: final(r["sdpo"]) - final(r["grpo"])),
-    Claim("ExOPD >= OPD", "final acc. G-OPD λ=1.25 − λ=1 (points)", ("gopd-1.25", "gopd-1"),
+    Claim("ExOPD >= OPD (λ = 1.25)", "final acc. G-OPD λ=1.25 − λ=1 (points)", ("gopd-1.25", "gopd-1"),
           lambda r, t: final(r["gopd-1.25"]) - final(r["gopd-1"])),
+    Claim("ExOPD >= OPD (λ = 2)", "final acc. G-OPD λ=2 − λ=1 (points)", ("gopd-2", "gopd-1"),
+          lambda r, t: final(r["gopd-2"]) - final(r["gopd-1"])),
     Claim("ExOPD can exceed an imperfect teacher", "final acc. G-OPD λ=1.25 − the teacher's (points)",
-          ("gopd-1.25",), lambda r, t: final(r["gopd-1.25"]) - t),
+          ("gopd-1.25",), lambda r, t: final(r["gopd-1.25"]) - t.teacher),
     Claim("reward correction with the teacher's base helps",
           "final acc. G-OPD λ=1.25 ref=teacher base − ref=student init (points)", ("gopd-1.25-base", "gopd-1.25"),
-          lambda r, t: final(r["gopd-1.25-base"]) - final(r["gopd-1.25"]),
-          missing_without_base="this preset's teacher has no kept pre-RL base (presets with teacher_rl have one)"),
+          lambda r, t: final(r["gopd-1.25-base"]) - final(r["gopd-1.25"])),
     Claim("a multi-teacher student >= each expert on its domain",
-          "per-domain acc. student − expert, worst domain (points)", (),
-          missing="no domain teachers or multi-teacher routing yet"),
+          "per-domain acc. of the G-OPD λ=1.25 student − the expert's, worst domain (points)", ("multi-1.25",),
+          lambda r, t: worst_domain_margin(r["multi-1.25"], t.experts)),
 ]
 
 
@@ -121,37 +166,56 @@ def verdict(values: list[float]) -> tuple[float, float, str]:
     return m, s, "mixed"
 
 
-def table(results: dict[int, dict[str, list[dict]]], teacher_acc: float,
-          has_base: bool = False) -> tuple[str, list]:
+def table(results: dict[int, dict[str, list[dict]]], refs: Refs, assets: set[str]) -> tuple[str, list]:
     """The claims table (markdown) and, per measured claim, its per-seed values (for the plot)."""
     seeds = sorted(results)
     lines = ["| claim | metric (> 0: as claimed) | per seed | mean ± spread | verdict |", "|---|---|---|---|---|"]
     measured = []
     for c in CLAIMS:
-        why = c.why_not(has_base)
+        why = c.why_not(assets)
         if why:
             lines.append(f"| {c.text} | {c.metric} | — | — | not measured: {why} |")
             continue
-        vals = [c.value(results[s], teacher_acc) for s in seeds]
-        m, s, v = verdict(vals)
+        vals = [c.value(results[s], refs) for s in seeds]
+        m, sd, v = verdict(vals)
         per = ", ".join(f"{x:+.1f}" for x in vals)
-        lines.append(f"| {c.text} | {c.metric} | {per} | {m:+.1f} ± {s:.1f} | **{v}** |")
+        lines.append(f"| {c.text} | {c.metric} | {per} | {m:+.1f} ± {sd:.1f} | **{v}** |")
         measured.append((c.text, vals))
     return "\n".join(lines) + "\n", measured
 
 
-def runs_table(results: dict[int, dict[str, list[dict]]], teacher_acc: float, lrs: dict[str, float]) -> str:
+def _mean_sd(values: list[float]) -> str:
+    return f"{statistics.fmean(values):+.1f} ± {statistics.stdev(values) if len(values) > 1 else 0.0:.1f}"
+
+
+def runs_table(results: dict[int, dict[str, list[dict]]], refs: Refs, lrs: dict[str, float]) -> str:
+    """Every run: options, lr, start → final per seed, its gain (does it learn?) and the prior skill."""
     seeds = sorted(results)
-    lines = ["| run | options | lr | " + " | ".join(f"seed {s}: start → final" for s in seeds) + " |",
-             "|---|---|---|" + "---|" * len(seeds)]
+    lines = ["| run | options | lr | " + " | ".join(f"seed {s}: start → final" for s in seeds)
+             + " | gain, mean ± spread | learns? | prior skill, start → final (mean) |",
+             "|---|---|---|" + "---|" * len(seeds) + "---|---|---|"]
     for name, opts in RUNS.items():
-        if all(name in results[s] for s in seeds):
-            cells = []
-            for s in seeds:
-                evals = [r for r in results[s][name] if "eval_accuracy" in r]
-                cells.append(f"{100 * evals[0]['eval_accuracy']:.1f} → {100 * evals[-1]['eval_accuracy']:.1f}")
-            lines.append(f"| {name} | `{' '.join(opts)}` | {lrs[name]:g} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + f"\n\nThe external teacher's held-out accuracy: {teacher_acc:.1f}%.\n"
+        if not all(name in results[s] for s in seeds):
+            continue
+        runs = [results[s][name] for s in seeds]
+        cells = [f"{100 * evals(r)[0]['eval_accuracy']:.1f} → {final(r):.1f}" for r in runs]
+        learns = {"holds": "yes", "does not hold": "no (loses)", "mixed": "no (within spread)"}[
+            verdict([gain(r) for r in runs])[2]]
+        prior = "—"
+        if all("prior_accuracy" in evals(r)[0] for r in runs):
+            start = statistics.fmean(100 * evals(r)[0]["prior_accuracy"] for r in runs)
+            end = statistics.fmean(100 * evals(r)[-1]["prior_accuracy"] for r in runs)
+            prior = f"{start:.1f} → {end:.1f}"
+        lines.append(f"| {name} | `{' '.join(opts)}` | {lrs[name]:g} | " + " | ".join(cells)
+                     + f" | {_mean_sd([gain(r) for r in runs])} | {learns} | {prior} |")
+    text = "\n".join(lines) + f"\n\nThe external teacher's held-out accuracy: {refs.teacher:.1f}%."
+    if refs.experts and all("multi-1.25" in results[s] for s in seeds):
+        by = {d: statistics.fmean(100 * evals(results[s]["multi-1.25"])[-1]["eval_accuracy_by_domain"][d]
+                                  for s in seeds) for d in refs.experts}
+        text += (" Domain experts on their domain: " + ", ".join(f"`{d}` {a:.1f}%" for d, a in refs.experts.items())
+                 + "; the multi-teacher student at the end (mean): "
+                 + ", ".join(f"`{d}` {a:.1f}%" for d, a in by.items()) + ".")
+    return text + "\n"
 
 
 def plot(measured: list, path: Path, title: str) -> None:
@@ -174,29 +238,50 @@ def plot(measured: list, path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def bundled_teacher_dir(preset: str) -> Path:
-    from .benchmark import bundled_teacher
+def _task(preset: str, ops: str | None = None, eval_size: int | None = None):
     from .task import ArithmeticTask
 
     p = cli.PRESETS[preset]
-    return bundled_teacher(p, ArithmeticTask(p["digits"], p["ops"], eval_size=p["eval_size"]))
+    return ArithmeticTask(p["digits"], ops or p["ops"], eval_size=eval_size or p["eval_size"])
 
 
-def teacher_accuracy(preset: str, eval_size: int) -> float:
-    """The bundled teacher's greedy held-out accuracy (points) on the runs' evaluation set."""
+def assets(preset: str, log=print) -> tuple[set[str], dict]:
+    """The benchmark assets a preset has (see `NEEDS`), building them if needed; and its experts' dirs."""
+    from .benchmark import bundled_experts, bundled_teacher
+
+    p = cli.PRESETS[preset]
+    have = set()
+    if (bundled_teacher(p, _task(preset), log) / "base" / "config.json").exists():
+        have.add("base")
+    experts = {d: str(path) for d, path in bundled_experts(p, _task(preset), log).items()}
+    if experts:
+        have.add("experts")
+    if p.get("prior_ops"):
+        have.add("prior")
+    return have, experts
+
+
+def references(preset: str, eval_size: int, experts: dict) -> Refs:
+    """The external teacher's greedy held-out accuracy on the runs' test set, and each expert's on
+    its own domain of the multi-teacher run's test set (points)."""
     import torch
 
     from . import rollout as R
     from .benchmark import bundled_teacher
     from .models import load
-    from .task import ArithmeticTask
     from .tokenizer import load_tokenizer
 
     torch.set_num_threads(1)
-    p = cli.PRESETS[preset]
-    task = ArithmeticTask(p["digits"], p["ops"], eval_size=eval_size)
-    path = bundled_teacher(p, task)
-    return 100 * R.evaluate(load(path), load_tokenizer(path), task, task.eval_examples())
+    task = _task(preset, eval_size=eval_size)
+    path = bundled_teacher(cli.PRESETS[preset], task)
+    teacher = 100 * R.evaluate(load(path), load_tokenizer(path), task, task.eval_examples())
+    accs = {}
+    if experts:
+        both = _task(preset, ops="".join(experts), eval_size=eval_size)
+        for d, path in experts.items():
+            exs = [ex for ex in both.eval_examples() if both.domain(ex) == d]
+            accs[d] = 100 * R.evaluate(load(path), load_tokenizer(path), both, exs)
+    return Refs(teacher, accs)
 
 
 def _train(argv: list[str], run_out: Path, log) -> list[dict]:
@@ -209,20 +294,33 @@ def _train(argv: list[str], run_out: Path, log) -> list[dict]:
     return [json.loads(x) for x in (run_out / "metrics.jsonl").read_text().splitlines()]
 
 
-def tune(shared: list[str], out: Path, log=print, names=None) -> dict[str, float]:
+def run_options(name: str, experts: dict) -> list[str]:
+    """A run's method options, plus one --domain-teacher per expert for the multi-teacher run."""
+    extra = [f"--domain-teacher={d}={path}" for d, path in experts.items()] if NEEDS.get(name) == "experts" else []
+    return [*RUNS[name], *extra]
+
+
+def tune(shared: list[str], out: Path, log=print, names=None, experts=None) -> dict[str, float]:
     """Per run: the lr of `LR_GRID` with the best final validation accuracy (ties: the smaller lr)."""
     best = {}
     for name in names or RUNS:
-        opts = RUNS[name]
         scores = []
         for lr in LR_GRID:
-            rows = _train([*opts, *shared, "--lr", repr(lr), "--eval-split", "validation",
+            rows = _train([*run_options(name, experts or {}), *shared, "--lr", repr(lr), "--eval-split", "validation",
                            "--seed", str(TUNE_SEED)], out / "tune" / f"{name}-lr{lr:g}", log)
             scores.append((final(rows), -lr))
         best[name] = -max(scores)[1]
         log(f"tune {name}: " + ", ".join(f"lr {lr:g} -> {acc:.1f}%" for (acc, _), lr in zip(scores, LR_GRID))
             + f"; chosen {best[name]:g}")
     return best
+
+
+def tuned_lrs(preset: str, steps: int) -> dict[str, float] | None:
+    """The committed lr choice of `--tune` for this preset and budget, if there is one."""
+    if not TUNED_LRS.exists():
+        return None
+    entry = json.loads(TUNED_LRS.read_text()).get(preset)
+    return entry["lr"] if entry and entry["steps"] == steps else None
 
 
 def run_claims(preset: str, seeds: list[int], steps: int | None, out: Path, extra: list[str],
@@ -232,26 +330,39 @@ def run_claims(preset: str, seeds: list[int], steps: int | None, out: Path, extr
     eval_size = p["eval_size"]
     shared = ["--preset", preset, "--steps", str(steps), "--lr-schedule", "cosine",
               "--warmup-steps", str(max(1, steps // 20)), *extra]
-    has_base = (bundled_teacher_dir(preset) / "base" / "config.json").exists()
-    names = [n for n in RUNS if has_base or n not in NEEDS_TEACHER_BASE]
-    lrs = tune(shared, out, log, names) if tuned else {name: p["lr"] for name in names}
+    have, experts = assets(preset, log)
+    names = [n for n in RUNS if NEEDS.get(n) is None or NEEDS[n] in have]
+    committed = tuned_lrs(preset, steps)
+    if tuned:
+        lrs = tune(shared, out, log, names, experts)
+        if docs is not None:  # the chosen values become the committed defaults of this preset and budget
+            table_ = json.loads(TUNED_LRS.read_text()) if TUNED_LRS.exists() else {}
+            table_[preset] = {"steps": steps, "grid": list(LR_GRID), "seed": TUNE_SEED, "lr": lrs}
+            TUNED_LRS.write_text(json.dumps(table_, indent=1, sort_keys=True) + "\n")
+        lr_text = (f"lr per run: the best of the grid {', '.join(f'{x:g}' for x in LR_GRID)} on the validation "
+                   f"split (seed {TUNE_SEED})")
+    elif committed and all(n in committed for n in names):
+        lrs = committed
+        lr_text = (f"lr per run from `--tune` (grid {', '.join(f'{x:g}' for x in LR_GRID)}, validation split, "
+                   f"seed {TUNE_SEED}; committed in opd_train/{TUNED_LRS.name})")
+    else:
+        lrs = {name: p["lr"] for name in names}
+        lr_text = f"every run at lr {p['lr']:g} (not tuned per run)"
     results: dict[int, dict[str, list[dict]]] = {}
     for seed in seeds:
         results[seed] = {}
-        for name in names:  # also those only a not-yet-measurable claim needs (claims_runs.md)
-            results[seed][name] = _train([*RUNS[name], *shared, "--lr", repr(lrs[name]), "--seed", str(seed)],
-                                         out / f"seed{seed}" / name, log)
-    t_acc = teacher_accuracy(preset, eval_size)
-    tab, measured = table(results, t_acc, has_base)
-    lr_text = (f"lr per method from the grid {', '.join(f'{x:g}' for x in LR_GRID)} on the validation split"
-               if tuned else f"every method at lr {p['lr']:g} (not tuned per method)")
+        for name in names:
+            results[seed][name] = _train([*run_options(name, experts), *shared, "--lr", repr(lrs[name]),
+                                          "--seed", str(seed)], out / f"seed{seed}" / name, log)
+    refs = references(preset, eval_size, experts)
+    tab, measured = table(results, refs, have)
     title = (f"opd_train.compare --claims: {preset} preset, {steps} steps per run, seeds "
              f"{', '.join(map(str, seeds))}; {lr_text}, warmup + cosine. d per seed, mean ± sample std over "
              "seeds; holds: mean > 0 and > spread; does not hold: mean < 0 and |mean| > spread; else mixed.")
     out.mkdir(parents=True, exist_ok=True)
     (out / "claims.md").write_text(f"{title}\n\n{tab}")
     (out / "claims_runs.md").write_text(f"Runs behind claims.md ({preset} preset, {steps} steps).\n\n"
-                                        + runs_table(results, t_acc, lrs))
+                                        + runs_table(results, refs, lrs))
     plot(measured, out / "claims.png", f"claims, {preset} preset, {len(seeds)} seeds")
     if docs is not None:
         docs.mkdir(parents=True, exist_ok=True)

@@ -25,18 +25,22 @@ import textwrap
 import torch
 
 from . import inputs
-from .argtypes import nonneg_int, pos_float, pos_int
+from .argtypes import domain_dir, nonneg_int, pos_float, pos_int
 from .data import EXAMPLE_ROW
 from .methods import METHODS, Method
+from .benchmark import RLSpec
 from .models import ModelSpec
+from .task import ALL_CONTEXT_KINDS
 
 PROG = "python -m opd_train"
 
+_SMOKE_TEACHER = dict(arch="llama", d_model=48, layers=2, heads=4, kv_heads=4, mlp=128, steps=300, batch_size=64,
+                      lr=1e-2, context_fraction=0.0)
 PRESETS = {
     "smoke": dict(
         digits=2, ops="+", steps=12, batch_size=16, lr=3e-3, eval_every=6, eval_size=64, save_every=6,
-        teacher=ModelSpec("llama", d_model=48, layers=2, heads=4, kv_heads=4, mlp=128, steps=300,
-                          batch_size=64, lr=1e-2, context_fraction=0.0),
+        prior_ops="-", experts={"+": "teacher", "-": ModelSpec(**_SMOKE_TEACHER, ops="-")},
+        teacher=ModelSpec(**_SMOKE_TEACHER),
         student=ModelSpec("qwen2", d_model=32, layers=2, heads=4, kv_heads=2, mlp=96, steps=60,
                           batch_size=64, lr=1e-2, plain_carry_share=0.2),
     ),
@@ -54,6 +58,25 @@ PRESETS = {
 # methods need (the default student gets 3.9% / 22% / 13% there, below its 14% plain).
 PRESETS["selfdistill"] = dict(PRESETS["default"], student=dataclasses.replace(
     PRESETS["default"]["student"], steps=1000, context_fraction=0.75))
+# The bundled benchmark of every method (`opd_train.compare --claims`; assets: `opd_train.benchmark`).
+# New skill: 3-digit addition. Prior skill: 3-digit subtraction, which the student learns as a plain
+# skill in pre-training (prior_accuracy measures forgetting). The student sees additions mostly with
+# privileged context (solution, demonstration, feedback, hint), so it is weak on plain additions but
+# can use context. The external teacher is imperfect by construction (pre-trained on additions
+# without carry chains, then a short GRPO run that keeps its base for reward correction); the
+# domain experts for multi-teacher distillation are that teacher (+) and a subtraction teacher (-).
+_BENCH_TEACHER = dict(arch="llama", d_model=96, layers=3, heads=4, kv_heads=4, mlp=288, steps=1000, batch_size=64,
+                      lr=3e-3, context_fraction=0.0)
+PRESETS["bench"] = dict(
+    digits=3, ops="+", prior_ops="-", steps=300, batch_size=64, lr=1e-3, eval_every=50, eval_size=256,
+    save_every=100,
+    teacher=ModelSpec(**_BENCH_TEACHER, ops="+", chain_free=True),
+    teacher_rl=RLSpec(steps=100, lr=3e-4),
+    experts={"+": "teacher", "-": ModelSpec(**dict(_BENCH_TEACHER, steps=2000), ops="-")},
+    student=ModelSpec("qwen2", d_model=64, layers=2, heads=4, kv_heads=2, mlp=256, steps=2000, batch_size=64,
+                      lr=1e-2, context_fraction=0.7, plain_carry_share=0.2, ops="+-", prior_ops="-",
+                      context_kinds=ALL_CONTEXT_KINDS),
+)
 PRESET_KEYS = ("digits", "ops", "steps", "batch_size", "lr", "eval_every", "eval_size", "save_every")
 
 
@@ -145,12 +168,18 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("bundled task (ignored with --data)")
     g.add_argument("--digits", type=pos_int, help=f"operand digits ({_preset('digits')})")
     g.add_argument("--ops", choices=("+", "-", "+-"), help=f"operations ({_preset('ops')})")
+    g.add_argument("--prior-ops", choices=("+", "-"),
+                   help="also evaluate held-out problems of this operation as prior_accuracy, a skill the "
+                        "student had before training (forgetting; preset: bench -)")
 
     g = p.add_argument_group("bring your own models and data (formats: see the end of this help)")
     g.add_argument("--student", help="HF causal LM dir to train (default: the cached bundled student)")
     external = _methods_where(lambda c: c.teacher == "external")
     g.add_argument("--teacher", help=f"HF causal LM dir of the teacher ({external}; default: bundled teacher)")
     g.add_argument("--ref", help="gopd reference model dir (default: the student at initialisation)")
+    g.add_argument("--domain-teacher", action="append", type=domain_dir, metavar="DOMAIN=DIR",
+                   help="gopd multi-teacher: the teacher of one domain (repeat per domain; the bundled "
+                        "task's domains are its operations, e.g. --domain-teacher +=DIR --domain-teacher -=DIR)")
     g.add_argument("--data", help="JSONL with fields prompt, answer and optional solution, feedback")
     g.add_argument("--eval-data", help="held-out JSONL (default: the last eval-size rows of --data)")
     g.add_argument("--vocab-size", type=pos_int,
@@ -170,7 +199,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     for key in PRESET_KEYS:
         if getattr(args, key) is None:
             setattr(args, key, preset[key])
+    if args.prior_ops is None:
+        args.prior_ops = preset.get("prior_ops")
     args.teacher_spec, args.student_spec = preset["teacher"], preset["student"]
+    if args.domain_teacher:
+        if args.method != "gopd":
+            p.error(f"--domain-teacher is only used by --method gopd, not {args.method}")
+        if args.teacher:
+            p.error("--domain-teacher replaces --teacher; give one or the other")
+        domains = [d for d, _ in args.domain_teacher]
+        if len(set(domains)) != len(domains):
+            p.error(f"--domain-teacher: domain {next(d for d in domains if domains.count(d) > 1)!r} given twice")
+        try:
+            for _, path in args.domain_teacher:
+                inputs.check_model_dir("--domain-teacher", path, needs_tokenizer=True)
+        except inputs.InputError as e:
+            p.error(str(e))
+        args.domain_teacher = dict(args.domain_teacher)
     if args.out is None:
         args.out = os.path.join("runs", args.method)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -197,7 +242,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(str(e))
     if args.data and not args.student:
         p.error("--data needs --student DIR: the bundled models only know the bundled task")
-    if args.data and method.teacher == "external" and not args.teacher:
+    if args.data and method.teacher == "external" and not (args.teacher or args.domain_teacher):
         p.error(f"--data with --method {args.method} needs --teacher DIR: the bundled teacher only knows the "
                 "bundled task")
     return args

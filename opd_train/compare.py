@@ -9,7 +9,7 @@ time, tokens/s) and
 ``OUT/compare.png`` (accuracy vs. samples).
 
 ``--claims`` instead checks the survey's headline claims over several seeds (`opd_train.claims`):
-``python -m opd_train.compare --claims`` (selfdistill preset, 3 seeds, writes
+``python -m opd_train.compare --claims`` (bench preset, 3 seeds, writes
 ``docs/compare/claims.md``) or ``--claims --preset smoke`` (a quick end-to-end check).
 """
 from __future__ import annotations
@@ -84,7 +84,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m opd_train.compare", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--preset", choices=sorted(cli.PRESETS), default=None,
-                   help="default: 'default', or 'selfdistill' with --claims (the student that can use context)")
+                   help="default: 'default', or 'bench' with --claims (the bundled benchmark of all methods)")
     p.add_argument("--claims", action="store_true", help="check the headline claims over --seeds instead")
     p.add_argument("--tune", action="store_true",
                    help="--claims: choose each run's lr from a shared grid on the validation split first")
@@ -99,7 +99,7 @@ def main(argv=None) -> int:
                    help="after '--': more options passed to every run (e.g. -- --batch-size 64)")
     args = p.parse_args(argv)
     if args.preset is None:
-        args.preset = "selfdistill" if args.claims else "default"
+        args.preset = "bench" if args.claims else "default"
     out = Path(args.out or ("runs/claims" if args.claims else "runs/compare"))
     if args.claims:
         from .claims import run_claims

@@ -63,6 +63,20 @@ class ModelSpec:
     # learned them, so it hedges between candidate digits: see `pretrain_batch`.
     plain_carry_share: float | None = None
     max_positions: int = 128
+    # Fields below enter the cache key only when set (models cached before they existed keep their key).
+    ops: str | None = None       # pre-training operations (None: the run's task's)
+    prior_ops: str = ""          # operations learned as a plain skill: plain rows as drawn, never context
+    chain_free: bool = False     # plain rows without a carry chain (an imperfect teacher: fails on chains)
+    context_kinds: tuple[str, ...] = CONTEXT_KINDS  # kinds of privileged context mixed in
+
+
+_LATER_FIELDS = ("ops", "prior_ops", "chain_free", "context_kinds")
+
+
+def spec_key(spec: ModelSpec) -> dict:
+    """The spec as it enters the cache key: fields added after `CACHE_VERSION` 3 only where set."""
+    default = ModelSpec(**{f: getattr(spec, f) for f in spec.__dataclass_fields__ if f not in _LATER_FIELDS})
+    return {k: v for k, v in asdict(spec).items() if k not in _LATER_FIELDS or v != getattr(default, k)}
 
 
 def cache_dir() -> Path:
@@ -80,22 +94,31 @@ def build(spec: ModelSpec, tok) -> torch.nn.Module:
 
 
 def pretrain_batch(task, tok, rng: random.Random, n: int, context_fraction: float,
-                   plain_carry_share: float | None = None) -> R.Seqs:
+                   plain_carry_share: float | None = None, *, context_kinds=CONTEXT_KINDS,
+                   prior_ops: str = "", chain_free: bool = False) -> R.Seqs:
     """SFT rows: a prompt (plain, or with a random kind of privileged context) and its answer.
 
     With ``plain_carry_share`` a plain row needs a carry with that probability (else it is
     carry-free; ``None`` takes problems as drawn), while rows with context cover all problems
     as drawn: the model sees carries worked out in context but rarely has to find them itself.
+    A problem of an operation in ``prior_ops`` is always a plain row as drawn (a skill the model
+    simply learns); ``chain_free`` keeps plain rows without carry chains.
     """
+    one_op = {op: ArithmeticTask(task.digits, op, eval_size=1) for op in task.ops}
+    chain = False if chain_free else None
     users, examples = [], []
     for ex in task.sample(rng, n):
-        if rng.random() < context_fraction:
-            kind = rng.choice(CONTEXT_KINDS)
-            attempt = task.corrupt(rng, ex) if kind == "feedback" else None
+        op = task.domain(ex)
+        if op in prior_ops:
+            users.append(ex.prompt)
+        elif rng.random() < context_fraction:
+            kind = rng.choice(context_kinds)
+            attempt = task.corrupt(rng, ex) if kind in ("feedback", "hint") else None
             users.append(task.with_context(ex, kind, attempt=attempt))
         else:
-            if plain_carry_share is not None:
-                ex = task.sample(rng, 1, carry=rng.random() < plain_carry_share)[0]
+            if plain_carry_share is not None or chain_free:
+                carry = None if plain_carry_share is None else rng.random() < plain_carry_share
+                ex = one_op[op].sample(rng, 1, carry=carry, chain=chain)[0]
             users.append(ex.prompt)
         examples.append(ex)
     answers = R.encode_answers(tok, [ex.answer for ex in examples])
@@ -117,7 +140,8 @@ def pretrain(model, tok, task, spec: ModelSpec, seed: int, desc: str) -> None:
     bar = tqdm(range(spec.steps), desc=desc, dynamic_ncols=True, leave=False)
     for _ in bar:
         loss = sft_loss(lm, pretrain_batch(task, tok, rng, spec.batch_size, spec.context_fraction,
-                                           spec.plain_carry_share))
+                                           spec.plain_carry_share, context_kinds=spec.context_kinds,
+                                           prior_ops=spec.prior_ops, chain_free=spec.chain_free))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -127,8 +151,13 @@ def pretrain(model, tok, task, spec: ModelSpec, seed: int, desc: str) -> None:
 
 
 def get_pretrained(role: str, spec: ModelSpec, task: ArithmeticTask, seed: int, log=print) -> Path:
-    """Directory of the pre-trained ``role`` ("teacher"/"student") model, training it if not cached."""
-    key = json.dumps({"v": CACHE_VERSION, "role": role, "spec": asdict(spec), "seed": seed,
+    """Directory of the pre-trained ``role`` ("teacher"/"student") model, training it if not cached.
+
+    It is pre-trained on ``task``'s digits with ``spec.ops`` (default: ``task``'s operations) and
+    evaluated on held-out problems of those operations."""
+    if spec.ops is not None and spec.ops != task.ops:
+        task = ArithmeticTask(task.digits, spec.ops, eval_size=len(task.eval_examples()))
+    key = json.dumps({"v": CACHE_VERSION, "role": role, "spec": spec_key(spec), "seed": seed,
                       "task": {"digits": task.digits, "ops": task.ops}}, sort_keys=True)
     path = cache_dir() / f"{role}-{hashlib.sha1(key.encode()).hexdigest()[:12]}"
     if (path / "meta.json").exists():

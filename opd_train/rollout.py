@@ -133,6 +133,12 @@ def pack(prompts: list[list[int]], completion: torch.Tensor, mask: torch.Tensor,
     return Seqs(ids, am, pos, p, completion, mask)
 
 
+def select(s: Seqs, rows: torch.Tensor) -> Seqs:
+    """The rows ``rows`` of ``s`` (same prompt length and completion width)."""
+    return Seqs(s.input_ids[rows], s.attention_mask[rows], s.position_ids[rows], s.prompt_len,
+                s.completion[rows], s.mask[rows])
+
+
 def completion_hidden(lm: nn.Module, s: Seqs) -> torch.Tensor:
     """Hidden states ``[B, C, d]`` that predict the completion tokens (``lm`` is an `LM` or its DDP)."""
     h = lm(s.input_ids, s.attention_mask, s.position_ids)
@@ -197,14 +203,24 @@ def evaluate(model: nn.Module, tok, task, examples, *, max_new_tokens: int | Non
              batch_size: int = 512, vocab_size: int | None = None, prompt=None) -> float:
     """Held-out exact-match accuracy of greedy decoding; ``prompt(ex)`` gives the user message
     (default: the plain prompt, no privileged context)."""
-    correct, max_new_tokens = 0, max_new_tokens or task.max_answer_chars + 2
+    scores = evaluate_each(model, tok, task, examples, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                           vocab_size=vocab_size, prompt=prompt)
+    return sum(scores) / max(1, len(examples))
+
+
+@torch.no_grad()
+def evaluate_each(model: nn.Module, tok, task, examples, *, max_new_tokens: int | None = None,
+                  batch_size: int = 512, vocab_size: int | None = None, prompt=None) -> list[float]:
+    """`evaluate`'s verifier reward of each example (for accuracies per domain)."""
+    max_new_tokens = max_new_tokens or task.max_answer_chars + 2
     prompt = prompt or (lambda ex: ex.prompt)
+    scores = []
     for i in range(0, len(examples), batch_size):
         exs = examples[i: i + batch_size]
         comp, mask = generate(model, tok, encode_prompts(tok, [prompt(ex) for ex in exs]),
                               max_new_tokens=max_new_tokens, greedy=True, vocab_size=vocab_size)
-        correct += sum(task.reward(ex, text) for ex, text in zip(exs, decode(tok, comp, mask)))
-    return correct / max(1, len(examples))
+        scores += [task.reward(ex, text) for ex, text in zip(exs, decode(tok, comp, mask))]
+    return scores
 
 
 @torch.no_grad()

@@ -63,6 +63,10 @@ class Task:
     def feedback(self, ex: Example, completion: str) -> str:
         raise NotImplementedError
 
+    def domain(self, ex: Example) -> str:
+        """The example's domain, for routing to domain teachers (``--domain-teacher``); one by default."""
+        return ""
+
     def hint(self, ex: Example, completion: str) -> str:
         """Feedback that does not repeat the attempt (here: the generic feedback)."""
         return self.feedback(ex, completion)
@@ -134,21 +138,31 @@ class ArithmeticTask(Task):
         answer = "".join(digits) + (str(c) if op == "+" else "")
         return Example(prompt=f"{xs}{op}{ys}=", answer=answer, solution=" ".join(cols))
 
-    def sample(self, rng: random.Random, n: int, *, carry: bool | None = None) -> list[Example]:
+    def sample(self, rng: random.Random, n: int, *, carry: bool | None = None,
+               chain: bool | None = None) -> list[Example]:
         """``n`` training problems; ``carry=False`` (``True``) keeps only those without (with) a
-        carry or borrow in some column, ``None`` takes them as drawn."""
+        carry or borrow in some column, ``chain=False`` (``True``) those without (with) a carry
+        chain (`has_chain`); ``None`` takes them as drawn."""
         out = []
         while len(out) < n:
             a, b, op = self._draw(rng)
             if not self._is_heldout(a, b, op):
                 ex = self.make(a, b, op)
-                if carry is None or self.has_carry(ex) == carry:
+                if (carry is None or self.has_carry(ex) == carry) and (chain is None or self.has_chain(ex) == chain):
                     out.append(ex)
         return out
 
     @staticmethod
     def has_carry(ex: Example) -> bool:
         return any(col[-2] != "0" for col in ex.solution.split())
+
+    @staticmethod
+    def has_chain(ex: Example) -> bool:
+        """A column that takes a carry (borrow) in and passes one on: ``x+y+1=1d``."""
+        return any(col.split("=")[0][-1] == "1" and col[-2] == "1" for col in ex.solution.split())
+
+    def domain(self, ex: Example) -> str:
+        return "-" if "-" in ex.prompt else "+"
 
     def eval_examples(self) -> list[Example]:
         return self._eval

@@ -67,13 +67,25 @@ def run(args) -> dict:
         (out / "args.json").write_text(json.dumps(vars(args), default=str, indent=1))
     metrics = Metrics(out / "metrics.jsonl", rank == 0, progress["step"] if ckpt else None)
 
+    prior_task = trainer.make_prior_task(args)
+
     def evaluate(step: int) -> float:
         acc = 0.0
         if rank == 0:
-            acc = R.evaluate(tr.student.model, tr.tok, task, task.eval_examples(),
-                             max_new_tokens=tr.max_new_tokens, vocab_size=tr.vocab_size)
+            exs = task.eval_examples()
+            scores = R.evaluate_each(tr.student.model, tr.tok, task, exs, max_new_tokens=tr.max_new_tokens,
+                                     vocab_size=tr.vocab_size)
+            acc = sum(scores) / max(1, len(scores))
             row = {"step": step, "eval_accuracy": acc, "samples": progress["samples"],
                    "completion_tokens": progress.get("completion_tokens", 0)}
+            domains = {}
+            for ex, score in zip(exs, scores):
+                domains.setdefault(task.domain(ex), []).append(score)
+            if len(domains) > 1:  # e.g. "+" and "-": the multi-teacher claim compares per domain
+                row["eval_accuracy_by_domain"] = {d: sum(v) / len(v) for d, v in sorted(domains.items())}
+            if prior_task is not None:  # the prior skill (--prior-ops): forgetting
+                row["prior_accuracy"] = R.evaluate(tr.student.model, tr.tok, prior_task,
+                                                   prior_task.eval_examples(), vocab_size=tr.vocab_size)
             row.update(method.eval_metrics())  # e.g. the self-teacher's accuracy with its context
             metrics.log(row)
         distributed.barrier(world)

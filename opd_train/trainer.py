@@ -41,6 +41,7 @@ class Trainer:
     rank: int = 0
     world: int = 1
     teacher_path: str | None = None  # the external teacher's directory (G-OPD finds its base there)
+    domain_teachers: dict | None = None  # domain -> R.LM (--domain-teacher), else None
 
 
 def make_task(args):
@@ -51,13 +52,21 @@ def make_task(args):
     return ArithmeticTask(args.digits, args.ops, eval_size=args.eval_size, split=getattr(args, "eval_split", "test"))
 
 
+def make_prior_task(args):
+    """The prior-skill evaluation (``--prior-ops``): held-out problems of those operations, or None."""
+    if args.data or not getattr(args, "prior_ops", None):
+        return None
+    return ArithmeticTask(args.digits, args.prior_ops, eval_size=args.eval_size,
+                          split=getattr(args, "eval_split", "test"))
+
+
 def model_paths(args, task, rank: int, world: int, log) -> tuple[str, str | None]:
     """Student and teacher dirs; the bundled ones are pre-trained once (by rank 0) and cached.
 
     (`cli.parse_args` has made sure that ``--data`` comes with ``--student`` and, for methods
     with an external teacher, ``--teacher``: the bundled models only know the bundled task.)
     """
-    need_teacher = METHODS[args.method].teacher == "external"
+    need_teacher = METHODS[args.method].teacher == "external" and not args.domain_teacher
 
     def resolve():
         preset = cli.PRESETS[args.preset]
@@ -106,6 +115,14 @@ def build(args, task, ckpt: Path | None, rank: int, world: int, device: torch.de
         teacher = inputs.load_model("--teacher", teacher_path, device).eval().requires_grad_(False)
         tok_t = inputs.load_tokenizer("--teacher", teacher_path, log)
     vocab_size = check_compatible(tok, tok_t, student, teacher, args.vocab_size, student_path, teacher_path)
+    domain_teachers = None
+    if args.domain_teacher:
+        domain_teachers = {}
+        for domain, path in args.domain_teacher.items():
+            model = inputs.load_model("--domain-teacher", path, device).eval().requires_grad_(False)
+            check_compatible(tok, inputs.load_tokenizer("--domain-teacher", path, log), student, model,
+                             vocab_size, student_path, path)
+            domain_teachers[domain] = R.LM(model, vocab_size)
     lm = R.LM(student, vocab_size).train()
     fwd = lm
     if world > 1:
@@ -113,4 +130,4 @@ def build(args, task, ckpt: Path | None, rank: int, world: int, device: torch.de
     return Trainer(args, task, tok, lm, fwd, R.LM(teacher, vocab_size) if teacher is not None else None,
                    str(student_path), device, random.Random(f"{args.seed}-{rank}"),
                    args.max_new_tokens or task.max_answer_chars + 2, vocab_size, rank, world,
-                   str(teacher_path) if teacher_path else None)
+                   str(teacher_path) if teacher_path else None, domain_teachers)

@@ -167,9 +167,15 @@ def test_verdict_rule(values, expected):
     assert v == expected and m == pytest.approx(sum(values) / len(values))
 
 
-def fake_run(accs, samples_per_eval=100, tokens_per_eval=400):
-    return [{"step": i, "eval_accuracy": a, "samples": i * samples_per_eval, "completion_tokens": i * tokens_per_eval}
+def fake_run(accs, samples_per_eval=100, tokens_per_eval=400, prior=None, by_domain=None):
+    rows = [{"step": i, "eval_accuracy": a, "samples": i * samples_per_eval, "completion_tokens": i * tokens_per_eval}
             for i, a in enumerate(accs)]
+    if prior is not None:
+        for r, p in zip(rows, prior):
+            r["prior_accuracy"] = p
+    if by_domain is not None:
+        rows[-1]["eval_accuracy_by_domain"] = by_domain
+    return rows
 
 
 def test_claims_table_from_per_seed_numbers():
@@ -180,7 +186,7 @@ def test_claims_table_from_per_seed_numbers():
         return runs
 
     results = {0: seed(0.6, 0.2), 1: seed(0.7, 0.3), 2: seed(0.5, 0.2)}
-    tab, measured = claims.table(results, teacher_acc=80.0)
+    tab, measured = claims.table(results, claims.Refs(80.0), assets=set())
     lines = tab.strip().split("\n")
     assert len(lines) == 2 + len(claims.CLAIMS)
     opd_sft = next(x for x in lines if x.startswith("| OPD beats SFT"))
@@ -189,15 +195,26 @@ def test_claims_table_from_per_seed_numbers():
     assert "+20.0, +20.0, +20.0" in next(x for x in lines if x.startswith("| OPD reaches GRPO"))
     exceed = next(x for x in lines if x.startswith("| ExOPD can exceed"))
     assert "-70.0, -70.0, -70.0" in exceed and "**does not hold**" in exceed
-    assert sum("not measured:" in x for x in lines) == sum(c.why_not(False) is not None for c in claims.CLAIMS)
-    assert [t for t, _ in measured] == [c.text for c in claims.CLAIMS if not c.why_not(False)]
-    assert "not measured: this preset's teacher has no kept pre-RL base" in tab
-    # with the teacher's base, the reward-correction claim is measured from its own two runs
+    assert sum("not measured:" in x for x in lines) == sum(c.why_not(set()) is not None for c in claims.CLAIMS) == 3
+    assert [t for t, _ in measured] == [c.text for c in claims.CLAIMS if not c.why_not(set())]
+    for why in claims.ASSET_MISSING.values():  # no base, no experts, no prior skill: each says so
+        assert f"not measured: {why}" in tab
+    # with the assets, each of those claims is measured from its own runs
     for seed_runs in results.values():
         seed_runs["gopd-1.25-base"] = fake_run([0.1, 0.2, 0.3, 0.4, 0.35])
-    tab, _ = claims.table(results, teacher_acc=80.0, has_base=True)
-    assert "| +25.0, +25.0, +25.0 | +25.0 ± 0.0 | **holds** |" in next(
-        x for x in tab.split("\n") if x.startswith("| reward correction"))
+        seed_runs["sft"] = fake_run([0.1, 0.2], prior=[0.9, 0.5])     # forgets 40 points
+        seed_runs["sdft"] = fake_run([0.1, 0.15], prior=[0.9, 0.8])   # forgets 10
+        seed_runs["multi-1.25"] = fake_run([0.1, 0.5], by_domain={"+": 0.62, "-": 0.9})
+    refs = claims.Refs(80.0, experts={"+": 64.0, "-": 95.0})
+    tab, _ = claims.table(results, refs, {"base", "prior", "experts"})
+    row = lambda prefix: next(x for x in tab.split("\n") if x.startswith(prefix))  # noqa: E731
+    assert "| +25.0, +25.0, +25.0 | +25.0 ± 0.0 | **holds** |" in row("| reward correction")
+    assert "| +30.0, +30.0, +30.0 | +30.0 ± 0.0 | **holds** |" in row("| SDFT learns")
+    # worst domain: "-" (90 - 95 = -5) rather than "+" (62 - 64 = -2)
+    assert "| -5.0, -5.0, -5.0 | -5.0 ± 0.0 | **does not hold** |" in row("| a multi-teacher")
+    runs_md = claims.runs_table(results, refs, {name: 1e-3 for name in claims.RUNS})
+    assert "| 90.0 → 50.0 |" in next(x for x in runs_md.split("\n") if x.startswith("| sft |"))
+    assert "`+` 64.0%, `-` 95.0%" in runs_md and "`+` 62.0%, `-` 90.0%" in runs_md
 
 
 def test_claims_smoke_end_to_end(tmp_path, smoke_models):
@@ -219,9 +236,16 @@ def test_claims_smoke_end_to_end(tmp_path, smoke_models):
         values = [float(x) for x in cells[2].split(",")]
         assert len(values) == 2
         assert cells[4] == f"**{claims.verdict(values)[2]}**"
-    for name in set(claims.RUNS) - claims.NEEDS_TEACHER_BASE:  # every run, per seed, with the shared schedule
+    # the smoke preset has a prior skill and domain experts, but no teacher with a kept base
+    assert sum(x.endswith(f"not measured: {claims.ASSET_MISSING['base']} |") for x in rows_) == 1
+    for name in set(claims.RUNS) - {"gopd-1.25-base"}:  # every run, per seed, with the shared schedule
         args = json.loads((out / "seed1" / name / "args.json").read_text())
         assert (args["seed"], args["steps"], args["lr_schedule"]) == (1, 4, "cosine")
+        assert all("prior_accuracy" in r for r in rows(out / "seed1" / name) if "eval_accuracy" in r)
+    multi = json.loads((out / "seed0" / "multi-1.25" / "args.json").read_text())
+    assert multi["ops"] == "+-" and sorted(multi["domain_teacher"]) == ["+", "-"]
+    last = [r for r in rows(out / "seed0" / "multi-1.25") if "eval_accuracy" in r][-1]
+    assert sorted(last["eval_accuracy_by_domain"]) == ["+", "-"]
     assert (out / "claims.png").stat().st_size > 0 and "| sdft |" in (out / "claims_runs.md").read_text()
 
 

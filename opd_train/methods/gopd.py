@@ -12,6 +12,11 @@ base), or any model given as ``--ref DIR``. On the student's samples:
 * ``--gopd-loss sampled``: per-token advantage
   ``A_t = λ (log p_T − log p_ref) − (log π_old − log p_ref)`` from `opd_kernels.gopd_advantages`
   with the PPO clipped surrogate (``--ppo-clip`` 0.2).
+
+Multi-teacher (the paper's merging of domain experts): with ``--domain-teacher DOMAIN=DIR`` (one
+per domain; the bundled task's domains are its operations ``+`` and ``-``) each sample's teacher
+is the expert of its prompt's domain, and the loss is the token-weighted sum of one fused call per
+domain (the teachers' lm_heads differ, so their rows cannot share a call).
 """
 from __future__ import annotations
 
@@ -54,6 +59,8 @@ class GOPD(Method):
         if v_ref != v_s:
             raise InputError(f"--ref {self.args.ref}: its lm_head has {v_ref} rows, the student's {v_s}; "
                              "the reference needs the student's vocabulary (--vocab-size N uses the first N of each)")
+        # domain -> teacher; one entry "" (every sample) without --domain-teacher
+        self.teachers = tr.domain_teachers or {"": tr.teacher}
 
     def ref_path(self) -> str:
         a, tr = self.args, self.tr
@@ -61,6 +68,8 @@ class GOPD(Method):
             return a.ref
         if a.gopd_ref == "student":
             return tr.student_path
+        if tr.domain_teachers:
+            raise InputError("--gopd-ref teacher-base: not with --domain-teacher (which base?); pass --ref DIR")
         base = Path(tr.teacher_path) / "base"
         if not (base / "config.json").exists():
             raise InputError(f"--gopd-ref teacher-base: the teacher {tr.teacher_path} has no pre-RL base model "
@@ -70,23 +79,39 @@ class GOPD(Method):
     def prepare(self, examples):
         tr = self.tr
         b = self.rollout(examples, self.samples_per_prompt, self.args.temperature)
-        b["teacher_hidden"] = self.frozen_hidden(tr.teacher, b["seqs"])
-        b["ref_hidden"] = self.frozen_hidden(self.ref, b["seqs"])
+        s = b["seqs"]
+        doms = [tr.task.domain(ex) for ex in b["examples"]] if tr.domain_teachers else [""] * len(b["examples"])
+        missing = sorted(set(doms) - set(self.teachers))
+        if missing:
+            raise InputError(f"--domain-teacher: no teacher for domain {missing[0]!r} (have "
+                             f"{sorted(self.teachers)})")
+        # domain -> (row indices, the teacher's hidden states of those rows)
+        b["groups"] = {}
+        for d in sorted(set(doms)):
+            rows = torch.tensor([i for i, x in enumerate(doms) if x == d], device=tr.device)
+            b["groups"][d] = (rows, self.frozen_hidden(self.teachers[d], R.select(s, rows)))
+        b["ref_hidden"] = self.frozen_hidden(self.ref, s)
         if self.args.gopd_loss == "sampled":
             with torch.no_grad():
-                b["teacher_logprobs"] = R.token_logprobs(tr.teacher, b["teacher_hidden"], b["seqs"])
-                b["ref_logprobs"] = R.token_logprobs(self.ref, b["ref_hidden"], b["seqs"])
+                lp_t = torch.zeros(s.mask.shape, device=tr.device)
+                for d, (rows, h_t) in b["groups"].items():
+                    lp_t[rows] = R.token_logprobs(self.teachers[d], h_t, R.select(s, rows))
+                b["teacher_logprobs"] = lp_t
+                b["ref_logprobs"] = R.token_logprobs(self.ref, b["ref_hidden"], s)
         return b
 
     def loss(self, b):
         s, tr, a = b["seqs"], self.tr, self.args
         h = self.student_hidden(s)
         if a.gopd_loss == "fullvocab":
-            loss = ok.fused_linear_gopd_loss(h, tr.student.weight, b["teacher_hidden"], tr.teacher.weight,
-                                             b["ref_hidden"], self.ref.weight, student_bias=tr.student.bias,
-                                             teacher_bias=tr.teacher.bias, ref_bias=self.ref.bias,
-                                             reward_scale=a.gopd_reward_scale, mask=s.mask)
-            return loss, {}
+            total = h.new_zeros(())
+            for d, (rows, h_t) in b["groups"].items():
+                t = self.teachers[d]
+                total = total + ok.fused_linear_gopd_loss(
+                    h[rows], tr.student.weight, h_t, t.weight, b["ref_hidden"][rows], self.ref.weight,
+                    student_bias=tr.student.bias, teacher_bias=t.bias, ref_bias=self.ref.bias,
+                    reward_scale=a.gopd_reward_scale, mask=s.mask[rows], reduction="sum")
+            return total / s.mask.sum().clamp(min=1), {}
         lp = R.token_logprobs(tr.student, h, s)
         old = self.old_logprobs(b, lp)
         adv = ok.gopd_advantages(b["teacher_logprobs"], b["ref_logprobs"], old, reward_scale=a.gopd_reward_scale)
