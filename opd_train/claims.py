@@ -284,14 +284,36 @@ def references(preset: str, eval_size: int, experts: dict) -> Refs:
     return Refs(teacher, accs)
 
 
-def _train(argv: list[str], run_out: Path, log) -> list[dict]:
+def _train_all(jobs: list[tuple[list[str], Path]], log, workers: int = 1) -> list[list[dict]]:
+    """Run ``python -m opd_train ARGV --out OUT`` for each job; its metrics rows, in job order.
+
+    One worker runs them in this process, one after another; more run that many subprocesses at
+    once (each run uses one CPU thread, ``--threads 1``, so 2 workers fill 2 cores; the claims use
+    accuracies and sample counts, never times)."""
+    import subprocess
+    import sys
+    from concurrent.futures import ThreadPoolExecutor
+
     from .train import main as train_main
 
-    argv = [*argv, "--out", str(run_out)]
-    log("$ python -m opd_train " + " ".join(argv))
-    if train_main(argv) != 0:
-        raise RuntimeError(f"claims run failed: python -m opd_train {' '.join(argv)}")
-    return [json.loads(x) for x in (run_out / "metrics.jsonl").read_text().splitlines()]
+    def one(job):
+        argv, run_out = job
+        argv = [*argv, "--out", str(run_out)]
+        log("$ python -m opd_train " + " ".join(argv))
+        if workers == 1:
+            ok = train_main(argv) == 0
+        else:
+            run_out.mkdir(parents=True, exist_ok=True)
+            with open(run_out / "log.txt", "w") as f:
+                ok = subprocess.run([sys.executable, "-m", "opd_train", *argv], stdout=f, stderr=subprocess.STDOUT).returncode == 0
+        if not ok:
+            raise RuntimeError(f"claims run failed: python -m opd_train {' '.join(argv)}")
+        return [json.loads(x) for x in (run_out / "metrics.jsonl").read_text().splitlines()]
+
+    if workers == 1:
+        return [one(job) for job in jobs]
+    with ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(one, jobs))
 
 
 def run_options(name: str, experts: dict) -> list[str]:
@@ -300,19 +322,27 @@ def run_options(name: str, experts: dict) -> list[str]:
     return [*RUNS[name], *extra]
 
 
-def tune(shared: list[str], out: Path, log=print, names=None, experts=None) -> dict[str, float]:
-    """Per run: the lr of `LR_GRID` with the best final validation accuracy (ties: the smaller lr)."""
+def method_of(name: str) -> str:
+    return RUNS[name][RUNS[name].index("--method") + 1]
+
+
+def tune(shared: list[str], out: Path, log=print, names=None, experts=None, workers: int = 1) -> dict[str, float]:
+    """Per method: the lr of `LR_GRID` with the best final validation accuracy (ties: the smaller lr),
+    tuned on the method's first run in `RUNS` (e.g. ``gopd-1``) and used for all its runs."""
+    names = list(names or RUNS)
+    first = {}
+    for name in names:
+        first.setdefault(method_of(name), name)
+    jobs = [([*run_options(name, experts or {}), *shared, "--lr", repr(lr), "--eval-split", "validation",
+              "--seed", str(TUNE_SEED)], out / "tune" / f"{name}-lr{lr:g}") for name in first.values() for lr in LR_GRID]
+    finals = iter([final(rows) for rows in _train_all(jobs, log, workers)])
     best = {}
-    for name in names or RUNS:
-        scores = []
-        for lr in LR_GRID:
-            rows = _train([*run_options(name, experts or {}), *shared, "--lr", repr(lr), "--eval-split", "validation",
-                           "--seed", str(TUNE_SEED)], out / "tune" / f"{name}-lr{lr:g}", log)
-            scores.append((final(rows), -lr))
-        best[name] = -max(scores)[1]
-        log(f"tune {name}: " + ", ".join(f"lr {lr:g} -> {acc:.1f}%" for (acc, _), lr in zip(scores, LR_GRID))
-            + f"; chosen {best[name]:g}")
-    return best
+    for method, name in first.items():
+        scores = [(next(finals), -lr) for lr in LR_GRID]
+        best[method] = -max(scores)[1]
+        log(f"tune {method} ({name}): " + ", ".join(f"lr {lr:g} -> {acc:.1f}%" for (acc, _), lr in zip(scores, LR_GRID))
+            + f"; chosen {best[method]:g}")
+    return {name: best[method_of(name)] for name in names}
 
 
 def tuned_lrs(preset: str, steps: int) -> dict[str, float] | None:
@@ -324,7 +354,7 @@ def tuned_lrs(preset: str, steps: int) -> dict[str, float] | None:
 
 
 def run_claims(preset: str, seeds: list[int], steps: int | None, out: Path, extra: list[str],
-               docs: Path | None, log=print, tuned: bool = False) -> str:
+               docs: Path | None, log=print, tuned: bool = False, workers: int = 1) -> str:
     p = cli.PRESETS[preset]
     steps = steps or p["steps"]
     eval_size = p["eval_size"]
@@ -334,7 +364,7 @@ def run_claims(preset: str, seeds: list[int], steps: int | None, out: Path, extr
     names = [n for n in RUNS if NEEDS.get(n) is None or NEEDS[n] in have]
     committed = tuned_lrs(preset, steps)
     if tuned:
-        lrs = tune(shared, out, log, names, experts)
+        lrs = tune(shared, out, log, names, experts, workers)
         if docs is not None:  # the chosen values become the committed defaults of this preset and budget
             table_ = json.loads(TUNED_LRS.read_text()) if TUNED_LRS.exists() else {}
             table_[preset] = {"steps": steps, "grid": list(LR_GRID), "seed": TUNE_SEED, "lr": lrs}
@@ -348,12 +378,10 @@ def run_claims(preset: str, seeds: list[int], steps: int | None, out: Path, extr
     else:
         lrs = {name: p["lr"] for name in names}
         lr_text = f"every run at lr {p['lr']:g} (not tuned per run)"
-    results: dict[int, dict[str, list[dict]]] = {}
-    for seed in seeds:
-        results[seed] = {}
-        for name in names:
-            results[seed][name] = _train([*run_options(name, experts), *shared, "--lr", repr(lrs[name]),
-                                          "--seed", str(seed)], out / f"seed{seed}" / name, log)
+    jobs = [([*run_options(name, experts), *shared, "--lr", repr(lrs[name]), "--seed", str(seed)],
+             out / f"seed{seed}" / name) for seed in seeds for name in names]
+    done = iter(_train_all(jobs, log, workers))
+    results = {seed: {name: next(done) for name in names} for seed in seeds}
     refs = references(preset, eval_size, experts)
     tab, measured = table(results, refs, have)
     title = (f"opd_train.compare --claims: {preset} preset, {steps} steps per run, seeds "

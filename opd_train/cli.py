@@ -73,8 +73,8 @@ PRESETS["bench"] = dict(
     teacher=ModelSpec(**_BENCH_TEACHER, ops="+", chain_free=True),
     teacher_rl=RLSpec(steps=100, lr=3e-4),
     experts={"+": "teacher", "-": ModelSpec(**dict(_BENCH_TEACHER, steps=2000), ops="-")},
-    student=ModelSpec("qwen2", d_model=64, layers=2, heads=4, kv_heads=2, mlp=256, steps=2000, batch_size=64,
-                      lr=1e-2, context_fraction=0.7, plain_carry_share=0.2, ops="+-", prior_ops="-",
+    student=ModelSpec("qwen2", d_model=64, layers=3, heads=4, kv_heads=2, mlp=256, steps=2000, batch_size=64,
+                      lr=5e-3, context_fraction=0.7, plain_carry_share=0.0, ops="+-", prior_ops="-",
                       context_kinds=ALL_CONTEXT_KINDS),
 )
 PRESET_KEYS = ("digits", "ops", "steps", "batch_size", "lr", "eval_every", "eval_size", "save_every")

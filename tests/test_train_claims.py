@@ -272,10 +272,12 @@ def test_eval_split_validation_refused_with_own_data(tmp_path, smoke_models, cap
 
 
 def test_claims_tune_picks_the_best_validation_lr(tmp_path, smoke_models, monkeypatch):
-    monkeypatch.setattr(claims, "RUNS", {"sft": ["--method", "sft"], "opd": ["--method", "opd"]})
+    monkeypatch.setattr(claims, "RUNS", {"sft": ["--method", "sft"], "opd": ["--method", "opd"],
+                                         "opd-full": ["--method", "opd", "--opd-loss", "fullvocab"]})
     monkeypatch.setattr(claims, "LR_GRID", (1e-3, 1e-2))
     shared = ["--preset", "smoke", "--steps", "3", "--eval-size", "32"]
-    best = claims.tune(shared, tmp_path, log=lambda *a: None)
+    best = claims.tune(shared, tmp_path, log=lambda *a: None, workers=2)  # 2 subprocesses at once
+    assert best["opd-full"] == best["opd"] and not (tmp_path / "tune" / "opd-full-lr0.001").exists()  # per method
     for name in ("sft", "opd"):
         finals = []
         for lr in (1e-3, 1e-2):
