@@ -39,13 +39,15 @@ from . import cli
 # name -> method options, each as its paper runs it; every run also gets the shared
 # preset/steps/seed/schedule options. Runs that need a benchmark asset are in NEEDS.
 RUNS = {
-    "sft": ["--method", "sft"],
+    "sft": ["--method", "sft"],  # on the dataset's reference answers
+    "seqkd": ["--method", "seqkd"],  # SFT on the teacher's samples: off-policy distillation
     "grpo": ["--method", "grpo", "--no-grpo-std-norm", "--grpo-reward", "digits"],  # Dr.GRPO, group 8
     "opd": ["--method", "opd"],
     "opsd": ["--method", "opsd"],
     "sdft": ["--method", "sdft"],  # EMA teacher (the paper's)
     "sdft-frozen": ["--method", "sdft", "--sdft-teacher", "frozen"],
-    "sdpo": ["--method", "sdpo", "--sdpo-feedback", "hint"],  # self-distillation mask on (default)
+    "sdpo": ["--method", "sdpo", "--sdpo-feedback", "hint"],  # self-distillation mask on (default); EMA teacher
+    "sdpo-frozen": ["--method", "sdpo", "--sdpo-feedback", "hint", "--sdpo-teacher", "frozen"],
     "gopd-1": ["--method", "gopd", "--gopd-reward-scale", "1"],
     "gopd-1.25": ["--method", "gopd", "--gopd-reward-scale", "1.25"],
     "gopd-2": ["--method", "gopd", "--gopd-reward-scale", "2"],
@@ -127,7 +129,9 @@ class Claim:
 
 
 CLAIMS = [
-    Claim("OPD beats SFT at equal samples", "final acc. OPD − SFT (points)", ("opd", "sft"),
+    Claim("OPD beats SFT (on the teacher's samples) at equal samples", "final acc. OPD − SeqKD (points)",
+          ("opd", "seqkd"), lambda r, t: final(r["opd"]) - final(r["seqkd"])),
+    Claim("OPD beats SFT (on reference answers) at equal samples", "final acc. OPD − SFT (points)", ("opd", "sft"),
           lambda r, t: final(r["opd"]) - final(r["sft"])),
     Claim("OPD reaches GRPO's accuracy with far fewer samples",
           "acc. of OPD at 1/4 of the samples − GRPO's final acc. (points)", ("opd", "grpo"),
@@ -136,10 +140,15 @@ CLAIMS = [
           "gain per 1k completion tokens, OPSD − GRPO (points)", ("opsd", "grpo"),
           lambda r, t: gain_per_ktoken(r["opsd"]) - gain_per_ktoken(r["grpo"])),
     Claim("SDFT learns the new skill with less forgetting than SFT",
-          "prior-skill acc. drop, SFT − SDFT (points)", ("sdft", "sft"),
+          "prior-skill acc. drop, SFT − SDFT EMA (points)", ("sdft", "sft"),
           lambda r, t: prior_drop(r["sft"]) - prior_drop(r["sdft"]), needs="prior"),
+    Claim("SDFT (frozen teacher) learns the new skill with less forgetting than SFT",
+          "prior-skill acc. drop, SFT − SDFT frozen (points)", ("sdft-frozen", "sft"),
+          lambda r, t: prior_drop(r["sft"]) - prior_drop(r["sdft-frozen"]), needs="prior"),
     Claim("SDPO beats GRPO at equal samples", "final acc. SDPO − GRPO (points)", ("sdpo", "grpo"),
           lambda r, t: final(r["sdpo"]) - final(r["grpo"])),
+    Claim("SDPO (frozen teacher) beats GRPO at equal samples", "final acc. SDPO frozen − GRPO (points)",
+          ("sdpo-frozen", "grpo"), lambda r, t: final(r["sdpo-frozen"]) - final(r["grpo"])),
     Claim("ExOPD >= OPD (λ = 1.25)", "final acc. G-OPD λ=1.25 − λ=1 (points)", ("gopd-1.25", "gopd-1"),
           lambda r, t: final(r["gopd-1.25"]) - final(r["gopd-1"])),
     Claim("ExOPD >= OPD (λ = 2)", "final acc. G-OPD λ=2 − λ=1 (points)", ("gopd-2", "gopd-1"),
@@ -322,27 +331,19 @@ def run_options(name: str, experts: dict) -> list[str]:
     return [*RUNS[name], *extra]
 
 
-def method_of(name: str) -> str:
-    return RUNS[name][RUNS[name].index("--method") + 1]
-
-
 def tune(shared: list[str], out: Path, log=print, names=None, experts=None, workers: int = 1) -> dict[str, float]:
-    """Per method: the lr of `LR_GRID` with the best final validation accuracy (ties: the smaller lr),
-    tuned on the method's first run in `RUNS` (e.g. ``gopd-1``) and used for all its runs."""
+    """Per run: the lr of `LR_GRID` with the best final validation accuracy (ties: the smaller lr)."""
     names = list(names or RUNS)
-    first = {}
-    for name in names:
-        first.setdefault(method_of(name), name)
     jobs = [([*run_options(name, experts or {}), *shared, "--lr", repr(lr), "--eval-split", "validation",
-              "--seed", str(TUNE_SEED)], out / "tune" / f"{name}-lr{lr:g}") for name in first.values() for lr in LR_GRID]
+              "--seed", str(TUNE_SEED)], out / "tune" / f"{name}-lr{lr:g}") for name in names for lr in LR_GRID]
     finals = iter([final(rows) for rows in _train_all(jobs, log, workers)])
     best = {}
-    for method, name in first.items():
+    for name in names:
         scores = [(next(finals), -lr) for lr in LR_GRID]
-        best[method] = -max(scores)[1]
-        log(f"tune {method} ({name}): " + ", ".join(f"lr {lr:g} -> {acc:.1f}%" for (acc, _), lr in zip(scores, LR_GRID))
-            + f"; chosen {best[method]:g}")
-    return {name: best[method_of(name)] for name in names}
+        best[name] = -max(scores)[1]
+        log(f"tune {name}: " + ", ".join(f"lr {lr:g} -> {acc:.1f}%" for (acc, _), lr in zip(scores, LR_GRID))
+            + f"; chosen {best[name]:g}")
+    return best
 
 
 def tuned_lrs(preset: str, steps: int) -> dict[str, float] | None:

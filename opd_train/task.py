@@ -67,6 +67,10 @@ class Task:
         """The example's domain, for routing to domain teachers (``--domain-teacher``); one by default."""
         return ""
 
+    def domains(self) -> tuple[str, ...]:
+        """Every domain `domain` can return."""
+        return ("",)
+
     def hint(self, ex: Example, completion: str) -> str:
         """Feedback that does not repeat the attempt (here: the generic feedback)."""
         return self.feedback(ex, completion)
@@ -163,6 +167,9 @@ class ArithmeticTask(Task):
 
     def domain(self, ex: Example) -> str:
         return "-" if "-" in ex.prompt else "+"
+
+    def domains(self) -> tuple[str, ...]:
+        return tuple(self.ops)
 
     def eval_examples(self) -> list[Example]:
         return self._eval

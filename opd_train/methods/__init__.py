@@ -19,8 +19,9 @@ from .opd import OPD
 from .opsd import OPSD
 from .sdft import SDFT
 from .sdpo import SDPO
+from .seqkd import SeqKD
 from .sft import SFT
 
-METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (SFT, GRPO, GKD, OPD, OPSD, SDFT, SDPO, GOPD)}
+METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (SFT, SeqKD, GRPO, GKD, OPD, OPSD, SDFT, SDPO, GOPD)}
 
 __all__ = ["METHODS", "EMATeacher", "Method", "masked_mean"]

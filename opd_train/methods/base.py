@@ -101,15 +101,18 @@ class Method:
 
 
 class EMATeacher:
-    """A frozen copy of the student that tracks it: ``θ_T ← (1 − rate) θ_T + rate θ``."""
+    """A frozen copy of the student that tracks it, ``θ_T ← (1 − rate) θ_T + rate θ``, or, with
+    ``frozen``, stays the student at initialisation (SDFT/SDPO ``--*-teacher frozen``)."""
 
-    def __init__(self, student: torch.nn.Module, rate: float, vocab_size: int | None = None):
-        self.rate = rate
+    def __init__(self, student: torch.nn.Module, rate: float, vocab_size: int | None = None, frozen: bool = False):
+        self.rate, self.frozen = rate, frozen
         self.model = copy.deepcopy(student).eval().requires_grad_(False)
         self.lm = R.LM(self.model, vocab_size)
 
     @torch.no_grad()
     def update(self, student: torch.nn.Module) -> None:
+        if self.frozen:
+            return
         for t, s in zip(self.model.parameters(), student.parameters()):
             t.lerp_(s.detach(), self.rate)
 

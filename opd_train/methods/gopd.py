@@ -61,6 +61,12 @@ class GOPD(Method):
                              "the reference needs the student's vocabulary (--vocab-size N uses the first N of each)")
         # domain -> teacher; one entry "" (every sample) without --domain-teacher
         self.teachers = tr.domain_teachers or {"": tr.teacher}
+        self.check_domains(tr.task.domains() if tr.domain_teachers else ("",))
+
+    def check_domains(self, domains) -> None:
+        missing = sorted(set(domains) - set(self.teachers))
+        if missing:
+            raise InputError(f"--domain-teacher: no teacher for domain {missing[0]!r} (have {sorted(self.teachers)})")
 
     def ref_path(self) -> str:
         a, tr = self.args, self.tr
@@ -81,10 +87,7 @@ class GOPD(Method):
         b = self.rollout(examples, self.samples_per_prompt, self.args.temperature)
         s = b["seqs"]
         doms = [tr.task.domain(ex) for ex in b["examples"]] if tr.domain_teachers else [""] * len(b["examples"])
-        missing = sorted(set(doms) - set(self.teachers))
-        if missing:
-            raise InputError(f"--domain-teacher: no teacher for domain {missing[0]!r} (have "
-                             f"{sorted(self.teachers)})")
+        self.check_domains(doms)
         # domain -> (row indices, the teacher's hidden states of those rows)
         b["groups"] = {}
         for d in sorted(set(doms)):

@@ -37,7 +37,8 @@ class SDFT(Method):
 
     def __init__(self, tr):
         super().__init__(tr)
-        self.ema = EMATeacher(tr.student.model, self.args.sdft_ema, tr.vocab_size)
+        self.ema = EMATeacher(tr.student.model, self.args.sdft_ema, tr.vocab_size,
+                              frozen=self.args.sdft_teacher == "frozen")
 
     def prepare(self, examples):
         b = self.rollout(examples, self.samples_per_prompt, self.args.temperature)
@@ -55,8 +56,7 @@ class SDFT(Method):
         return loss, {}
 
     def after_step(self):
-        if self.args.sdft_teacher == "ema":
-            self.ema.update(self.tr.student.model)
+        self.ema.update(self.tr.student.model)
 
     def eval_metrics(self):
         return {"teacher_context_accuracy": self.context_accuracy(self.ema.model, "demo")}

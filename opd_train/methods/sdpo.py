@@ -1,7 +1,8 @@
 """SDPO, self-distillation policy optimization (Hübotter et al., 2026; reference: lasgroup/SDPO).
 
 The student samples ``G`` completions per prompt (default 8). The teacher is an EMA of the
-student (rate ``--sdpo-ema`` 0.05) shown, for each sample, the prompt plus either a
+student (rate ``--sdpo-ema`` 0.05; ``--sdpo-teacher frozen``: the initial student) shown, for
+each sample, the prompt plus either a
 *successful sibling* (another sample of the same prompt that the verifier accepted; a sample is
 never its own demonstration: the reference's ``dont_reprompt_on_self_success``) or, for a failed
 sample without one, the environment's textual feedback on it (``--sdpo-feedback``: ``attempt``,
@@ -66,6 +67,8 @@ class SDPO(Method):
 
     @staticmethod
     def add_options(g):
+        g.add_argument("--sdpo-teacher", choices=("ema", "frozen"), default="ema",
+                       help="ema: tracks the student at --sdpo-ema; frozen: the initial student")
         g.add_argument("--sdpo-ema", type=rate, default=0.05, help="EMA rate of the self-teacher per step")
         g.add_argument("--sdpo-topk", type=pos_int, default=100, help="top-k ids distilled (capped at the vocabulary)")
         g.add_argument("--sdpo-topk-from", choices=("student", "teacher"), default="student",
@@ -82,7 +85,8 @@ class SDPO(Method):
 
     def __init__(self, tr):
         super().__init__(tr)
-        self.ema = EMATeacher(tr.student.model, self.args.sdpo_ema, tr.vocab_size)
+        self.ema = EMATeacher(tr.student.model, self.args.sdpo_ema, tr.vocab_size,
+                              frozen=self.args.sdpo_teacher == "frozen")
 
     def prepare(self, examples):
         g, a = self.samples_per_prompt, self.args
@@ -120,6 +124,9 @@ class SDPO(Method):
 
     def after_step(self):
         self.ema.update(self.tr.student.model)
+
+    def eval_metrics(self):  # the self-teacher's greedy accuracy shown a right answer (a sibling's view)
+        return {"teacher_context_accuracy": self.context_accuracy(self.ema.model, "demo")}
 
     def state_dict(self):
         return {"ema": self.ema.state_dict()}
