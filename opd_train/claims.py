@@ -96,9 +96,9 @@ def acc_at_samples(run: list[dict], fraction: float) -> float:
     return 100 * [r for r in ev if r["samples"] <= budget][-1]["eval_accuracy"]
 
 
-def gain_per_ktoken(run: list[dict]) -> float:
-    """Held-out accuracy gain (points) per 1,000 sampled completion tokens of training."""
-    return 1000 * gain(run) / max(evals(run)[-1]["completion_tokens"], 1)
+def gain_per_100k_tokens(run: list[dict]) -> float:
+    """Held-out accuracy gain (points) per 100,000 sampled completion tokens of training."""
+    return 100_000 * gain(run) / max(evals(run)[-1]["completion_tokens"], 1)
 
 
 def prior_drop(run: list[dict]) -> float:
@@ -137,8 +137,8 @@ CLAIMS = [
           "acc. of OPD at 1/4 of the samples − GRPO's final acc. (points)", ("opd", "grpo"),
           lambda r, t: acc_at_samples(r["opd"], 0.25) - final(r["grpo"])),
     Claim("OPSD is more token-efficient than GRPO",
-          "gain per 1k completion tokens, OPSD − GRPO (points)", ("opsd", "grpo"),
-          lambda r, t: gain_per_ktoken(r["opsd"]) - gain_per_ktoken(r["grpo"])),
+          "gain per 100k completion tokens, OPSD − GRPO (points)", ("opsd", "grpo"),
+          lambda r, t: gain_per_100k_tokens(r["opsd"]) - gain_per_100k_tokens(r["grpo"])),
     Claim("SDFT learns the new skill with less forgetting than SFT",
           "prior-skill acc. drop, SFT − SDFT EMA (points)", ("sdft", "sft"),
           lambda r, t: prior_drop(r["sft"]) - prior_drop(r["sdft"]), needs="prior"),
@@ -397,4 +397,21 @@ def run_claims(preset: str, seeds: list[int], steps: int | None, out: Path, extr
         docs.mkdir(parents=True, exist_ok=True)
         for f in ("claims.md", "claims_runs.md", "claims.png"):
             shutil.copyfile(out / f, docs / f)
+        readme = docs.parents[1] / "README.md"
+        if readme.exists():
+            copy_to_readme(docs, readme)
     return tab
+
+
+def copy_to_readme(docs: Path, readme: Path) -> None:
+    """Replace the README's ``<!-- compare: claims -->`` and ``<!-- compare: claims_runs -->``
+    blocks by the tables of ``docs/claims.md`` and ``docs/claims_runs.md`` (after their title)."""
+    text, end = readme.read_text(), "<!-- compare: end -->"
+    for name in ("claims", "claims_runs"):
+        start = f"<!-- compare: {name} -->\n"
+        if start not in text or end not in text.split(start, 1)[1]:
+            raise ValueError(f"{readme}: no block '{start.strip()} ... {end}' to replace")
+        body = (docs / f"{name}.md").read_text().split("\n\n", 1)[1].strip()
+        before, rest = text.split(start, 1)
+        text = before + start + body + "\n" + end + rest.split(end, 1)[1]
+    readme.write_text(text)

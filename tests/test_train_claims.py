@@ -312,3 +312,19 @@ def test_rl_teacher_keeps_its_base_and_serves_gopd_reward_correction(tmp_path, s
     out = tmp_path / "run"
     assert main(["--method", "gopd", "--gopd-ref", "teacher-base", "--teacher", str(path), *SMOKE,
                  "--out", str(out)]) == 0
+
+
+def test_claims_copy_to_readme_replaces_only_its_blocks(tmp_path):
+    docs = tmp_path / "docs" / "compare"
+    docs.mkdir(parents=True)
+    (docs / "claims.md").write_text("title\n\n| a |\n|---|\n| 1 |\n")
+    (docs / "claims_runs.md").write_text("title\n\n| run |\n|---|\n\nteacher 74%.\n")
+    readme = tmp_path / "README.md"
+    readme.write_text("x\n<!-- compare: claims -->\nold\n<!-- compare: end -->\ny\n"
+                      "<!-- compare: claims_runs -->\nold\n<!-- compare: end -->\nz\n")
+    claims.copy_to_readme(docs, readme)
+    assert readme.read_text() == ("x\n<!-- compare: claims -->\n| a |\n|---|\n| 1 |\n<!-- compare: end -->\ny\n"
+                                  "<!-- compare: claims_runs -->\n| run |\n|---|\n\nteacher 74%.\n<!-- compare: end -->\nz\n")
+    readme.write_text("no blocks\n")
+    with pytest.raises(ValueError, match="no block '<!-- compare: claims -->"):
+        claims.copy_to_readme(docs, readme)
