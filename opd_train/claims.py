@@ -197,12 +197,21 @@ def _mean_sd(values: list[float]) -> str:
     return f"{statistics.fmean(values):+.1f} ± {statistics.stdev(values) if len(values) > 1 else 0.0:.1f}"
 
 
+def _start_end(runs: list[list[dict]], key: str) -> str:
+    """Mean over seeds of ``key`` at the first and the last evaluation (points), or — if not logged."""
+    if not all(key in evals(r)[0] for r in runs):
+        return "—"
+    start = statistics.fmean(100 * evals(r)[0][key] for r in runs)
+    return f"{start:.1f} → {statistics.fmean(100 * evals(r)[-1][key] for r in runs):.1f}"
+
+
 def runs_table(results: dict[int, dict[str, list[dict]]], refs: Refs, lrs: dict[str, float]) -> str:
     """Every run: options, lr, start → final per seed, its gain (does it learn?) and the prior skill."""
     seeds = sorted(results)
     lines = ["| run | options | lr | " + " | ".join(f"seed {s}: start → final" for s in seeds)
-             + " | gain, mean ± spread | learns? | prior skill, start → final (mean) |",
-             "|---|---|---|" + "---|" * len(seeds) + "---|---|---|"]
+             + " | gain, mean ± spread | learns? | prior skill, start → final (mean) "
+             "| self-teacher with context, start → final (mean) |",
+             "|---|---|---|" + "---|" * len(seeds) + "---|---|---|---|"]
     for name, opts in RUNS.items():
         if not all(name in results[s] for s in seeds):
             continue
@@ -210,13 +219,9 @@ def runs_table(results: dict[int, dict[str, list[dict]]], refs: Refs, lrs: dict[
         cells = [f"{100 * evals(r)[0]['eval_accuracy']:.1f} → {final(r):.1f}" for r in runs]
         learns = {"holds": "yes", "does not hold": "no (loses)", "mixed": "no (within spread)"}[
             verdict([gain(r) for r in runs])[2]]
-        prior = "—"
-        if all("prior_accuracy" in evals(r)[0] for r in runs):
-            start = statistics.fmean(100 * evals(r)[0]["prior_accuracy"] for r in runs)
-            end = statistics.fmean(100 * evals(r)[-1]["prior_accuracy"] for r in runs)
-            prior = f"{start:.1f} → {end:.1f}"
+        prior, teacher = (_start_end(runs, key) for key in ("prior_accuracy", "teacher_context_accuracy"))
         lines.append(f"| {name} | `{' '.join(opts)}` | {lrs[name]:g} | " + " | ".join(cells)
-                     + f" | {_mean_sd([gain(r) for r in runs])} | {learns} | {prior} |")
+                     + f" | {_mean_sd([gain(r) for r in runs])} | {learns} | {prior} | {teacher} |")
     text = "\n".join(lines) + f"\n\nThe external teacher's held-out accuracy: {refs.teacher:.1f}%."
     if refs.experts and all("multi-1.25" in results[s] for s in seeds):
         by = {d: statistics.fmean(100 * evals(results[s]["multi-1.25"])[-1]["eval_accuracy_by_domain"][d]
@@ -325,6 +330,20 @@ def _train_all(jobs: list[tuple[list[str], Path]], log, workers: int = 1) -> lis
         return list(pool.map(one, jobs))
 
 
+def _load_all(jobs: list[tuple[list[str], Path]]) -> list[list[dict]]:
+    """The metrics rows of runs made earlier (``--report``); each run's args.json must match its job."""
+    out = []
+    for argv, run_out in jobs:
+        args = json.loads((run_out / "args.json").read_text())
+        want = cli.parse_args([*argv, "--out", str(run_out)])
+        for key in ("method", "seed", "steps", "lr", "lr_schedule", "warmup_steps", "preset", "ops"):
+            if args[key] != getattr(want, key):
+                raise ValueError(f"--report: {run_out} was run with {key} {args[key]!r}, this report needs "
+                                 f"{getattr(want, key)!r}")
+        out.append([json.loads(x) for x in (run_out / "metrics.jsonl").read_text().splitlines()])
+    return out
+
+
 def run_options(name: str, experts: dict) -> list[str]:
     """A run's method options, plus one --domain-teacher per expert for the multi-teacher run."""
     extra = [f"--domain-teacher={d}={path}" for d, path in experts.items()] if NEEDS.get(name) == "experts" else []
@@ -355,7 +374,10 @@ def tuned_lrs(preset: str, steps: int) -> dict[str, float] | None:
 
 
 def run_claims(preset: str, seeds: list[int], steps: int | None, out: Path, extra: list[str],
-               docs: Path | None, log=print, tuned: bool = False, workers: int = 1) -> str:
+               docs: Path | None, log=print, tuned: bool = False, workers: int = 1, report: bool = False) -> str:
+    """Tune (``tuned``), train every run per seed and write the tables; with ``report``, train
+    nothing and rebuild the tables from the runs already in ``out`` (each checked against the
+    options it should have been run with)."""
     p = cli.PRESETS[preset]
     steps = steps or p["steps"]
     eval_size = p["eval_size"]
@@ -364,6 +386,8 @@ def run_claims(preset: str, seeds: list[int], steps: int | None, out: Path, extr
     have, experts = assets(preset, log)
     names = [n for n in RUNS if NEEDS.get(n) is None or NEEDS[n] in have]
     committed = tuned_lrs(preset, steps)
+    if tuned and report:
+        raise ValueError("--tune with --report: a report trains nothing")
     if tuned:
         lrs = tune(shared, out, log, names, experts, workers)
         if docs is not None:  # the chosen values become the committed defaults of this preset and budget
@@ -381,10 +405,12 @@ def run_claims(preset: str, seeds: list[int], steps: int | None, out: Path, extr
         lr_text = f"every run at lr {p['lr']:g} (not tuned per run)"
     jobs = [([*run_options(name, experts), *shared, "--lr", repr(lrs[name]), "--seed", str(seed)],
              out / f"seed{seed}" / name) for seed in seeds for name in names]
-    done = iter(_train_all(jobs, log, workers))
+    done = iter(_load_all(jobs) if report else _train_all(jobs, log, workers))
     results = {seed: {name: next(done) for name in names} for seed in seeds}
     refs = references(preset, eval_size, experts)
     tab, measured = table(results, refs, have)
+    if report:
+        lr_text += f"; tables rebuilt with --report from the runs in {out}"
     title = (f"opd_train.compare --claims: {preset} preset, {steps} steps per run, seeds "
              f"{', '.join(map(str, seeds))}; {lr_text}, warmup + cosine. d per seed, mean ± sample std over "
              "seeds; holds: mean > 0 and > spread; does not hold: mean < 0 and |mean| > spread; else mixed.")

@@ -89,6 +89,8 @@ def main(argv=None) -> int:
     p.add_argument("--tune", action="store_true",
                    help="--claims: choose each run's lr from a shared grid on the validation split first")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of --claims")
+    p.add_argument("--report", action="store_true",
+                   help="--claims: train nothing; rebuild the tables from the runs already in --out")
     p.add_argument("--jobs", type=pos_int, default=1,
                    help="--claims: runs at once, each a subprocess on one CPU thread (2 on a 2-core machine)")
     p.add_argument("--no-docs", action="store_true",
@@ -108,7 +110,7 @@ def main(argv=None) -> int:
 
         docs = None if args.no_docs or args.preset == "smoke" else Path(__file__).resolve().parents[1] / "docs" / "compare"
         print(run_claims(args.preset, args.seeds, args.steps, out, [a for a in args.extra if a != "--"], docs,
-                         tuned=args.tune, workers=args.jobs))
+                         tuned=args.tune, workers=args.jobs, report=args.report))
         print(f"wrote {out / 'claims.md'}" + (f" (and copied it to {docs})" if docs else ""))
         return 0
     out.mkdir(parents=True, exist_ok=True)

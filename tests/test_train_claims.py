@@ -251,6 +251,17 @@ def test_claims_smoke_end_to_end(tmp_path, smoke_models):
     last = [r for r in rows(out / "seed0" / "multi-1.25") if "eval_accuracy" in r][-1]
     assert sorted(last["eval_accuracy_by_domain"]) == ["+", "-"]
     assert (out / "claims.png").stat().st_size > 0 and "| sdft |" in (out / "claims_runs.md").read_text()
+    # --report rebuilds the same tables from these runs without training; a run made otherwise is refused
+    runs_md = (out / "claims_runs.md").read_text()
+    assert compare.main(["--claims", "--preset", "smoke", "--seeds", "0", "1", "--steps", "4", "--report",
+                         "--out", str(out)]) == 0
+    assert (out / "claims.md").read_text().split("\n\n", 1)[1] == tab
+    assert "tables rebuilt with --report" in (out / "claims.md").read_text() and (out / "claims_runs.md").read_text() == runs_md
+    args_path = out / "seed1" / "opd" / "args.json"
+    args_path.write_text(args_path.read_text().replace('"steps": 4', '"steps": 5'))
+    with pytest.raises(ValueError, match=r"--report: .*seed1/opd was run with steps 5, this report needs 4"):
+        compare.main(["--claims", "--preset", "smoke", "--seeds", "0", "1", "--steps", "4", "--report",
+                      "--out", str(out)])
 
 
 def test_validation_split_is_disjoint_from_test_and_training():
