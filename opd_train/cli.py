@@ -116,7 +116,8 @@ def _methods_where(pred) -> str:
 
 def _epilog() -> str:
     fill = lambda text: textwrap.fill(text, width=96)  # noqa: E731
-    methods = "\n".join(f"  {name:5s} {cls.summary}" for name, cls in METHODS.items())
+    methods = "\n".join(f"  {name:5s} {cls.summary}" + (f" ({cls.paper})" if cls.paper else "")
+                        for name, cls in METHODS.items())
     return "\n\n".join([
         "methods:\n" + methods,
         fill('bring your own data (--data, --eval-data): a JSONL file, one JSON object per line with string '
