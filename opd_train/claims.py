@@ -237,16 +237,19 @@ def plot(measured: list, path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 0.5 + 0.55 * max(1, len(measured))))
+    colors = {"holds": "tab:green", "does not hold": "tab:red", "mixed": "tab:grey"}
+    fig, ax = plt.subplots(figsize=(11, 1.0 + 0.45 * max(1, len(measured))))
     for i, (text, vals) in enumerate(measured):
-        m = statistics.fmean(vals)
-        s = statistics.stdev(vals) if len(vals) > 1 else 0.0
-        ax.errorbar([m], [i], xerr=[s], fmt="o", color="k", capsize=3)
-        ax.plot(vals, [i] * len(vals), "x", color="tab:blue", alpha=0.7)
+        m, s, v = verdict(vals)
+        ax.errorbar([m], [i], xerr=[s], fmt="o", color=colors[v], capsize=3, label=v)
+        ax.plot(vals, [i] * len(vals), "x", color="k", alpha=0.6)
     ax.axvline(0, color="grey", lw=0.8)
     ax.set_yticks(range(len(measured)), [t for t, _ in measured], fontsize=8)
     ax.invert_yaxis()
-    ax.set(xlabel="claim metric d (> 0: as claimed); mean ± spread, x = seeds", title=title)
+    handles, labels = ax.get_legend_handles_labels()
+    unique = dict(zip(labels, handles))
+    ax.legend(unique.values(), unique.keys(), fontsize=8, loc="lower left")
+    ax.set(xlabel="claim metric d (> 0: as claimed): mean ± sample std over seeds; x: each seed", title=title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
