@@ -69,7 +69,7 @@ PRESETS["selfdistill"] = dict(PRESETS["default"], student=dataclasses.replace(
 # can use context. The external teacher is imperfect by construction (pre-trained on additions
 # without carry chains, then a short GRPO run that keeps its base for reward correction); the
 # domain experts for multi-teacher distillation are that teacher (+) and a subtraction teacher (-).
-# Measured when chosen (Xeon, seed 0): student 16.8% plain, 97-100% with each context kind, 100% on
+# Measured when chosen (AMD EPYC, 2 cores; seed 0): student 16.8% plain, 97-100% with each context kind, 100% on
 # subtraction (with 5% carry rows among its plain additions instead of none it reached 97.7% plain:
 # not weak; the 2-layer d 48/64 students learned neither subtraction nor context use in 1500-2000
 # steps); teacher 64.1% after SFT, 74.2% after RL; subtraction expert 9.8% after 1000 steps, 100%
