@@ -193,10 +193,6 @@ def table(results: dict[int, dict[str, list[dict]]], refs: Refs, assets: set[str
     return "\n".join(lines) + "\n", measured
 
 
-def _mean_sd(values: list[float]) -> str:
-    return f"{statistics.fmean(values):+.1f} ± {statistics.stdev(values) if len(values) > 1 else 0.0:.1f}"
-
-
 def _start_end(runs: list[list[dict]], key: str) -> str:
     """Mean over seeds of ``key`` at the first and the last evaluation (points), or — if not logged."""
     if not all(key in evals(r)[0] for r in runs):
@@ -217,14 +213,15 @@ def runs_table(results: dict[int, dict[str, list[dict]]], refs: Refs, lrs: dict[
             continue
         runs = [results[s][name] for s in seeds]
         cells = [f"{100 * evals(r)[0]['eval_accuracy']:.1f} → {final(r):.1f}" for r in runs]
-        learns = {"holds": "yes", "does not hold": "no (loses)", "mixed": "no (within spread)"}[
-            verdict([gain(r) for r in runs])[2]]
+        m, sd, v = verdict([gain(r) for r in runs])
+        learns = {"holds": "yes", "does not hold": "no (loses)", "mixed": "no (within spread)"}[v]
         prior, teacher = (_start_end(runs, key) for key in ("prior_accuracy", "teacher_context_accuracy"))
         lines.append(f"| {name} | `{' '.join(opts)}` | {lrs[name]:g} | " + " | ".join(cells)
-                     + f" | {_mean_sd([gain(r) for r in runs])} | {learns} | {prior} | {teacher} |")
+                     + f" | {m:+.1f} ± {sd:.1f} | {learns} | {prior} | {teacher} |")
     text = "\n".join(lines) + f"\n\nThe external teacher's held-out accuracy: {refs.teacher:.1f}%."
-    if refs.experts and all("multi-1.25" in results[s] for s in seeds):
-        by = {d: statistics.fmean(100 * evals(results[s]["multi-1.25"])[-1]["eval_accuracy_by_domain"][d]
+    multi = next(n for n, need in NEEDS.items() if need == "experts")
+    if refs.experts and all(multi in results[s] for s in seeds):
+        by = {d: statistics.fmean(100 * evals(results[s][multi])[-1]["eval_accuracy_by_domain"][d]
                                   for s in seeds) for d in refs.experts}
         text += (" Domain experts on their domain: " + ", ".join(f"`{d}` {a:.1f}%" for d, a in refs.experts.items())
                  + "; the multi-teacher student at the end (mean): "
@@ -266,11 +263,11 @@ def assets(preset: str, log=print) -> tuple[set[str], dict]:
     """The benchmark assets a preset has (see `NEEDS`), building them if needed; and its experts' dirs."""
     from .benchmark import bundled_experts, bundled_teacher
 
-    p = cli.PRESETS[preset]
+    p, task = cli.PRESETS[preset], _task(preset)
     have = set()
-    if (bundled_teacher(p, _task(preset), log) / "base" / "config.json").exists():
+    if (bundled_teacher(p, task, log) / "base" / "config.json").exists():
         have.add("base")
-    experts = {d: str(path) for d, path in bundled_experts(p, _task(preset), log).items()}
+    experts = {d: str(path) for d, path in bundled_experts(p, task, log).items()}
     if experts:
         have.add("experts")
     if p.get("prior_ops"):

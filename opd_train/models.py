@@ -24,6 +24,7 @@ everything that determines it, so it is trained once per machine and shared by r
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -93,6 +94,12 @@ def build(spec: ModelSpec, tok) -> torch.nn.Module:
     return cls(cfg)
 
 
+@functools.lru_cache(maxsize=None)
+def _one_op_task(digits: int, op: str) -> ArithmeticTask:
+    """A sampler of ``op`` problems only (for pre-training rows re-drawn within one operation)."""
+    return ArithmeticTask(digits, op, eval_size=1)
+
+
 def pretrain_batch(task, tok, rng: random.Random, n: int, context_fraction: float,
                    plain_carry_share: float | None = None, *, context_kinds=CONTEXT_KINDS,
                    prior_ops: str = "", chain_free: bool = False) -> R.Seqs:
@@ -104,7 +111,6 @@ def pretrain_batch(task, tok, rng: random.Random, n: int, context_fraction: floa
     A problem of an operation in ``prior_ops`` is always a plain row as drawn (a skill the model
     simply learns); ``chain_free`` keeps plain rows without carry chains.
     """
-    one_op = {op: ArithmeticTask(task.digits, op, eval_size=1) for op in task.ops}
     chain = False if chain_free else None
     users, examples = [], []
     for ex in task.sample(rng, n):
@@ -118,7 +124,7 @@ def pretrain_batch(task, tok, rng: random.Random, n: int, context_fraction: floa
         else:
             if plain_carry_share is not None or chain_free:
                 carry = None if plain_carry_share is None else rng.random() < plain_carry_share
-                ex = one_op[op].sample(rng, 1, carry=carry, chain=chain)[0]
+                ex = _one_op_task(task.digits, op).sample(rng, 1, carry=carry, chain=chain)[0]
             users.append(ex.prompt)
         examples.append(ex)
     answers = R.encode_answers(tok, [ex.answer for ex in examples])

@@ -133,8 +133,8 @@ def pack(prompts: list[list[int]], completion: torch.Tensor, mask: torch.Tensor,
     return Seqs(ids, am, pos, p, completion, mask)
 
 
-def select(s: Seqs, rows: torch.Tensor) -> Seqs:
-    """The rows ``rows`` of ``s`` (same prompt length and completion width)."""
+def select(s: Seqs, rows: torch.Tensor | slice) -> Seqs:
+    """The rows ``rows`` of ``s`` (same prompt length and completion width; a slice gives views)."""
     return Seqs(s.input_ids[rows], s.attention_mask[rows], s.position_ids[rows], s.prompt_len,
                 s.completion[rows], s.mask[rows])
 

@@ -50,12 +50,13 @@ class Method:
         return self.args.samples_per_prompt or self.default_samples_per_prompt
 
     @torch.no_grad()
-    def rollout(self, examples, n: int, temperature: float) -> dict:
-        """``n`` student samples per prompt, packed, decoded and scored by the verifier."""
+    def rollout(self, examples, n: int, temperature: float, model: torch.nn.Module | None = None) -> dict:
+        """``n`` samples per prompt from ``model`` (default: the student), packed, decoded and scored
+        by the verifier."""
         tr = self.tr
         exs = [ex for ex in examples for _ in range(n)]
         prompts = R.encode_prompts(tr.tok, [ex.prompt for ex in exs])
-        comp, mask = R.generate(tr.student.model, tr.tok, prompts, max_new_tokens=tr.max_new_tokens,
+        comp, mask = R.generate(model or tr.student.model, tr.tok, prompts, max_new_tokens=tr.max_new_tokens,
                                 temperature=temperature, vocab_size=tr.vocab_size)
         texts = R.decode(tr.tok, comp, mask)
         rewards = torch.tensor([tr.task.reward(ex, t) for ex, t in zip(exs, texts)], device=tr.device)

@@ -86,13 +86,15 @@ class GOPD(Method):
         tr = self.tr
         b = self.rollout(examples, self.samples_per_prompt, self.args.temperature)
         s = b["seqs"]
-        doms = [tr.task.domain(ex) for ex in b["examples"]] if tr.domain_teachers else [""] * len(b["examples"])
-        self.check_domains(doms)
-        # domain -> (row indices, the teacher's hidden states of those rows)
-        b["groups"] = {}
-        for d in sorted(set(doms)):
-            rows = torch.tensor([i for i, x in enumerate(doms) if x == d], device=tr.device)
-            b["groups"][d] = (rows, self.frozen_hidden(self.teachers[d], R.select(s, rows)))
+        if tr.domain_teachers:  # (every domain has a teacher: checked in __init__)
+            doms = [tr.task.domain(ex) for ex in b["examples"]]
+            groups = {d: torch.tensor([i for i, x in enumerate(doms) if x == d], device=tr.device)
+                      for d in sorted(set(doms))}
+        else:
+            groups = {"": slice(None)}  # every row, as views of the batch (no copies)
+        # domain -> (its rows, the teacher's hidden states of those rows)
+        b["groups"] = {d: (rows, self.frozen_hidden(self.teachers[d], R.select(s, rows)))
+                       for d, rows in groups.items()}
         b["ref_hidden"] = self.frozen_hidden(self.ref, s)
         if self.args.gopd_loss == "sampled":
             with torch.no_grad():

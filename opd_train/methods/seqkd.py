@@ -8,9 +8,6 @@ student can only learn what the teacher gets right.
 """
 from __future__ import annotations
 
-import torch
-
-from .. import rollout as R
 from .base import Method
 from .sft import sft_loss
 
@@ -21,16 +18,8 @@ class SeqKD(Method):
     paper = "Kim & Rush, 2016"
     teacher = "external"
 
-    @torch.no_grad()
-    def prepare(self, examples):
-        tr = self.tr
-        prompts = R.encode_prompts(tr.tok, [ex.prompt for ex in examples])
-        comp, mask = R.generate(tr.teacher.model, tr.tok, prompts, max_new_tokens=tr.max_new_tokens,
-                                temperature=self.args.temperature, vocab_size=tr.vocab_size)
-        texts = R.decode(tr.tok, comp, mask)
-        rewards = torch.tensor([tr.task.reward(ex, t) for ex, t in zip(examples, texts)], device=tr.device)
-        return {"examples": list(examples), "rewards": rewards,  # reward: the teacher's samples' accuracy
-                "seqs": R.pack(prompts, comp, mask, tr.tok.pad_token_id)}
+    def prepare(self, examples):  # rewards: how often the teacher's samples are right
+        return self.rollout(examples, 1, self.args.temperature, model=self.tr.teacher.model)
 
     def loss(self, b):
         return sft_loss(self.tr.student, b["seqs"], self.tr.student_fwd), {}
