@@ -13,13 +13,32 @@ sys.path.insert(0, os.path.dirname(__file__))
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
+def _interpreter_problem():
+    """Why Triton's CPU interpreter cannot run here, or None. Triton < 3.7's interpreter turns
+    1-element arrays into loop bounds with ``int()``, which numpy >= 2.4 refuses; pin
+    ``numpy<2.4`` beside such a Triton (as ``.ci/run``'s triton 3.6 venv does)."""
+    try:
+        import numpy
+        import triton
+    except ImportError:
+        return None
+    version = lambda v: tuple(int(x) for x in v.split(".")[:2])  # noqa: E731
+    if version(triton.__version__) < (3, 7) and version(numpy.__version__) >= (2, 4):
+        return (f"triton {triton.__version__}'s interpreter needs numpy<2.4 "
+                f"(found numpy {numpy.__version__}): pip install 'numpy<2.4'")
+    return None
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")
+    problem = _interpreter_problem()
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+        elif problem and "triton" in item.keywords and "aot" not in item.nodeid:
+            item.add_marker(pytest.mark.skip(reason=problem))
 
 
 @pytest.fixture(autouse=True)

@@ -24,6 +24,11 @@ BACKENDS = ["torch"] + (["triton", "cuda"] if GPU else [])   # public-op tests r
 
 
 # ------------------------------------------------------------------------------ skip helpers
+def require_extra(module, extra):
+    """Import ``module``, or skip the test with a reason naming the optional extra that installs it."""
+    return pytest.importorskip(module, reason=f"needs the '{extra}' extra: pip install -e '.[{extra}]'")
+
+
 def require_impl(impl, fused=False):
     """``impl``, or skip the test with the reason the package gives when it is not available here."""
     import opd_kernels as ok

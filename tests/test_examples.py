@@ -43,7 +43,7 @@ def test_hf_and_custom_loop_examples_run(tmp_path, monkeypatch):
     assert "lm_head.weight" in moved and len(moved) > 5
 
 
-@pytest.mark.skipif(importlib.util.find_spec("trl") is None, reason="trl not installed (pip install 'opd-kernels[trl]')")
+@pytest.mark.skipif(importlib.util.find_spec("trl") is None, reason="needs the 'trl' extra: pip install -e '.[trl]'")
 def test_trl_example_runs(tmp_path, monkeypatch):
     b = blocks()
     ns = run([b[0], b[3]], tmp_path, monkeypatch)

@@ -115,7 +115,11 @@ def test_accumulate_grads_modes(monkeypatch, mode):
 # ------------------------------------------------------- impl="triton", both routes vs torch
 triton_backend = pytest.importorskip("opd_kernels.backends.triton_backend")
 _OK, _WHY = triton_backend.available()
-needs_triton = pytest.mark.skipif(not _OK, reason=f"triton backend unavailable: {_WHY}")
+
+
+def needs_triton(test):
+    """A Triton-interpreter test (marked ``triton``), skipped where the backend is unavailable."""
+    return pytest.mark.triton(pytest.mark.skipif(not _OK, reason=f"triton backend unavailable: {_WHY}")(test))
 
 
 def _model(N, V, d, bias=False):

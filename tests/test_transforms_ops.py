@@ -19,7 +19,7 @@ import torch
 
 import opd_kernels as ok
 import reference as oracle
-from helpers import DEV, require_impl
+from helpers import DEV, require_extra, require_impl
 from reference import softcap_f64
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's tl.where
@@ -287,7 +287,8 @@ def test_identity_transforms_equal_no_transform():
 def test_trl_gkd_loss_passes_the_heads_transforms():
     """``integrations.trl.gkd_loss`` builds its kwargs from ``hf.Head.kwargs(side)``: a Gemma-like
     softcap student head and a Cohere-like scaled teacher head reach the fused op."""
-    trl_int = pytest.importorskip("opd_kernels.integrations.trl")
+    require_extra("trl", "trl")
+    from opd_kernels.integrations import trl as trl_int
     hs, ws, bs, ht, wt, bt, *_ = _models(torch.float64, "cpu")
     student = ok.hf.Head(weight=ws, softcap=2.0)
     teacher = ok.hf.Head(weight=wt, bias=bt, logit_scale=0.5)

@@ -9,7 +9,9 @@ import importlib
 import pytest
 import torch
 
-trl = pytest.importorskip("trl", reason="trl not installed (pip install 'opd-kernels[trl]')")
+from helpers import require_extra  # noqa: E402
+
+trl = require_extra("trl", "trl")
 from packaging.version import Version  # noqa: E402
 
 if not Version("1.16") <= Version(trl.__version__) < Version("1.17"):
