@@ -175,8 +175,8 @@ def summarize(v: list) -> dict:
 def gemm_rates(N, V, d, dtype, device, repeat=10) -> dict:
     """Dense rates (TFLOP/s) of the three GEMM shapes of a fused-linear step, each ``2*N*V*d``
     flops: ``logits = h @ W.T`` (``[N,d] @ [d,V]``), ``dh = G @ W`` (``[N,V] @ [V,d]``),
-    ``dW = G.T @ h`` (``[V,N] @ [N,d]``). The floor uses ``logits`` (the issue's "dense GEMM rate
-    for that shape"); the other two show how far the backward shapes run from it."""
+    ``dW = G.T @ h`` (``[V,N] @ [N,d]``). The floor uses ``logits`` (the "dense GEMM rate for that
+    shape" of the targets); the other two show how far the backward shapes run from it."""
     return {"logits": gemm_tflops(N, d, V, dtype, device, repeat),
             "dh": gemm_tflops(N, V, d, dtype, device, repeat, b_layout="kn"),
             "dW": gemm_tflops(V, N, d, dtype, device, repeat, a_layout="km", b_layout="kn")}

@@ -57,7 +57,7 @@ def _timed(results, op, div, prov):
 
 
 def targets(results, log) -> list[dict]:
-    """The issue's targets (fwd+bwd), each pass / short, at the largest shape measured for both sides.
+    """The project's targets (fwd+bwd; ../shared/DESIGN.md), each pass / short, at the largest shape measured for both sides.
 
     * every fused-linear op of ours (``torch``) vs the fastest peer there: time <= 1.0x and peak
       memory <= 1.0x of that peer's;

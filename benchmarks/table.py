@@ -72,7 +72,7 @@ def render(data: dict, pass_: str = "fwd+bwd") -> str:
 
 
 def _targets(ts) -> list[str]:
-    """The issue's targets (``meta.targets``), one line each."""
+    """The project's targets (``meta.targets``), one line each."""
     if not ts:
         return []
     out = ["", "Targets (fwd+bwd, ours = `torch`):", ""]

@@ -3,7 +3,7 @@
 Every op works on logits ``[..., V]`` or fused with the lm_head (``hidden [..., d]`` and
 ``weight [V, d]``, never materializing ``[N, V]``), on the ``torch``, ``triton`` or ``cuda``
 backend (``impl=``), and vocab-parallel with ``process_group=`` (a ``ProcessGroup`` or a
-``VocabShard``). See DESIGN.md for the math.
+``VocabShard``). See docs/design.md for the math.
 """
 from .ops.distill import DistillLoss, FusedLinearDistillLoss, distill_loss, fused_linear_distill_loss
 from .ops.gopd import fused_linear_gopd_loss, gopd_advantages, gopd_loss

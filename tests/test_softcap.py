@@ -1,5 +1,5 @@
 """Logit transforms (``tf_s``/``tf_t``/``tf_r`` = (logit_scale, softcap)) in every backend's
-primitives against float64 formulas: ``reference.softcap_f64`` then the DESIGN.md definitions,
+primitives against float64 formulas: ``reference.softcap_f64`` then the docs/design.md definitions,
 and gradients by float64 autograd through both (independent of the package's code paths).
 
 Backends: ``torch`` (fp32 and float64 inputs), ``triton`` (the interpreter on CPU, small shapes;

@@ -6,7 +6,7 @@ the TRL integration's heads and the compiled torch chunk path (vocab-parallel:
 ``test_transforms_parallel.py``; input errors: ``test_transforms_errors.py``).
 
 Oracle: ``reference.softcap_f64`` (logit_scale first, then ``cap * tanh(x / cap)``) on the raw float64
-logits, then the DESIGN.md formulas at the temperature; gradients by float64 autograd through both,
+logits, then the docs/design.md formulas at the temperature; gradients by float64 autograd through both,
 so each transform's own gradient term (the chain rule) is checked. Banned (``-inf``) entries of the
 student and the teacher stay banned: a banned target's logprob is ``-inf`` (a softcap applied to
 ``-inf`` would give ``-cap``), banned logits and bias entries get a zero gradient, and the values

@@ -92,7 +92,7 @@ Logit transforms (every primitive above, keyword-only, default the identity)::
     In-kernel form (``transform_consts``): capped ``a = post * tanh(pre * x)`` with
     ``pre = scale / cap``, ``post = cap * inv_temp`` and slope ``pre * post * (1 - tanh^2)``;
     uncapped ``a = post * x`` with ``post = scale * inv_temp`` (so the identity transform is
-    exactly the old ``x * inv_temp``).
+    exactly ``x * inv_temp``).
 
 A backend is a module exposing these names plus ``NAME`` and ``available() -> (bool, reason)``.
 """

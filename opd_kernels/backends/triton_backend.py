@@ -8,7 +8,7 @@ kernels over a few configs instead (keyed on V and the hidden sizes, not on N).
 Logit transforms (``tf_s``/``tf_t``/``tf_r``, see ``opd_kernels.backends``) reach the kernels as
 runtime ``pre_*``/``post_*`` floats (``transform_consts``, temperature folded in) plus constexpr
 ``HAS_CAP_*`` flags, set only for a model that is present and capped, so uncapped calls launch
-the same specialisations as before.
+the specialisations that have no transform code.
 
 Runs on CUDA tensors, or on CPU tensors in the Triton interpreter when ``TRITON_INTERPRET=1``
 was set before triton was first imported (tests on machines without a GPU).

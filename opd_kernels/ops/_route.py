@@ -3,8 +3,8 @@
 The rule is ``use_fused_kernels(N, V, d, dtype, device)``: the fused kernels only where a
 FLOP/byte MODEL (below; derivation and numbers in docs/design.md, "GPU fused-linear path:
 FLOP/byte model") predicts them faster than the chunk loop. It is a model, not a measurement:
-its constants are the H100/H200 figures the issue gives (790 TFLOP/s dense bf16 as measured by
-the issue author, 3.35 / 4.8 TB/s) plus estimates marked as such. Where a constant is uncertain
+its constants are H100/H200 figures (790 TFLOP/s, a measured dense bf16 cuBLAS rate on GH100;
+3.35 / 4.8 TB/s from the spec sheets) plus estimates marked as such. Where a constant is uncertain
 it is set in the fused kernels' favour (their ``tl.dot`` at cuBLAS's rate, their operand re-reads
 not counted), so a "chunked" decision is robust to it. ``OPD_FUSED_LINEAR=kernels|chunked|auto``
 (read per call) overrides the rule, for measuring both paths on a GPU; it only chooses among the
@@ -39,7 +39,7 @@ ENV = "OPD_FUSED_LINEAR"
 class Machine:
     """Model constants of one GPU."""
     name: str
-    flops_16: float     # dense bf16/fp16 tensor-core FLOP/s (H100: 790e12, measured by the issue author)
+    flops_16: float     # dense bf16/fp16 tensor-core FLOP/s (790e12: a measured cuBLAS bf16 rate on GH100)
     flops_32: float     # fp32 FLOP/s without TF32 (estimate: ~75% of the 67 TFLOP/s H100 SXM spec)
     bandwidth: float    # HBM bytes/s (H100 SXM 3.35e12, H200 4.8e12: spec sheets)
     sms: int            # streaming multiprocessors (132 on both)
@@ -51,7 +51,7 @@ H200 = Machine("H200", 790e12, 50e12, 4.8e12, 132, 5e-6)  # same GH100 compute (
 
 # Launches (aten ops that are not views + Triton kernels), counted on CPU under the interpreter
 # with a TorchDispatchMode for 2 models and one vocabulary split (a GPU adds the split-merge ops
-# to both paths alike) in ``fl_loss_with_grads`` as of this commit:
+# to both paths alike) in ``fl_loss_with_grads``:
 # kernels: 24 per call (31 with JSD); chunked: 4 + 27 per chunk (4 + 34 with JSD).
 OPS_KERNELS, OPS_CHUNKED_FIXED, OPS_PER_CHUNK, OPS_JSD = 24, 4, 27, 7
 
@@ -132,12 +132,14 @@ def route() -> str:
     return value
 
 
-def predict(N: int, V: int, d, dtype: torch.dtype, device=None, *, models: int = 2, jsd: bool = False):
-    """``(kernels Cost, chunked Cost)`` of one fwd+bwd; ``d`` an int (every model) or one per model."""
+def predict(N: int, V: int, d, dtype: torch.dtype, device=None, *, models: int = 2, jsd: bool = False,
+            gpu: Machine | None = None):
+    """``(kernels Cost, chunked Cost)`` of one fwd+bwd; ``d`` an int (every model) or one per model;
+    ``gpu`` the model constants (default: ``machine(device)``)."""
     from .._chunks import fused_rows_per_chunk
     from ..backends.triton_backend import fused_tiles
     dims = tuple(d) if isinstance(d, (tuple, list)) else (int(d),) * models
-    e, m = dtype.itemsize, machine(device)
+    e, m = dtype.itemsize, gpu or machine(device)
     rows = fused_rows_per_chunk(V, [e] * len(dims), torch.device("cuda"))
     return (kernels_cost(N, V, dims, e, m, fused_tiles(N, V, e), jsd=jsd and len(dims) > 1),
             chunked_cost(N, V, dims, e, m, rows, jsd=jsd and len(dims) > 1))

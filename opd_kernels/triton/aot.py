@@ -41,7 +41,7 @@ import types
 # SM counts (for _n_splits) and the per-block shared-memory limit (launch fails above it).
 ARCHS = {80: dict(name="A100", sms=108, smem_block=163 * 1024),
          90: dict(name="H100/H200", sms=132, smem_block=227 * 1024)}
-# Reference shapes (DESIGN.md): logits level [N, V]; fused level [N, d] x [V, d].
+# Reference shapes (docs/design.md, "GPU fused-linear path"): logits level [N, V]; fused level [N, d] x [V, d].
 LOGITS_SHAPES = [(8192, 128256), (16384, 151936)]
 FUSED_SHAPES = [(8192, 128256, 4096), (16384, 151936, 2048)]
 FUSED_KERNELS = ("fused_row_stats_kernel", "fused_jsd_sums_kernel", "fused_grad_dh_kernel",

@@ -30,7 +30,7 @@ thread that wrote it; their extra memory is the O(N d + V d) outputs themselves.
 tensor-core ``tl.dot`` (as autograd through a bf16 matmul would).
 
 Logit transforms (``stats.py``): each projected tile is transformed in registers --
-``tile * post`` without a softcap (the old ``tile / tau``), ``softcap(tile, pre, post)`` with
+``tile * post`` without a softcap (``tile / tau`` for the identity), ``softcap(tile, pre, post)`` with
 one (``model_logits_tile``); the backward recomputes the raw tile and applies the chain rule in
 the same tile (``grad.py``'s ``grad_tile_capped``).
 

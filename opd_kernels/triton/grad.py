@@ -18,7 +18,7 @@ of both halves sum to ``-(1 - beta) (beta p_u + (1 - beta) q_u) / M_u = -(1 - be
 ``g_u = (1 - beta) log(q_u / M_u)`` (+ a constant that the softmax Jacobian removes).
 
 Logit transforms: ``a = T_s(s) / tau``, so ``ds = d/da * da/ds`` -- the constant ``post`` without a
-softcap (``grad_tile``'s factor, as before), or with one the slope ``pre * post * (1 - tanh^2)``
+softcap (``grad_tile``'s factor), or with one the slope ``pre * post * (1 - tanh^2)``
 recomputed from the loaded ``s`` in the same tile (``grad_tile_capped``; where the slope is
 exactly 0, at -inf or where tanh rounds to +-1, ``ds`` is 0 even if ``d/da`` is infinite).
 

@@ -29,10 +29,10 @@ contributes 0). Nothing here is saved for backward: the backward kernels (``grad
 recompute tiles from ``A = m_a + log S_a`` and ``B = m_b + log S_b``.
 
 Logit transforms (``opd_kernels.backends``): each model's logits are transformed as they are
-loaded, in the same tile -- ``post * x`` without a cap (``post = logit_scale / tau``, exactly the
-old ``x / tau`` for the identity) or ``post * tanh(pre * x)`` with one (``pre = scale / cap``,
+loaded, in the same tile -- ``post * x`` without a cap (``post = logit_scale / tau``, exactly
+``x / tau`` for the identity) or ``post * tanh(pre * x)`` with one (``pre = scale / cap``,
 ``post = cap / tau``; ``-inf`` stays ``-inf``), chosen by the constexpr ``HAS_CAP_*`` flags so
-the uncapped kernels compile as before. ``tanh(u) = 1 - 2 / (e^(2u) + 1)``: exact limits +-1,
+the uncapped kernels hold no transform code. ``tanh(u) = 1 - 2 / (e^(2u) + 1)``: exact limits +-1,
 absolute error ~1e-7 (what the logits' rounding costs anyway), the same code in the interpreter.
 
 The vocabulary may be split across the second grid axis (``n_splits`` ranges of whole tiles) to
