@@ -16,6 +16,12 @@
 #   OUT=/tmp/out bash benchmarks/gpu_check.sh --dry-run  # CPU plumbing check (CI): same steps,
 #       pip --dry-run (the environment is not changed), the cuda tests skipped, tiny shapes
 #
+# Stack: written for the lent H200's image as it is: Python 3.12, torch 2.11.0, triton 3.6.0, no
+#   network (peer wheels carried in benchmarks/wheels/, git-ignored). What was tested, on CPU only
+#   (no GPU has run this script): .ci/run compiles every Triton kernel for sm_80/sm_90a and runs
+#   the interpreter tests and this script's --dry-run under triton 3.6.0 (torch 2.13.0 CPU,
+#   Python 3.11, numpy<2.4), and again under the default venv's triton 3.9.0.
+#
 # Knobs: PYTHON (default python3), GPU_CHECK_BUDGET (total seconds, default 470),
 #   T_INSTALL (default 180), T_TESTS (default 120), BENCH_ARGS (extra run.py arguments),
 #   PROVIDERS / OPS (space-separated; defaults below). Exit status: 1 if any step failed.
@@ -28,7 +34,7 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --dry-run) DRY=1 ;;
     --step) RUN_STEP="$2"; shift ;;  # internal: run one step's function (under `timeout`)
-    -h|--help) sed -n '2,22p' "$SELF"; exit 0 ;;
+    -h|--help) sed -n '2,28p' "$SELF"; exit 0 ;;
     *) echo "gpu_check.sh: unknown argument '$1' (expected --dry-run)" >&2; exit 2 ;;
   esac
   shift

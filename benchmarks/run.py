@@ -293,7 +293,7 @@ def main(argv=None):
     ap.add_argument("--out", type=Path, default=None, help="output directory (default benchmarks/results/<device>)")
     ap.add_argument("--ops", nargs="+", default=list(OPS), choices=OPS)
     ap.add_argument("--providers", nargs="+", default=None, choices=PROVIDERS,
-                    help="default: all (with --quick all but naive_compile: ~30 s of compile per op on 2 cores)")
+                    help="default: all (naive_compile costs ~30 s of compile per op on 2 cores)")
     ap.add_argument("--shapes", nargs="+", metavar="N,V,d", help="replace the shape sweep (d unused by logits ops)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
@@ -313,7 +313,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.worker:
         return worker_main()
-    args.providers = args.providers or [p for p in PROVIDERS if not (args.quick and p == "naive_compile")]
+    args.providers = args.providers or list(PROVIDERS)
     args.dtype = args.dtype or ("float32" if args.quick else "bfloat16")
     args.warmup = args.warmup if args.warmup is not None else (0 if args.quick else 2)
     args.repeat = args.repeat or (3 if args.quick else 10)

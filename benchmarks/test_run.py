@@ -63,11 +63,26 @@ def test_targets_logits_level_vs_naive_and_no_peer():
 
 def test_table_shows_peers_floor_and_targets():
     op = "fused_linear_token_logprobs"
-    rows = [_row(op, None, "torch", 512, 9.0, 10.0, floor_ms=7.0, floor_multiple=9.0 / 7.0, gemm_passes=3),
+    rows = [_row(op, None, "torch", 512, 9.0, 10.0, floor_ms=7.0, floor_multiple=9.0 / 7.0, gemm_passes=3,
+                 first_call_ms=50.0, first_step_ms=23456.0),
             _row(op, None, "cce", 512, 10.0, 20.0, first_call_ms=12345.0), _row(op, None, "naive", 512, 10.0, 20.0)]
     meta = dict(device="cpu", torch="x", date="2026-01-01", ratio_check=None,
                 targets=report.targets(rows, log=lambda m: None), first_call=report.first_calls(rows))
     text = table.render(dict(meta=meta, results=rows, skipped=[]))
     head = next(line for line in text.splitlines() if line.startswith("| op"))
     assert "cce ms" in head and "torch x floor" in head
-    assert "| 1.29 |" in text and "vs fastest peer `cce`" in text and "cce fused_linear_token_logprobs - 12.3" in text
+    assert "| 1.29 |" in text and "vs fastest peer `cce`" in text
+    # first calls: ours beside the peers, with our compile in the first full-size step
+    assert f"| {op} | - | cce | 12.3 | - (512) |" in text
+    assert f"| {op} | - | torch | 0.1 | 23.5 (512) |" in text
+
+
+def test_vs_naive_targets_name_their_baseline():
+    rows = [_row("distill_loss", "jsd", "torch", 256, 5.0, 1.0), _row("distill_loss", "jsd", "naive", 256, 10.0, 1.0),
+            _row("distill_loss", "jsd", "naive_compile", 256, 4.0, 1.0)]
+    ts = {t["baseline"]: t for t in report.targets(rows, log=lambda m: None) if t["kind"] == "vs_naive"}
+    assert ts["naive"]["time_ratio"] == 0.5 and ts["naive"]["passed"]
+    assert ts["naive_compile"]["time_ratio"] == 1.25 and not ts["naive_compile"]["passed"]
+    text = table.render(dict(meta=dict(device="cpu", torch="x", date="2026-01-01", targets=list(ts.values())),
+                             results=rows, skipped=[]))
+    assert "vs `naive` time 0.50x" in text and "vs `naive_compile` time 1.25x" in text

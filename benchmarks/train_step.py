@@ -102,6 +102,16 @@ def worker(args) -> dict:
                 peak_mb_max=round(max(peaks), 1), losses=[round(x, 6) for x in losses])
 
 
+def summary(data: dict) -> str:
+    """The README's sentence for a train_step.json (``<!-- train-step: DIR -->``; tests/test_readme.py
+    checks it): per provider the median step, its spread, the peak, and the first step."""
+    names = {"naive": "`model(...).logits` + `log_softmax`", "fused": "`ok.hf` + `fused_linear_distill_loss`"}
+    parts = [f"{names.get(r['provider'], r['provider'])}: {r['step_s_median']} s per step (median of "
+             f"{len(r['losses']) - 1}, {r['step_s_min']}-{r['step_s_max']} s), first step {r['first_step_s']} s, "
+             f"+{r['peak_mb_median']:.0f} MB peak" for r in data["rows"]]
+    return f"{data['meta']['device']}, torch {data['meta']['torch']}, {data['meta']['date']}: " + "; ".join(parts) + "."
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--provider", choices=["naive", "fused", "both"], default="both")

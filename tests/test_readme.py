@@ -46,3 +46,32 @@ def test_readme_examples_are_the_tested_ones():
     doc = (ROOT / "docs" / "examples.md").read_text()
     tested = re.findall(r"^```python\n(.*?)^```$", doc, flags=re.S | re.M)
     assert len(shown) >= 3 and all(b in tested for b in shown)
+
+
+TRAIN_STEP = table.readme_blocks(README, tag="train-step")
+
+
+def test_readme_has_a_train_step_line():
+    assert TRAIN_STEP, "README.md has no <!-- train-step: DIR --> block"
+
+
+@pytest.mark.parametrize("run_dir,shown", TRAIN_STEP, ids=[b[0] for b in TRAIN_STEP])
+def test_readme_train_step_matches_results(run_dir, shown):
+    """The real-vocabulary training-step sentence (first step included) is what its train_step.json renders to."""
+    import train_step
+
+    data = json.loads((ROOT / run_dir / "train_step.json").read_text())
+    assert shown == train_step.summary(data), f"README train-step line for {run_dir} differs from its train_step.json"
+
+
+def test_readme_main_job_table_is_the_committed_runs():
+    """The "what to expect" table is rendered from the committed run summaries (docs/measurements/)."""
+    from opd_train.summarize import readme_table
+
+    shown = table.readme_blocks(README, tag="main-job")
+    assert shown, "README.md has no <!-- main-job: ... --> block"
+    for pattern, text in shown:
+        files = sorted((ROOT / "docs" / "measurements").glob(pattern))
+        assert files, f"no committed summaries match docs/measurements/{pattern}"
+        assert text == readme_table([json.loads(f.read_text()) for f in files]), (
+            "README main-job table differs from docs/measurements: rerun its rendering")
