@@ -30,7 +30,7 @@ class Trainer:
     args: object
     task: object
     tok: object
-    student: R.LM               # the trained model, seen as (hidden states, lm_head weight)
+    student: R.LM               # the trained model, seen as (hidden states, real head: `opd_train.lm`)
     student_fwd: torch.nn.Module  # student or its DDP wrapper: call it for hidden states with grad
     teacher: R.LM | None
     student_path: str           # the student's initial weights (OPSD teacher, G-OPD reference)
@@ -122,12 +122,13 @@ def build(args, task, ckpt: Path | None, rank: int, world: int, device: torch.de
             model = inputs.load_model("--domain-teacher", path, device).eval().requires_grad_(False)
             check_compatible(tok, inputs.load_tokenizer("--domain-teacher", path, log), student, model,
                              vocab_size, student_path, path)
-            domain_teachers[domain] = R.LM(model, vocab_size)
-    lm = R.LM(student, vocab_size).train()
+            domain_teachers[domain] = inputs.view("--domain-teacher", path, model, vocab_size)
+    lm = inputs.view("--student", student_path, student, vocab_size).train()
+    teacher_lm = None if teacher is None else inputs.view("--teacher", teacher_path, teacher, vocab_size)
     fwd = lm
     if world > 1:
         fwd = torch.nn.parallel.DistributedDataParallel(lm, device_ids=[device.index] if device.type == "cuda" else None)
-    return Trainer(args, task, tok, lm, fwd, R.LM(teacher, vocab_size) if teacher is not None else None,
+    return Trainer(args, task, tok, lm, fwd, teacher_lm,
                    str(student_path), device, random.Random(f"{args.seed}-{rank}"),
                    args.max_new_tokens or task.max_answer_chars + 2, vocab_size, rank, world,
                    str(teacher_path) if teacher_path else None, domain_teachers)

@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import torch
 
-import opd_kernels as ok
-
 from .. import rollout as R
+from ..lm import distill_loss
 from .base import Method, masked_mean
 
 
@@ -46,9 +45,8 @@ class OPD(Method):
         s, tr = b["seqs"], self.tr
         h = self.student_hidden(s)
         if self.args.opd_loss == "fullvocab":
-            loss = ok.fused_linear_distill_loss(h, tr.student.weight, b["teacher_hidden"], tr.teacher.weight,
-                                                student_bias=tr.student.bias, teacher_bias=tr.teacher.bias,
-                                                divergence="reverse_kl", mask=s.mask)
+            loss = distill_loss(tr.student, h, tr.teacher, b["teacher_hidden"], divergence="reverse_kl",
+                                mask=s.mask)
             return loss, {}
         lp = R.token_logprobs(tr.student, h, s)
         old = self.old_logprobs(b, lp)

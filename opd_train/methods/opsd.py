@@ -10,9 +10,8 @@ context (measured once; the teacher does not change), the ceiling of what it can
 """
 from __future__ import annotations
 
-import opd_kernels as ok
-
 from .. import rollout as R
+from ..lm import distill_loss
 from ..models import load
 from ..argtypes import pos_float, unit
 from .base import Method, masked_mean
@@ -49,10 +48,8 @@ class OPSD(Method):
 
     def loss(self, b):
         s, tr, a = b["seqs"], self.tr, self.args
-        per = ok.fused_linear_distill_loss(self.student_hidden(s), tr.student.weight, b["teacher_hidden"],
-                                           self.teacher.weight, student_bias=tr.student.bias,
-                                           teacher_bias=self.teacher.bias, divergence=a.opsd_divergence,
-                                           beta=a.opsd_beta, mask=s.mask, reduction="none")
+        per = distill_loss(tr.student, self.student_hidden(s), self.teacher, b["teacher_hidden"],
+                           divergence=a.opsd_divergence, beta=a.opsd_beta, mask=s.mask, reduction="none")
         if a.opsd_clip is not None:
             per = per.clamp(max=a.opsd_clip)  # clipped tokens give no gradient
         return masked_mean(per, s.mask), {}

@@ -14,9 +14,8 @@ warmup and cosine decay (``--lr-schedule cosine --warmup-steps N``).
 """
 from __future__ import annotations
 
-import opd_kernels as ok
-
 from ..argtypes import nonneg_int, rate
+from ..lm import distill_loss
 from .base import EMATeacher, Method
 
 
@@ -50,9 +49,8 @@ class SDFT(Method):
         s, tr = b["seqs"], self.tr
         mask = s.mask.clone()
         mask[:, : self.args.sdft_skip_tokens] = False
-        loss = ok.fused_linear_distill_loss(self.student_hidden(s), tr.student.weight, b["teacher_hidden"],
-                                            self.ema.lm.weight, student_bias=tr.student.bias,
-                                            teacher_bias=self.ema.lm.bias, divergence="forward_kl", mask=mask)
+        loss = distill_loss(tr.student, self.student_hidden(s), self.ema.lm, b["teacher_hidden"],
+                            divergence="forward_kl", mask=mask)
         return loss, {}
 
     def after_step(self):
