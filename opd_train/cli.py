@@ -28,7 +28,7 @@ import textwrap
 
 import torch
 
-from . import inputs
+from . import inputs, verifiers
 from .argtypes import domain_dir, nonneg_int, pos_float, pos_int
 from .data import EXAMPLE_ROW
 from .methods import METHODS, Method
@@ -121,7 +121,7 @@ def _epilog() -> str:
     return "\n\n".join([
         "methods:\n" + methods,
         fill('bring your own data (--data, --eval-data): a JSONL file, one JSON object per line with string '
-             'fields "prompt" and "answer" (the verifier is exact match after stripping whitespace) and '
+             'fields "prompt" and "answer" (--verifier: exact match by default) and '
              'optional "solution" (privileged context for opsd) and "feedback" (for sdpo), e.g.')
         + "\n  " + json.dumps(EXAMPLE_ROW),
         fill("bring your own models (--student, --teacher, --ref): a local Hugging Face causal LM directory "
@@ -192,6 +192,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "task's domains are its operations, e.g. --domain-teacher +=DIR --domain-teacher -=DIR)")
     g.add_argument("--data", help="JSONL with fields prompt, answer and optional solution, feedback")
     g.add_argument("--eval-data", help="held-out JSONL (default: the last eval-size rows of --data)")
+    g.add_argument("--verifier", default="exact", metavar="exact|number|MODULE:FUNCTION",
+                   help="--data rewards: exact match; number: the completion's last number equals the answer's "
+                        "(after '####' in GSM8K answers); or your fn(prompt, completion, answer) -> reward in "
+                        "[0, 1] or (reward, feedback text)")
     g.add_argument("--vocab-size", type=pos_int,
                    help="use the first N vocabulary entries of student and teacher (padded vocabularies)")
 
@@ -243,6 +247,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--ref is only used by --method gopd")
     if args.eval_data and not args.data:
         p.error("--eval-data needs --data")
+    if args.verifier != "exact" and not args.data:
+        p.error(f"--verifier {args.verifier} needs --data (the bundled task checks its answers exactly)")
+    try:
+        verifiers.resolve(args.verifier)
+    except inputs.InputError as e:
+        p.error(str(e))
     try:
         for flag in ("--data", "--eval-data"):
             inputs.check_file(flag, getattr(args, flag[2:].replace("-", "_")))

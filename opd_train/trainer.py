@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from . import cli, distributed, inputs
+from . import cli, distributed, inputs, verifiers
 from . import rollout as R
 from .data import JsonlTask
 from .inputs import InputError
@@ -48,7 +48,7 @@ def make_task(args):
     if args.data:
         if getattr(args, "eval_split", "test") != "test":
             raise InputError("--eval-split validation: only the bundled task has a validation split")
-        return JsonlTask(args.data, args.eval_data, args.eval_size)
+        return JsonlTask(args.data, args.eval_data, args.eval_size, verifiers.resolve(args.verifier))
     return ArithmeticTask(args.digits, args.ops, eval_size=args.eval_size, split=getattr(args, "eval_split", "test"))
 
 
