@@ -166,6 +166,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="optimizer updates per sampled batch (>1 makes importance ratios/clipping active)")
     g.add_argument("--temperature", type=pos_float, default=1.0, help="sampling temperature (gkd has its own)")
     g.add_argument("--grad-clip", type=pos_float, default=1.0, help="max gradient norm")
+    g.add_argument("--micro-batch-size", type=pos_int,
+                   help="completions per forward/backward; gradients accumulate to exactly the whole --batch-size "
+                        "update (default: the whole batch at once)")
+    g.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
+                   help="bf16: forward passes and sampling under bf16 autocast, fp32 master weights and optimizer "
+                        "state; the fused losses accumulate in fp32")
     g.add_argument("--max-new-tokens", type=pos_int, help="generation length cap (bundled task: answer length + 2)")
 
     g = p.add_argument_group("evaluation and checkpoints")

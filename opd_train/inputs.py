@@ -96,10 +96,10 @@ def load_model(flag: str, path, device):
         raise InputError(f"{flag} {path}: cannot load it as a causal LM ({_first_line(e)})") from None
 
 
-def view(flag: str, path, model, vocab_size: int | None = None) -> LM:
+def view(flag: str, path, model, vocab_size: int | None = None, compute_dtype=None) -> LM:
     """``model`` seen through `opd_kernels.hf` (`opd_train.lm.LM`), or an `InputError` when its head
     cannot be seen through (the message names the model class)."""
     try:
-        return LM(model, vocab_size)
+        return LM(model, vocab_size, compute_dtype)
     except ValueError as e:
         raise InputError(f"{flag} {path}: {e}") from None

@@ -10,8 +10,14 @@ unverified architecture, a config option that changes the logits in an unmodelle
 The loss functions below are the only places the trainer calls the fused ops, and each passes
 every side's head (weight, bias, softcap, logit_scale) — so no method can forget a transform.
 Sampling uses the model's own ``generate``, which applies the same transforms.
+
+Precision (``--dtype bf16``): the parameters stay fp32 (the master weights the optimizer updates);
+`LM` runs the backbone under ``torch.autocast(bfloat16)`` and hands the fused ops bf16 hidden
+states and a bf16 copy of the head, which they read with fp32 accumulation (their losses are fp32).
 """
 from __future__ import annotations
+
+from contextlib import nullcontext
 
 import torch
 from torch import nn
@@ -29,16 +35,19 @@ class LM(nn.Module):
     rows of a padded head.
     """
 
-    def __init__(self, model: nn.Module, vocab_size: int | None = None):
+    def __init__(self, model: nn.Module, vocab_size: int | None = None, compute_dtype: torch.dtype | None = None):
         super().__init__()
         seen = ok.hf.head(model)  # ValueError naming the class if the head is not seen through
         self.model = model
         self.vocab_size = vocab_size
+        self.compute_dtype = compute_dtype  # None: the parameters' dtype; torch.bfloat16: autocast
         self.softcap, self.logit_scale = seen.softcap, seen.logit_scale
 
     def forward(self, input_ids, attention_mask, position_ids):
-        return ok.hf.hidden_states(self.model, input_ids, attention_mask, position_ids=position_ids,
-                                   through_forward=False)
+        with autocast(input_ids.device, self.compute_dtype):
+            h = ok.hf.hidden_states(self.model, input_ids, attention_mask, position_ids=position_ids,
+                                    through_forward=False)
+        return h if self.compute_dtype is None else h.to(self.compute_dtype)
 
     @property
     def head(self) -> ok.hf.Head:
@@ -48,12 +57,19 @@ class LM(nn.Module):
         w, b = out.weight, out.bias
         if self.vocab_size is not None:
             w, b = w[: self.vocab_size], None if b is None else b[: self.vocab_size]
+        if self.compute_dtype is not None:  # a differentiable cast: gradients reach the fp32 weights
+            w, b = w.to(self.compute_dtype), None if b is None else b.to(self.compute_dtype)
         return ok.hf.Head(w, b, self.softcap, self.logit_scale)
 
     @property
     def rows(self) -> int:
         """Vocabulary entries the losses use."""
         return self.vocab_size or self.model.get_output_embeddings().weight.shape[0]
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """``torch.autocast`` to ``dtype`` on ``device``, or nothing for ``None`` (full precision)."""
+    return nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
 
 
 # -- the fused-op calls (each carries every side's head) ------------------------------------------

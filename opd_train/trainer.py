@@ -24,6 +24,9 @@ from .models import PRETRAIN_SEED, get_pretrained
 from .task import ArithmeticTask
 
 
+COMPUTE_DTYPES = {"fp32": None, "bf16": torch.bfloat16}  # --dtype -> autocast dtype (None: off)
+
+
 @dataclass
 class Trainer:
     """What methods see: models, tokenizer, task, options and the data RNG."""
@@ -115,6 +118,7 @@ def build(args, task, ckpt: Path | None, rank: int, world: int, device: torch.de
         teacher = inputs.load_model("--teacher", teacher_path, device).eval().requires_grad_(False)
         tok_t = inputs.load_tokenizer("--teacher", teacher_path, log)
     vocab_size = check_compatible(tok, tok_t, student, teacher, args.vocab_size, student_path, teacher_path)
+    dtype = COMPUTE_DTYPES[getattr(args, "dtype", "fp32")]  # the parameters stay fp32 (master weights)
     domain_teachers = None
     if args.domain_teacher:
         domain_teachers = {}
@@ -122,9 +126,9 @@ def build(args, task, ckpt: Path | None, rank: int, world: int, device: torch.de
             model = inputs.load_model("--domain-teacher", path, device).eval().requires_grad_(False)
             check_compatible(tok, inputs.load_tokenizer("--domain-teacher", path, log), student, model,
                              vocab_size, student_path, path)
-            domain_teachers[domain] = inputs.view("--domain-teacher", path, model, vocab_size)
-    lm = inputs.view("--student", student_path, student, vocab_size).train()
-    teacher_lm = None if teacher is None else inputs.view("--teacher", teacher_path, teacher, vocab_size)
+            domain_teachers[domain] = inputs.view("--domain-teacher", path, model, vocab_size, dtype)
+    lm = inputs.view("--student", student_path, student, vocab_size, dtype).train()
+    teacher_lm = None if teacher is None else inputs.view("--teacher", teacher_path, teacher, vocab_size, dtype)
     fwd = lm
     if world > 1:
         fwd = torch.nn.parallel.DistributedDataParallel(lm, device_ids=[device.index] if device.type == "cuda" else None)

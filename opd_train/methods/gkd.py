@@ -36,5 +36,5 @@ class GKD(Method):
     def loss(self, b):
         s, tr = b["seqs"], self.tr
         loss = distill_loss(tr.student, self.student_hidden(s), tr.teacher, b["teacher_hidden"],
-                            divergence="jsd", beta=self.args.gkd_beta, mask=s.mask)
-        return loss, {"on_policy": b["on_policy"]}
+                            divergence="jsd", beta=self.args.gkd_beta, mask=s.mask, reduction="sum")
+        return loss / self.norm(b), {"on_policy": b["on_policy"]}

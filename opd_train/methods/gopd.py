@@ -30,7 +30,7 @@ from .. import rollout as R
 from ..inputs import InputError, load_model, view
 from ..lm import gopd_loss
 from ..argtypes import pos_float
-from .base import Method, masked_mean
+from .base import Method
 from .grpo import clipped_surrogate
 
 
@@ -56,7 +56,7 @@ class GOPD(Method):
         super().__init__(tr)
         path = self.ref_path()
         ref = load_model("--ref", path, tr.device).eval().requires_grad_(False)
-        self.ref = view("--ref", path, ref, tr.vocab_size)
+        self.ref = view("--ref", path, ref, tr.vocab_size, tr.student.compute_dtype)
         v_ref, v_s = self.ref.rows, tr.student.rows
         if v_ref != v_s:
             raise InputError(f"--ref {self.args.ref}: its lm_head has {v_ref} rows, the student's {v_s}; "
@@ -109,6 +109,19 @@ class GOPD(Method):
                 b["ref_logprobs"] = R.token_logprobs(self.ref, b["ref_hidden"], s)
         return b
 
+    def split(self, b, rows: slice):
+        """As `Method.split`, with each domain's rows renumbered within the micro-batch."""
+        out = super().split({k: v for k, v in b.items() if k != "groups"}, rows)
+        groups = {}
+        for d, (idx, h_t) in b["groups"].items():
+            if isinstance(idx, slice):  # every row
+                groups[d] = (idx, h_t[rows])
+            else:
+                keep = (idx >= rows.start) & (idx < rows.stop)
+                groups[d] = (idx[keep] - rows.start, h_t[keep])
+        out["groups"] = groups
+        return out
+
     def loss(self, b):
         s, tr, a = b["seqs"], self.tr, self.args
         h = self.student_hidden(s)
@@ -118,8 +131,8 @@ class GOPD(Method):
                 total = total + gopd_loss(
                     tr.student, h[rows], self.teachers[d], h_t, self.ref, b["ref_hidden"][rows],
                     reward_scale=a.gopd_reward_scale, mask=s.mask[rows], reduction="sum")
-            return total / s.mask.sum().clamp(min=1), {}
+            return total / self.norm(b), {}
         lp = R.token_logprobs(tr.student, h, s)
         old = self.old_logprobs(b, lp)
         adv = ok.gopd_advantages(b["teacher_logprobs"], b["ref_logprobs"], old, reward_scale=a.gopd_reward_scale)
-        return masked_mean(clipped_surrogate(lp, old, adv, a.ppo_clip), s.mask), {}
+        return self.mean(b, clipped_surrogate(lp, old, adv, a.ppo_clip), s.mask), {}

@@ -15,7 +15,7 @@ import torch
 
 from .. import rollout as R
 from ..lm import distill_loss
-from .base import Method, masked_mean
+from .base import Method
 
 
 class OPD(Method):
@@ -46,10 +46,10 @@ class OPD(Method):
         h = self.student_hidden(s)
         if self.args.opd_loss == "fullvocab":
             loss = distill_loss(tr.student, h, tr.teacher, b["teacher_hidden"], divergence="reverse_kl",
-                                mask=s.mask)
-            return loss, {}
+                                mask=s.mask, reduction="sum")
+            return loss / self.norm(b), {}
         lp = R.token_logprobs(tr.student, h, s)
         old = self.old_logprobs(b, lp)
         adv = b["teacher_logprobs"] - old  # −(per-token reverse KL estimate), detached
-        loss = masked_mean(-torch.exp(lp - old) * adv, s.mask)
-        return loss, {"reverse_kl": masked_mean(-adv, s.mask).item()}
+        loss = self.mean(b, -torch.exp(lp - old) * adv, s.mask)
+        return loss, {"reverse_kl": ((-adv * s.mask).sum() / s.mask.sum().clamp(min=1)).item()}

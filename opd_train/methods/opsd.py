@@ -14,7 +14,7 @@ from .. import rollout as R
 from ..lm import distill_loss
 from ..models import load
 from ..argtypes import pos_float, unit
-from .base import Method, masked_mean
+from .base import Method
 
 
 class OPSD(Method):
@@ -33,7 +33,8 @@ class OPSD(Method):
     def __init__(self, tr):
         super().__init__(tr)
         # frozen copy of the initial student (reloaded from its directory, so resume needs nothing extra)
-        self.teacher = R.LM(load(tr.student_path, tr.device).eval().requires_grad_(False), tr.vocab_size)
+        self.teacher = R.LM(load(tr.student_path, tr.device).eval().requires_grad_(False), tr.vocab_size,
+                            tr.student.compute_dtype)
 
     def eval_metrics(self):
         if not hasattr(self, "_teacher_acc"):
@@ -52,4 +53,4 @@ class OPSD(Method):
                            divergence=a.opsd_divergence, beta=a.opsd_beta, mask=s.mask, reduction="none")
         if a.opsd_clip is not None:
             per = per.clamp(max=a.opsd_clip)  # clipped tokens give no gradient
-        return masked_mean(per, s.mask), {}
+        return self.mean(b, per, s.mask), {}

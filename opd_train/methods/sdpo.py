@@ -34,7 +34,7 @@ import torch
 from .. import rollout as R
 from ..lm import sparse_distill_loss
 from ..argtypes import pos_float, pos_int, rate, unit
-from .base import EMATeacher, Method, masked_mean
+from .base import EMATeacher, Method
 from .grpo import clipped_surrogate, group_advantages
 
 
@@ -85,7 +85,7 @@ class SDPO(Method):
     def __init__(self, tr):
         super().__init__(tr)
         self.ema = EMATeacher(tr.student.model, self.args.sdpo_ema, tr.vocab_size,
-                              frozen=self.args.sdpo_teacher == "frozen")
+                              frozen=self.args.sdpo_teacher == "frozen", compute_dtype=tr.student.compute_dtype)
 
     def prepare(self, examples):
         g, a = self.samples_per_prompt, self.args
@@ -114,11 +114,14 @@ class SDPO(Method):
         lp = R.token_logprobs(tr.student, h, s)
         old = self.old_logprobs(b, lp)
         weight = torch.exp(lp - old).clamp(max=a.sdpo_ratio_clip).detach()
-        loss = masked_mean(weight * per, b["sd_mask"])
+        loss = self.mean(b, weight * per, b["sd_mask"], "distilled")
         if a.sdpo_distill_weight < 1:
-            pg = masked_mean(clipped_surrogate(lp, old, b["advantages"][:, None], a.ppo_clip), s.mask)
+            pg = self.mean(b, clipped_surrogate(lp, old, b["advantages"][:, None], a.ppo_clip), s.mask)
             loss = (1 - a.sdpo_distill_weight) * pg + a.sdpo_distill_weight * loss
         return loss, {"sibling_fraction": b["sibling_fraction"], "context_fraction": b["context_fraction"]}
+
+    def normalizers(self, b):
+        return {"tokens": b["seqs"].mask.sum(), "distilled": b["sd_mask"].sum()}
 
     def after_step(self):
         self.ema.update(self.tr.student.model)
