@@ -149,6 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where to train")
     g.add_argument("--seed", type=int, default=0, help="sampling/data seed (the cached models do not depend on it)")
     g.add_argument("--resume", action="store_true", help="continue exactly from OUT/ckpt")
+    g.add_argument("--fsdp", action="store_true",
+                   help="under torchrun: shard the student with FSDP2 (each decoder layer, then the model), DCP "
+                        "checkpoints (export: python -m opd_train.export CKPT DIR); teachers are replicated")
     g.add_argument("--threads", type=pos_int, default=1,
                    help="torch CPU threads per process (tiny models gain little from more; 1 avoids oversubscription)")
 
@@ -251,6 +254,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--teacher: {args.method} uses no teacher")
     if args.ref and args.method != "gopd":
         p.error("--ref is only used by --method gopd")
+    if args.fsdp and "WORLD_SIZE" not in os.environ:
+        p.error("--fsdp runs under torchrun (e.g. torchrun --nproc_per_node 2 -m opd_train --fsdp ...)")
     if args.eval_data and not args.data:
         p.error("--eval-data needs --data")
     if args.verifier != "exact" and not args.data:

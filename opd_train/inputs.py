@@ -38,6 +38,10 @@ def check_file(flag: str, path: str | None) -> None:
         raise InputError(f"{flag} {path}: not a file (expected a JSONL file; see --help for the row format)")
 
 
+def has_weights(path) -> bool:
+    return any((Path(path) / f).is_file() for f in WEIGHT_FILES)
+
+
 def check_model_dir(flag: str, path: str | None, *, needs_tokenizer: bool = True) -> None:
     """``path`` holds what ``from_pretrained`` needs: config.json, weights and (if asked) a tokenizer."""
     if path is None:

@@ -41,12 +41,13 @@ class LM(nn.Module):
         self.model = model
         self.vocab_size = vocab_size
         self.compute_dtype = compute_dtype  # None: the parameters' dtype; torch.bfloat16: autocast
+        self.sharded = False  # FSDP2 (`opd_train.fsdp`): run the model's own (hooked) forward
         self.softcap, self.logit_scale = seen.softcap, seen.logit_scale
 
     def forward(self, input_ids, attention_mask, position_ids):
         with autocast(input_ids.device, self.compute_dtype):
             h = ok.hf.hidden_states(self.model, input_ids, attention_mask, position_ids=position_ids,
-                                    through_forward=False)
+                                    through_forward=self.sharded)
         return h if self.compute_dtype is None else h.to(self.compute_dtype)
 
     @property
@@ -54,7 +55,7 @@ class LM(nn.Module):
         """The head as the fused ops take it: the live parameters (gradients reach the model),
         cut to ``vocab_size`` rows, with the model's softcap and logit_scale."""
         out = self.model.get_output_embeddings()
-        w, b = out.weight, out.bias
+        w, b = full(out.weight), None if out.bias is None else full(out.bias)
         if self.vocab_size is not None:
             w, b = w[: self.vocab_size], None if b is None else b[: self.vocab_size]
         if self.compute_dtype is not None:  # a differentiable cast: gradients reach the fp32 weights
@@ -65,6 +66,12 @@ class LM(nn.Module):
     def rows(self) -> int:
         """Vocabulary entries the losses use."""
         return self.vocab_size or self.model.get_output_embeddings().weight.shape[0]
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    """A sharded (FSDP2 DTensor) parameter gathered whole, differentiably; other tensors as they are.
+    Under FSDP the student's forward has already gathered its lm_head (the root) for the step."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):

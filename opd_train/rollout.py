@@ -123,14 +123,16 @@ def token_logprobs(lm: LM, hidden: torch.Tensor, s: Seqs, temperature: float = 1
 # -- sampling ---------------------------------------------------------------------------------
 @torch.no_grad()
 def generate(model: nn.Module, tok, prompts: list[list[int]], *, max_new_tokens: int,
-             temperature: float = 1.0, greedy: bool = False,
-             vocab_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+             temperature: float = 1.0, greedy: bool = False, vocab_size: int | None = None,
+             synced: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample one completion per prompt with HF ``generate`` (KV cache).
 
     Returns ``(completion [B, C], mask [B, C])``; the mask covers tokens up to and including the
     first EOS (all tokens if none was produced). Sampling is plain ancestral sampling at
     ``temperature`` (no top-k/top-p), so the samples follow the policy the losses assume. With
     ``vocab_size`` only the first ``vocab_size`` tokens can be drawn (the `LM` of the losses).
+    ``synced``: every process runs the same number of forward passes (an FSDP-sharded model, whose
+    forward is a collective), until all are done.
     """
     dev = next(model.parameters()).device
     ids, am = left_pad(prompts, tok.pad_token_id)
@@ -142,6 +144,8 @@ def generate(model: nn.Module, tok, prompts: list[list[int]], *, max_new_tokens:
     was_training = model.training
     model.eval()
     extra = {} if vocab_size is None else {"logits_processor": LogitsProcessorList([_FirstTokens(vocab_size)])}
+    if synced:
+        extra["synced_gpus"] = True
     out = model.generate(input_ids=ids.to(dev), attention_mask=am.to(dev), generation_config=cfg, **extra)
     model.train(was_training)
     comp = out[:, p:]
@@ -169,17 +173,18 @@ def decode(tok, completion: torch.Tensor, mask: torch.Tensor) -> list[str]:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, tok, task, examples, *, max_new_tokens: int | None = None,
-             batch_size: int = 512, vocab_size: int | None = None, prompt=None) -> float:
+             batch_size: int = 512, vocab_size: int | None = None, prompt=None, synced: bool = False) -> float:
     """Held-out exact-match accuracy of greedy decoding; ``prompt(ex)`` gives the user message
     (default: the plain prompt, no privileged context)."""
     scores = evaluate_each(model, tok, task, examples, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                           vocab_size=vocab_size, prompt=prompt)
+                           vocab_size=vocab_size, prompt=prompt, synced=synced)
     return sum(scores) / max(1, len(examples))
 
 
 @torch.no_grad()
 def evaluate_each(model: nn.Module, tok, task, examples, *, max_new_tokens: int | None = None,
-                  batch_size: int = 512, vocab_size: int | None = None, prompt=None) -> list[float]:
+                  batch_size: int = 512, vocab_size: int | None = None, prompt=None,
+                  synced: bool = False) -> list[float]:
     """`evaluate`'s verifier reward of each example (for accuracies per domain)."""
     max_new_tokens = max_new_tokens or task.max_answer_chars + 2
     prompt = prompt or (lambda ex: ex.prompt)
@@ -187,6 +192,6 @@ def evaluate_each(model: nn.Module, tok, task, examples, *, max_new_tokens: int 
     for i in range(0, len(examples), batch_size):
         exs = examples[i: i + batch_size]
         comp, mask = generate(model, tok, encode_prompts(tok, [prompt(ex) for ex in exs]),
-                              max_new_tokens=max_new_tokens, greedy=True, vocab_size=vocab_size)
+                              max_new_tokens=max_new_tokens, greedy=True, vocab_size=vocab_size, synced=synced)
         scores += [task.reward(ex, text) for ex, text in zip(exs, decode(tok, comp, mask))]
     return scores

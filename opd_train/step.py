@@ -62,8 +62,9 @@ def optimizer_step(tr, opt, loss: torch.Tensor, step: int, out: Path) -> None:
     the run (`NonFiniteLoss`), leaving the last good checkpoint in place."""
     finite = torch.isfinite(loss).float()
     if finite.item():
-        finite = torch.isfinite(torch.nn.utils.clip_grad_norm_(tr.student.model.parameters(),
-                                                               tr.args.grad_clip)).float()
+        norm = torch.nn.utils.clip_grad_norm_(tr.student.model.parameters(), tr.args.grad_clip)
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: a DTensor
+        finite = torch.isfinite(norm).float()
     if tr.world > 1:
         dist.all_reduce(finite, op=dist.ReduceOp.MIN)
     if not finite.item():

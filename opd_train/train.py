@@ -46,7 +46,7 @@ from .metrics import Metrics, summarize
 
 def run(args) -> dict:
     # -- setup: processes, task, models, method, optimizer, resumed state, metrics -----------------
-    rank, world, device = distributed.init(args.device)
+    rank, world, device = distributed.init(args.device, always=args.fsdp)
     torch.set_num_threads(args.threads)
     transformers.logging.disable_progress_bar()  # no "Loading weights" bars around ours
     log = (lambda *a: tqdm.write(" ".join(map(str, a)))) if rank == 0 else (lambda *a: None)
@@ -69,12 +69,16 @@ def run(args) -> dict:
     prior_task = trainer.make_prior_task(args)
 
     def evaluate(step: int) -> float:
-        acc = 0.0
-        if rank == 0:
+        acc, sharded = 0.0, tr.student.sharded
+        if rank == 0 or sharded:  # a sharded student's forward is a collective: every process decodes
             exs = task.eval_examples()
             with autocast(device, tr.student.compute_dtype):  # greedy decoding in the training precision
                 scores = R.evaluate_each(tr.student.model, tr.tok, task, exs, max_new_tokens=tr.max_new_tokens,
-                                         vocab_size=tr.vocab_size)
+                                         vocab_size=tr.vocab_size, synced=sharded)
+                prior = None if prior_task is None else R.evaluate(
+                    tr.student.model, tr.tok, prior_task, prior_task.eval_examples(), vocab_size=tr.vocab_size,
+                    synced=sharded)
+        if rank == 0:
             acc = sum(scores) / max(1, len(scores))
             row = {"step": step, "eval_accuracy": acc, "samples": progress["samples"],
                    "completion_tokens": progress.get("completion_tokens", 0)}
@@ -83,9 +87,8 @@ def run(args) -> dict:
                 domains.setdefault(task.domain(ex), []).append(score)
             if len(domains) > 1:  # e.g. "+" and "-": the multi-teacher claim compares per domain
                 row["eval_accuracy_by_domain"] = {d: sum(v) / len(v) for d, v in sorted(domains.items())}
-            if prior_task is not None:  # the prior skill (--prior-ops): forgetting
-                row["prior_accuracy"] = R.evaluate(tr.student.model, tr.tok, prior_task,
-                                                   prior_task.eval_examples(), vocab_size=tr.vocab_size)
+            if prior is not None:  # the prior skill (--prior-ops): forgetting
+                row["prior_accuracy"] = prior
             row.update(method.eval_metrics())  # e.g. the self-teacher's accuracy with its context
             metrics.log(row)
         distributed.barrier(world)
@@ -132,7 +135,7 @@ def run(args) -> dict:
     if rank == 0:
         summary = summarize(metrics, out, f"{args.method} ({args.preset} preset)", len(task.eval_examples()),
                             progress["train_seconds"], log)
-    if world > 1:
+    if dist.is_initialized():
         dist.destroy_process_group()
     return summary
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from . import cli, distributed, inputs, verifiers
+from . import cli, distributed, fsdp, inputs, verifiers
 from . import rollout as R
 from .data import JsonlTask
 from .inputs import InputError
@@ -112,7 +112,9 @@ def build(args, task, ckpt: Path | None, rank: int, world: int, device: torch.de
     student_path, teacher_path = model_paths(args, task, rank, world, log)
     torch.manual_seed(args.seed + rank)
     tok = inputs.load_tokenizer("--student", student_path, log)
-    student = inputs.load_model("--student", ckpt / "model" if ckpt else student_path, device)
+    # a resumed student's weights: ckpt/model, or (--fsdp) the DCP shards that `checkpoint.restore` loads
+    weights = ckpt / "model" if ckpt and inputs.has_weights(ckpt / "model") else student_path
+    student = inputs.load_model("--student", weights, device)
     teacher = tok_t = None
     if teacher_path:
         teacher = inputs.load_model("--teacher", teacher_path, device).eval().requires_grad_(False)
@@ -130,7 +132,10 @@ def build(args, task, ckpt: Path | None, rank: int, world: int, device: torch.de
     lm = inputs.view("--student", student_path, student, vocab_size, dtype).train()
     teacher_lm = None if teacher is None else inputs.view("--teacher", teacher_path, teacher, vocab_size, dtype)
     fwd = lm
-    if world > 1:
+    if getattr(args, "fsdp", False):  # FSDP2: the student's parameters sharded in place (opd_train.fsdp)
+        fsdp.shard(student, dtype)
+        lm.sharded = True
+    elif world > 1:
         fwd = torch.nn.parallel.DistributedDataParallel(lm, device_ids=[device.index] if device.type == "cuda" else None)
     return Trainer(args, task, tok, lm, fwd, teacher_lm,
                    str(student_path), device, random.Random(f"{args.seed}-{rank}"),

@@ -6,7 +6,7 @@ import copy
 import torch
 
 from .. import rollout as R
-from ..lm import autocast
+from ..lm import autocast, full
 
 
 class Method:
@@ -59,7 +59,8 @@ class Method:
         prompts = R.encode_prompts(tr.tok, [ex.prompt for ex in exs])
         with autocast(tr.device, tr.student.compute_dtype):
             comp, mask = R.generate(model or tr.student.model, tr.tok, prompts, max_new_tokens=tr.max_new_tokens,
-                                    temperature=temperature, vocab_size=tr.vocab_size)
+                                    temperature=temperature, vocab_size=tr.vocab_size,
+                                    synced=model is None and tr.student.sharded)
         texts = R.decode(tr.tok, comp, mask)
         rewards = torch.tensor([tr.task.reward(ex, t) for ex, t in zip(exs, texts)], device=tr.device)
         return {"examples": exs, "texts": texts, "rewards": rewards,
@@ -141,7 +142,7 @@ class EMATeacher:
     def __init__(self, student: torch.nn.Module, rate: float, vocab_size: int | None = None, frozen: bool = False,
                  compute_dtype: torch.dtype | None = None):
         self.rate, self.frozen = rate, frozen
-        self.model = copy.deepcopy(student).eval().requires_grad_(False)
+        self.model = student_copy(student).eval().requires_grad_(False)
         self.lm = R.LM(self.model, vocab_size, compute_dtype)
 
     @torch.no_grad()
@@ -149,7 +150,7 @@ class EMATeacher:
         if self.frozen:
             return
         for t, s in zip(self.model.parameters(), student.parameters()):
-            t.lerp_(s.detach(), self.rate)
+            t.lerp_(full(s.detach()).to(t.dtype), self.rate)  # an FSDP shard is gathered whole
 
     def state_dict(self) -> dict:
         return self.model.state_dict()
@@ -157,3 +158,15 @@ class EMATeacher:
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state)
 
+
+
+def student_copy(student: torch.nn.Module) -> torch.nn.Module:
+    """A plain (unsharded) copy of the student: ``deepcopy``, or under FSDP the same architecture with
+    every parameter gathered whole (a collective: every process calls it)."""
+    if not any(hasattr(p, "full_tensor") for p in student.parameters()):
+        return copy.deepcopy(student)
+    from transformers import AutoModelForCausalLM
+    copied = AutoModelForCausalLM.from_config(student.config)
+    state = {k: full(v.detach()) for k, v in student.state_dict().items()}
+    copied.load_state_dict(state)
+    return copied.to(next(iter(state.values())).device)
