@@ -6,7 +6,7 @@ is cut into micro-batches of ``m`` completions that keep the whole batch's count
 add up to the whole batch's loss and their accumulated gradients to its gradient: the update is
 the one a single big batch gives, with only ``m`` completions' activations alive at a time.
 Sampling and the teachers' passes (``Method.prepare``, no gradient) still see the whole batch.
-Under DDP the gradients are all-reduced once, after the last micro-batch.
+Under DDP (FSDP) the gradients are all-reduced (reduce-scattered) once, after the last micro-batch.
 """
 from __future__ import annotations
 
@@ -44,6 +44,8 @@ def accumulate(tr, method, micros: list[dict], poison: bool = False) -> tuple[to
     for i, mb in enumerate(micros):
         last = i == len(micros) - 1
         sync = tr.student_fwd.no_sync() if not last and hasattr(tr.student_fwd, "no_sync") else nullcontext()
+        if tr.student.sharded:  # FSDP2: reduce-scatter the gradients after the last micro-batch only
+            tr.student.model.set_requires_gradient_sync(last)
         with sync:
             loss, extra = method.loss(mb)
             if poison:

@@ -77,3 +77,14 @@ def test_fsdp_needs_torchrun(capsys, monkeypatch):
 def test_export_of_something_that_is_not_a_checkpoint(tmp_path, capsys):
     assert export_main([str(tmp_path), str(tmp_path / "x")]) == 2
     assert "not a checkpoint" in capsys.readouterr().err
+
+
+def test_fsdp_with_bf16_micro_batches_and_an_ema_self_teacher(smoke_models, tmp_path):  # noqa: F811
+    """SDPO (its EMA teacher copies the sharded student whole and tracks it), bf16 mixed precision and
+    micro-batches (gradients reduce-scattered after the last) under --fsdp."""
+    out = tmp_path / "run"
+    r = torchrun([*RUN, "--method", "sdpo", "--dtype", "bf16", "--micro-batch-size", "4", "--out", str(out)], PORT + 4)
+    assert r.returncode == 0, r.stderr[-3000:]
+    train = [x for x in rows(out) if "loss" in x]
+    assert [x["step"] for x in train] == [1, 2] and all(math.isfinite(x["loss"]) for x in train)
+    assert (out / "ckpt" / "dcp" / ".metadata").is_file()
