@@ -20,7 +20,8 @@ backward, AdamW step. **The rollout (sampling) is not included**: the batch is g
 Each case runs in fresh processes: one untimed warm-up update, then ``--steps`` timed ones
 (median). Memory per process: the peak RSS of the process during a step (``VmHWM``: weights,
 optimizer state and activations) and the peak growth during a step over the RSS before it; on
-CUDA the allocator's peak. For 2 ranks: the larger rank's numbers. Writes ``train_scale.json``.
+CUDA the allocator's peak. For 2 ranks: the larger rank's numbers (time and memory); ``losses``
+are rank 0's, on its half of the batch. Writes ``train_scale.json``.
 """
 from __future__ import annotations
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 
 import torch
+from transformers import AutoModelForCausalLM
 
 from .. import rollout as R
 from ..lm import autocast, full
@@ -159,13 +160,11 @@ class EMATeacher:
         self.model.load_state_dict(state)
 
 
-
 def student_copy(student: torch.nn.Module) -> torch.nn.Module:
     """A plain (unsharded) copy of the student: ``deepcopy``, or under FSDP the same architecture with
     every parameter gathered whole (a collective: every process calls it)."""
     if not any(hasattr(p, "full_tensor") for p in student.parameters()):
         return copy.deepcopy(student)
-    from transformers import AutoModelForCausalLM
     copied = AutoModelForCausalLM.from_config(student.config)
     state = {k: full(v.detach()) for k, v in student.state_dict().items()}
     copied.load_state_dict(state)
