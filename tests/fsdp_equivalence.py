@@ -6,6 +6,7 @@ trainer's pieces: `opd_train.fsdp.shard`, `opd_train.lm.LM` (the model's own for
 full lm_head), the fused JSD to a replicated teacher (`opd_train.lm.distill_loss`) and
 `opd_train.step`. Rank 0 then repeats the update in one process on the whole batch (the mean of
 the two halves' losses: data-parallel semantics) and writes both results to ``argv[1]`` (JSON).
+``argv[2]``: ``qwen2`` (untied head) or ``gemma2`` (tied embeddings, softcap: `test_train_heads.build`).
 """
 from __future__ import annotations
 
@@ -60,13 +61,20 @@ def fsdp_full(t):
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
-def main(out: str) -> None:
+def model(family: str, tok, seed: int):
+    if family == "qwen2":
+        return qwen2(tok, seed)
+    from test_train_heads import build  # tests/ is this script's directory
+    return build(family, tok, seed)
+
+
+def main(out: str, family: str) -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.set_num_threads(1)
     tok = build_char_tokenizer()
-    teacher = LM(qwen2(tok, 1).eval().requires_grad_(False))  # replicated
-    student = LM(qwen2(tok, 0))
+    teacher = LM(model(family, tok, 1).eval().requires_grad_(False))  # replicated
+    student = LM(model(family, tok, 0))
     fsdp.shard(student.model)
     student.sharded = True
     per = 4 // world
@@ -76,7 +84,7 @@ def main(out: str) -> None:
                "shard_numel": sum(p.to_local().numel() for p in student.model.parameters()),
                "numel": sum(p.numel() for p in student.model.parameters())}
     if rank == 0:
-        single = LM(qwen2(tok, 0))
+        single = LM(model(family, tok, 0))
         initial = params(single.model)
         ref_loss = update(single, teacher, [batch(tok, slice(r * per, (r + 1) * per)) for r in range(world)])
         json.dump({"sharded": sharded, "single": {"loss": ref_loss, "params": params(single.model)},
@@ -87,4 +95,4 @@ def main(out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "qwen2")

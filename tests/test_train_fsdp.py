@@ -21,9 +21,10 @@ def torchrun(args: list[str], port: int, timeout: int = 400):
                            "--master_port", str(port), *args], timeout=timeout)
 
 
-def test_two_sharded_ranks_equal_one_process(tmp_path):
+@pytest.mark.parametrize("family", ["qwen2", "gemma2"])  # gemma2: tied embeddings and a softcap
+def test_two_sharded_ranks_equal_one_process(family, tmp_path):
     out = tmp_path / "result.json"
-    r = torchrun([str(ROOT / "tests" / "fsdp_equivalence.py"), str(out)], PORT)
+    r = torchrun([str(ROOT / "tests" / "fsdp_equivalence.py"), str(out), family], PORT + (family == "gemma2") * 7)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(out.read_text())
     sharded, single = res["sharded"], res["single"]
@@ -88,3 +89,22 @@ def test_fsdp_with_bf16_micro_batches_and_an_ema_self_teacher(smoke_models, tmp_
     train = [x for x in rows(out) if "loss" in x]
     assert [x["step"] for x in train] == [1, 2] and all(math.isfinite(x["loss"]) for x in train)
     assert (out / "ckpt" / "dcp" / ".metadata").is_file()
+
+
+def test_fsdp_gemma2_self_teacher_and_export_keeps_the_tied_head(tmp_path):
+    """A Gemma2 student (tied embeddings, softcap) under --fsdp with SDFT's EMA teacher; the export keeps
+    the tie and the config's softcap."""
+    from test_train_heads import build
+    from opd_train.tokenizer import build_char_tokenizer
+    tok, student, out = build_char_tokenizer(), tmp_path / "gemma2", tmp_path / "run"
+    build("gemma2", tok, 0).save_pretrained(student)
+    tok.save_pretrained(student)
+    r = torchrun([*RUN, "--method", "sdft", "--student", str(student), "--out", str(out)], PORT + 5)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert export_main([str(out), str(tmp_path / "hf")]) == 0
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    assert model.config.final_logit_softcapping == 2.0
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    initial = load_file(student / "model.safetensors")
+    assert any(not torch.equal(v, initial[k]) for k, v in load_file(tmp_path / "hf" / "model.safetensors").items())
