@@ -108,3 +108,14 @@ def test_fsdp_gemma2_self_teacher_and_export_keeps_the_tied_head(tmp_path):
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
     initial = load_file(student / "model.safetensors")
     assert any(not torch.equal(v, initial[k]) for k, v in load_file(tmp_path / "hf" / "model.safetensors").items())
+
+
+def test_ddp_micro_batches_stay_in_sync(smoke_models, tmp_path):  # noqa: F811
+    """The DDP path (no --fsdp) with micro-batches: gradients all-reduced after the last micro-batch only
+    (no_sync before it); the checkpoint's weights-in-sync check across processes passes."""
+    out = tmp_path / "ddp"
+    r = torchrun(["-m", "opd_train", "--method", "grpo", *SMOKE, "--eval-size", "8", "--save-every", "1",
+                  "--micro-batch-size", "3", "--out", str(out)], PORT + 6)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert [x["step"] for x in rows(out) if "loss" in x] == [1, 2]
+    assert (out / "ckpt" / "model" / "model.safetensors").is_file()  # DDP: a plain HF checkpoint
