@@ -5,6 +5,9 @@
 #                machine's own python and torch), then peer wheels from benchmarks/wheels/
 #                (git-ignored; offline: pip install --no-index --no-deps)   -> install.log
 #   3. tests     python -m pytest -m cuda tests/                           -> pytest_cuda.log
+#   3b. trainer  python -m opd_train on the smoke preset, 2 steps, --device cuda --dtype bf16
+#                --micro-batch-size 8 (pre-trains the tiny bundled models first if the machine has
+#                no cache)                                                   -> trainer.log, trainer/
 #   4. bench     benchmarks/run.py at the reference shapes (N=8192 V=128256 d=4096 and
 #                N=16384 V=151936 d=2048, bf16) for naive torch triton cuda + the peers
 #                (liger liger_chunked cce trl); providers run.py does not know, or that cannot
@@ -23,7 +26,7 @@
 #   Python 3.11, numpy<2.4), and again under the default venv's triton 3.9.0.
 #
 # Knobs: PYTHON (default python3), GPU_CHECK_BUDGET (total seconds, default 470),
-#   T_INSTALL (default 180), T_TESTS (default 120), BENCH_ARGS (extra run.py arguments),
+#   T_INSTALL (default 180), T_TESTS (default 120), T_TRAINER (default 90), BENCH_ARGS (extra run.py arguments),
 #   PROVIDERS / OPS (space-separated; defaults below). Exit status: 1 if any step failed.
 set -uo pipefail
 SELF="$(cd "$(dirname "$0")" && pwd)/$(basename "$0")"
@@ -34,7 +37,7 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --dry-run) DRY=1 ;;
     --step) RUN_STEP="$2"; shift ;;  # internal: run one step's function (under `timeout`)
-    -h|--help) sed -n '2,28p' "$SELF"; exit 0 ;;
+    -h|--help) sed -n '2,30p' "$SELF"; exit 0 ;;
     *) echo "gpu_check.sh: unknown argument '$1' (expected --dry-run)" >&2; exit 2 ;;
   esac
   shift
@@ -121,6 +124,13 @@ install() {
   "$PY" -c "import opd_kernels._dispatch as d; print('backends:', [(n, d._load(n)[1] or 'ok') for n in ('torch', 'triton', 'cuda')])"
 }
 
+trainer() {
+  local dev=(--device cuda --dtype bf16)
+  [ "$DRY" = 1 ] && dev=(--device cpu --dtype bf16)  # the same code paths on CPU (autocast bf16)
+  "$PY" -m opd_train --method opd --preset smoke --steps 2 --eval-every 2 --save-every 2 --eval-size 16 \
+    --micro-batch-size 8 "${dev[@]}" --out "$OUT/trainer"
+}
+
 bench() {
   # keep the providers run.py knows; name the others (added to run.py by its own change)
   local known
@@ -175,6 +185,7 @@ if [ "$DRY" = 1 ]; then  # on a machine without CUDA every cuda test is skipped 
 else
   step tests "${T_TESTS:-120}" pytest_cuda.log "$PY" -m pytest -m cuda tests/ -q -rs
 fi
+step trainer "${T_TRAINER:-90}" trainer.log
 step bench "$(( $(left) - 15 ))" bench.log
 step floor 15 floor.log
 

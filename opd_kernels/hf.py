@@ -189,7 +189,9 @@ def hidden_states(model, input_ids=None, attention_mask=None, *, through_forward
     (it all-reduces gradients only for a forward that went through it) or when the model's
     ``forward`` was replaced on the instance (accelerate's mixed-precision autocast wrapper, as
     the HF/TRL Trainer installs it with ``bf16=True``), so the hidden state is the one the model's
-    forward computes. FSDP / DeepSpeed ZeRO-3 (sharded parameters) are not supported.
+    forward computes. FSDP2 (``fully_shard`` with the model as the root): pass ``through_forward=True``,
+    so the root's forward gathers the parameters (as ``opd_train`` does with ``--fsdp``); calling the
+    backbone directly would meet sharded embeddings. DeepSpeed ZeRO-3 is not supported.
     """
     outer = model
     model = unwrap(model)

@@ -1,6 +1,8 @@
 """Atomic, resumable checkpoints in ``OUT/ckpt``.
 
-A checkpoint holds the student (HF ``save_pretrained`` model + tokenizer in ``model/``),
+A checkpoint holds the student (HF ``save_pretrained`` model + tokenizer in ``model/``; with
+``--fsdp`` only its config + tokenizer there and the model and optimizer shards as DCP in ``dcp/``,
+see `opd_train.fsdp`),
 ``state.pt`` (progress, optimizer, method state such as EMA teachers, world size, options) and
 one ``rng-RANK.pt`` per process (torch, CUDA and data RNG states). It is written to
 ``ckpt.tmp`` and swapped in (``ckpt`` -> ``ckpt.old``, ``ckpt.tmp`` -> ``ckpt``), so a crash at
@@ -15,10 +17,10 @@ from pathlib import Path
 
 import torch
 
-from . import distributed
+from . import distributed, fsdp
 from .inputs import InputError
 
-RESUME_MAY_DIFFER = {"resume", "steps", "threads", "out"}
+RESUME_MAY_DIFFER = {"resume", "steps", "threads", "out", "micro_batch_size"}  # (the same updates)
 
 
 def find(out: Path) -> Path | None:
@@ -55,18 +57,24 @@ def _rng_state(tr) -> dict:
 
 def save(tr, out: Path, opt, method, progress: dict) -> None:
     final, tmp, old = out / "ckpt", out / "ckpt.tmp", out / "ckpt.old"
-    if tr.world > 1:
+    sharded = tr.student.sharded
+    if tr.world > 1 and not sharded:  # (FSDP shards differ by design)
         distributed.check_in_sync(tr.student.model, tr.world)
     if tr.rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     distributed.barrier(tr.world)
     torch.save(_rng_state(tr), tmp / f"rng-{tr.rank}.pt")
+    if sharded:  # every process writes its shards of the student and of the optimizer state
+        fsdp.save(tr.student.model, opt, tmp / "dcp")
     if tr.rank == 0:
-        tr.student.model.save_pretrained(tmp / "model")
+        if sharded:  # config and tokenizer; the weights are in dcp/ (python -m opd_train.export)
+            tr.student.model.config.save_pretrained(tmp / "model")
+        else:
+            tr.student.model.save_pretrained(tmp / "model")
         tr.tok.save_pretrained(tmp / "model")
-        torch.save({"progress": progress, "optimizer": opt.state_dict(), "method": method.state_dict(),
-                    "world": tr.world, "args": vars(tr.args)}, tmp / "state.pt")
+        torch.save({"progress": progress, "optimizer": None if sharded else opt.state_dict(),
+                    "method": method.state_dict(), "world": tr.world, "args": vars(tr.args)}, tmp / "state.pt")
     distributed.barrier(tr.world)
     if tr.rank == 0:  # swap: ckpt -> ckpt.old, ckpt.tmp -> ckpt, drop ckpt.old
         shutil.rmtree(old, ignore_errors=True)
@@ -92,7 +100,10 @@ def restore(ckpt: Path, tr, opt, method, log) -> dict:
     check_resume_args(state["args"], tr.args)
     if state["world"] != tr.world:
         raise InputError(f"--resume: the checkpoint was written by {state['world']} processes, now {tr.world}")
-    opt.load_state_dict(state["optimizer"])
+    if tr.student.sharded:
+        fsdp.load(tr.student.model, opt, ckpt / "dcp")
+    else:
+        opt.load_state_dict(state["optimizer"])
     method.load_state_dict(state["method"])
     rng = torch.load(ckpt / f"rng-{tr.rank}.pt", weights_only=False)
     torch.set_rng_state(rng["torch"])

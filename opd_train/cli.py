@@ -28,7 +28,7 @@ import textwrap
 
 import torch
 
-from . import inputs
+from . import inputs, verifiers
 from .argtypes import domain_dir, nonneg_int, pos_float, pos_int
 from .data import EXAMPLE_ROW
 from .methods import METHODS, Method
@@ -121,7 +121,7 @@ def _epilog() -> str:
     return "\n\n".join([
         "methods:\n" + methods,
         fill('bring your own data (--data, --eval-data): a JSONL file, one JSON object per line with string '
-             'fields "prompt" and "answer" (the verifier is exact match after stripping whitespace) and '
+             'fields "prompt" and "answer" (--verifier: exact match by default) and '
              'optional "solution" (privileged context for opsd) and "feedback" (for sdpo), e.g.')
         + "\n  " + json.dumps(EXAMPLE_ROW),
         fill("bring your own models (--student, --teacher, --ref): a local Hugging Face causal LM directory "
@@ -149,6 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where to train")
     g.add_argument("--seed", type=int, default=0, help="sampling/data seed (the cached models do not depend on it)")
     g.add_argument("--resume", action="store_true", help="continue exactly from OUT/ckpt")
+    g.add_argument("--fsdp", action="store_true",
+                   help="under torchrun: shard the student with FSDP2 (each decoder layer, then the model), DCP "
+                        "checkpoints (export: python -m opd_train.export CKPT DIR); teachers are replicated")
     g.add_argument("--threads", type=pos_int, default=1,
                    help="torch CPU threads per process (tiny models gain little from more; 1 avoids oversubscription)")
 
@@ -166,6 +169,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="optimizer updates per sampled batch (>1 makes importance ratios/clipping active)")
     g.add_argument("--temperature", type=pos_float, default=1.0, help="sampling temperature (gkd has its own)")
     g.add_argument("--grad-clip", type=pos_float, default=1.0, help="max gradient norm")
+    g.add_argument("--micro-batch-size", type=pos_int,
+                   help="completions per forward/backward; gradients accumulate to exactly the whole --batch-size "
+                        "update (default: the whole batch at once)")
+    g.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
+                   help="bf16: forward passes and sampling under bf16 autocast, fp32 master weights and optimizer "
+                        "state; the fused losses accumulate in fp32")
     g.add_argument("--max-new-tokens", type=pos_int, help="generation length cap (bundled task: answer length + 2)")
 
     g = p.add_argument_group("evaluation and checkpoints")
@@ -192,6 +201,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "task's domains are its operations, e.g. --domain-teacher +=DIR --domain-teacher -=DIR)")
     g.add_argument("--data", help="JSONL with fields prompt, answer and optional solution, feedback")
     g.add_argument("--eval-data", help="held-out JSONL (default: the last eval-size rows of --data)")
+    g.add_argument("--verifier", default="exact", metavar="exact|number|MODULE:FUNCTION",
+                   help="--data rewards: exact match; number: the completion's last number equals the answer's "
+                        "(after '####' in GSM8K answers); or your fn(prompt, completion, answer) -> reward in "
+                        "[0, 1] or (reward, feedback text)")
     g.add_argument("--vocab-size", type=pos_int,
                    help="use the first N vocabulary entries of student and teacher (padded vocabularies)")
 
@@ -241,8 +254,16 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--teacher: {args.method} uses no teacher")
     if args.ref and args.method != "gopd":
         p.error("--ref is only used by --method gopd")
+    if args.fsdp and "WORLD_SIZE" not in os.environ:
+        p.error("--fsdp runs under torchrun (e.g. torchrun --nproc_per_node 2 -m opd_train --fsdp ...)")
     if args.eval_data and not args.data:
         p.error("--eval-data needs --data")
+    if args.verifier != "exact" and not args.data:
+        p.error(f"--verifier {args.verifier} needs --data (the bundled task checks its answers exactly)")
+    try:
+        verifiers.resolve(args.verifier)
+    except inputs.InputError as e:
+        p.error(str(e))
     try:
         for flag in ("--data", "--eval-data"):
             inputs.check_file(flag, getattr(args, flag[2:].replace("-", "_")))

@@ -3,8 +3,11 @@
 Each non-empty line is a JSON object with string fields ``prompt`` and ``answer`` and optional
 ``solution`` (a worked solution, used as privileged context by OPSD) and ``feedback`` (fixed
 feedback text for SDPO; without it feedback is generated from the verifier), e.g. `EXAMPLE_ROW`.
-The verifier is exact match after stripping whitespace. A file that cannot be read or a malformed
-line raises `opd_train.inputs.InputError` (a ``ValueError``): ``"FLAG FILE:LINE: ..."``.
+GSM8K's own rows load as they are: ``question`` stands for ``prompt``, and the answer is its worked
+solution ending in ``#### 42`` (check it with ``--verifier number``; `opd_train.verifiers`).
+The verifier (``--verifier``) defaults to exact match after stripping whitespace. A file that
+cannot be read or a malformed line raises `opd_train.inputs.InputError` (a ``ValueError``):
+``"FLAG FILE:LINE: ..."``.
 """
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ import random
 
 from .inputs import InputError
 from .task import Example, Task
+from .verifiers import exact
 
 FIELDS = {"prompt": True, "answer": True, "solution": False, "feedback": False}
 EXAMPLE_ROW = {"prompt": "What is 17 + 25?", "answer": "42", "solution": "7 + 5 = 12, write 2 carry 1; 1 + 2 + 1 = 4"}
@@ -27,6 +31,10 @@ def _parse_line(line: str, where: str) -> Example:
                          f"e.g. {json.dumps(EXAMPLE_ROW)}") from None
     if not isinstance(row, dict):
         raise InputError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    if "question" in row:  # GSM8K's name for the prompt
+        if "prompt" in row:
+            raise InputError(f"{where}: both 'prompt' and 'question' (GSM8K's name for it); give one")
+        row = {("prompt" if k == "question" else k): v for k, v in row.items()}
     for key, required in FIELDS.items():
         if required and key not in row:
             raise InputError(f"{where}: missing required field {key!r}")
@@ -34,7 +42,8 @@ def _parse_line(line: str, where: str) -> Example:
             raise InputError(f"{where}: field {key!r} must be a string, got {type(row[key]).__name__}")
     unknown = set(row) - set(FIELDS)
     if unknown:
-        raise InputError(f"{where}: unknown field(s) {sorted(unknown)}; expected {sorted(FIELDS)}")
+        raise InputError(f"{where}: unknown field(s) {sorted(unknown)}; expected {sorted(FIELDS)} "
+                         "('question' for 'prompt' in GSM8K rows)")
     return Example(row["prompt"], row["answer"], row.get("solution"), row.get("feedback"))
 
 
@@ -60,9 +69,11 @@ def load_jsonl(path: str, flag: str = "--data") -> list[Example]:
 
 
 class JsonlTask(Task):
-    """Training rows sampled uniformly (with replacement); held-out rows from --eval-data or the tail."""
+    """Training rows sampled uniformly (with replacement); held-out rows from --eval-data or the tail;
+    rewards and feedback from ``verifier`` (`opd_train.verifiers`)."""
 
-    def __init__(self, path: str, eval_path: str | None = None, eval_size: int = 256):
+    def __init__(self, path: str, eval_path: str | None = None, eval_size: int = 256, verifier=exact):
+        self.verifier = verifier
         rows = load_jsonl(path, "--data")
         if eval_path:
             self.train, self.eval = rows, load_jsonl(eval_path, "--eval-data")
@@ -80,10 +91,17 @@ class JsonlTask(Task):
     def eval_examples(self) -> list[Example]:
         return self.eval
 
+    def reward(self, ex: Example, completion: str) -> float:
+        return self.verifier(ex.prompt, completion, ex.answer)[0]
+
     def feedback(self, ex: Example, completion: str) -> str:
+        """The row's fixed feedback, else the verifier's text, else whether the attempt was right."""
         if ex.feedback is not None:
             return ex.feedback
-        if self.reward(ex, completion):
+        reward, text = self.verifier(ex.prompt, completion, ex.answer)
+        if text is not None:
+            return text
+        if reward >= 1:
             return "The previous attempt was correct."
         return "The previous attempt was incorrect."
 

@@ -10,9 +10,10 @@ import torch
 import torch.distributed as dist
 
 
-def init(device: str) -> tuple[int, int, torch.device]:
-    """``(rank, world size, device)``; joins the process group (gloo on CPU, nccl on GPU) under torchrun."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+def init(device: str, always: bool = False) -> tuple[int, int, torch.device]:
+    """``(rank, world size, device)``; joins the process group (gloo on CPU, nccl on GPU) under torchrun
+    (with ``always``, FSDP's case, also for a world of one)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 or (always and "WORLD_SIZE" in os.environ):
         dist.init_process_group("nccl" if device == "cuda" else "gloo")
         rank, world, local = dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))
     else:

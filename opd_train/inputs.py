@@ -3,8 +3,9 @@
 Each check runs before anything is trained and fails with `InputError`: one line that names the
 flag, the path (and line) and what was expected. `opd_train.cli` turns the static checks (files
 exist, a model directory holds the files a model needs) into argparse errors; `load_tokenizer` and
-`load_model` (used by the setup, `opd_train.trainer`) raise it for what only loading finds (a
-tokenizer without a chat template, a config that is not a causal LM), as `opd_train.data` does
+`load_model` and `view` (used by the setup, `opd_train.trainer`) raise it for what only loading finds (a
+tokenizer without a chat template, a config that is not a causal LM, a head `opd_kernels.hf` cannot see
+through), as `opd_train.data` does
 for a malformed JSONL line; `opd_train.train.main` prints those the same way,
 ``python -m opd_train: error: ...``, exit status 2.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import models, tokenizer
+from .lm import LM
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
@@ -34,6 +36,10 @@ def check_file(flag: str, path: str | None) -> None:
         raise InputError(f"{flag} {path}: no such file (expected a JSONL file; see --help for the row format)")
     if not p.is_file():
         raise InputError(f"{flag} {path}: not a file (expected a JSONL file; see --help for the row format)")
+
+
+def has_weights(path) -> bool:
+    return any((Path(path) / f).is_file() for f in WEIGHT_FILES)
 
 
 def check_model_dir(flag: str, path: str | None, *, needs_tokenizer: bool = True) -> None:
@@ -92,3 +98,12 @@ def load_model(flag: str, path, device):
         return models.load(path, device)
     except Exception as e:  # noqa: BLE001
         raise InputError(f"{flag} {path}: cannot load it as a causal LM ({_first_line(e)})") from None
+
+
+def view(flag: str, path, model, vocab_size: int | None = None, compute_dtype=None) -> LM:
+    """``model`` seen through `opd_kernels.hf` (`opd_train.lm.LM`), or an `InputError` when its head
+    cannot be seen through (the message names the model class)."""
+    try:
+        return LM(model, vocab_size, compute_dtype)
+    except ValueError as e:
+        raise InputError(f"{flag} {path}: {e}") from None

@@ -7,50 +7,20 @@ packings of the *same* completions under different prompts (the student's prompt
 prompt with privileged context) therefore give hidden states of the same shape ``[B, C, d]`` that
 line up token for token — which is what the fused distillation ops take.
 
-Models are seen through `LM`: backbone hidden states (``model.base_model``, i.e. after the final
-norm) plus the ``lm_head`` weight. Losses never build ``[B, C, V]`` logits; they call the
-`opd_kernels` fused-linear ops on ``(hidden, lm_head.weight)``.
+Models are seen through `opd_train.lm.LM` (re-exported here): backbone hidden states plus the
+real head (bias, tied, padded vocabulary, softcap, logit_scale) from `opd_kernels.hf`. Losses
+never build ``[B, C, V]`` logits; they call the fused-linear ops through `opd_train.lm`.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
-import opd_kernels as ok
-
-IGNORE = -100
-
-
-class LM(nn.Module):
-    """A causal LM as (hidden states, lm_head weight). ``forward`` returns ``[B, T, d]``.
-
-    Wrapping this module (not the HF model) in DDP keeps gradient all-reduce working while the
-    loss is computed outside ``forward`` by the fused ops.
-    """
-
-    def __init__(self, model: nn.Module, vocab_size: int | None = None):
-        super().__init__()
-        self.model = model
-        self.vocab_size = vocab_size  # use only the first vocab_size lm_head rows (padded vocabularies)
-
-    def forward(self, input_ids, attention_mask, position_ids):
-        out = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask,
-                                    position_ids=position_ids, use_cache=False)
-        return out.last_hidden_state
-
-    @property
-    def weight(self) -> torch.Tensor:
-        w = self.model.get_output_embeddings().weight
-        return w if self.vocab_size is None else w[: self.vocab_size]
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        b = getattr(self.model.get_output_embeddings(), "bias", None)
-        return b if b is None or self.vocab_size is None else b[: self.vocab_size]
+from .lm import IGNORE, LM, logprobs_at, teacher_topk  # noqa: F401 - re-exported: methods use R.LM, R.teacher_topk
+from .lm import token_logprobs as lm_token_logprobs
 
 
 # -- encoding ---------------------------------------------------------------------------------
@@ -147,21 +117,22 @@ def completion_hidden(lm: nn.Module, s: Seqs) -> torch.Tensor:
 
 def token_logprobs(lm: LM, hidden: torch.Tensor, s: Seqs, temperature: float = 1.0) -> torch.Tensor:
     """``log p(y_t)`` of the completion tokens, ``[B, C]``, 0 at padding (fused: no logits built)."""
-    return ok.fused_linear_token_logprobs(hidden, lm.weight, s.targets, bias=lm.bias,
-                                          temperature=temperature, ignore_index=IGNORE)
+    return lm_token_logprobs(lm, hidden, s.targets, temperature)
 
 
 # -- sampling ---------------------------------------------------------------------------------
 @torch.no_grad()
 def generate(model: nn.Module, tok, prompts: list[list[int]], *, max_new_tokens: int,
-             temperature: float = 1.0, greedy: bool = False,
-             vocab_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+             temperature: float = 1.0, greedy: bool = False, vocab_size: int | None = None,
+             synced: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample one completion per prompt with HF ``generate`` (KV cache).
 
     Returns ``(completion [B, C], mask [B, C])``; the mask covers tokens up to and including the
     first EOS (all tokens if none was produced). Sampling is plain ancestral sampling at
     ``temperature`` (no top-k/top-p), so the samples follow the policy the losses assume. With
     ``vocab_size`` only the first ``vocab_size`` tokens can be drawn (the `LM` of the losses).
+    ``synced``: every process runs the same number of forward passes (an FSDP-sharded model, whose
+    forward is a collective), until all are done.
     """
     dev = next(model.parameters()).device
     ids, am = left_pad(prompts, tok.pad_token_id)
@@ -173,6 +144,8 @@ def generate(model: nn.Module, tok, prompts: list[list[int]], *, max_new_tokens:
     was_training = model.training
     model.eval()
     extra = {} if vocab_size is None else {"logits_processor": LogitsProcessorList([_FirstTokens(vocab_size)])}
+    if synced:
+        extra["synced_gpus"] = True
     out = model.generate(input_ids=ids.to(dev), attention_mask=am.to(dev), generation_config=cfg, **extra)
     model.train(was_training)
     comp = out[:, p:]
@@ -200,17 +173,18 @@ def decode(tok, completion: torch.Tensor, mask: torch.Tensor) -> list[str]:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, tok, task, examples, *, max_new_tokens: int | None = None,
-             batch_size: int = 512, vocab_size: int | None = None, prompt=None) -> float:
+             batch_size: int = 512, vocab_size: int | None = None, prompt=None, synced: bool = False) -> float:
     """Held-out exact-match accuracy of greedy decoding; ``prompt(ex)`` gives the user message
     (default: the plain prompt, no privileged context)."""
     scores = evaluate_each(model, tok, task, examples, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                           vocab_size=vocab_size, prompt=prompt)
+                           vocab_size=vocab_size, prompt=prompt, synced=synced)
     return sum(scores) / max(1, len(examples))
 
 
 @torch.no_grad()
 def evaluate_each(model: nn.Module, tok, task, examples, *, max_new_tokens: int | None = None,
-                  batch_size: int = 512, vocab_size: int | None = None, prompt=None) -> list[float]:
+                  batch_size: int = 512, vocab_size: int | None = None, prompt=None,
+                  synced: bool = False) -> list[float]:
     """`evaluate`'s verifier reward of each example (for accuracies per domain)."""
     max_new_tokens = max_new_tokens or task.max_answer_chars + 2
     prompt = prompt or (lambda ex: ex.prompt)
@@ -218,38 +192,6 @@ def evaluate_each(model: nn.Module, tok, task, examples, *, max_new_tokens: int 
     for i in range(0, len(examples), batch_size):
         exs = examples[i: i + batch_size]
         comp, mask = generate(model, tok, encode_prompts(tok, [prompt(ex) for ex in exs]),
-                              max_new_tokens=max_new_tokens, greedy=True, vocab_size=vocab_size)
+                              max_new_tokens=max_new_tokens, greedy=True, vocab_size=vocab_size, synced=synced)
         scores += [task.reward(ex, text) for ex, text in zip(exs, decode(tok, comp, mask))]
     return scores
-
-
-@torch.no_grad()
-def teacher_topk(lm: LM, hidden: torch.Tensor, k: int, temperature: float = 1.0,
-                 chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-``k`` token ids and their full-vocabulary-normalised log-probs, ``[..., k]`` each.
-
-    This is how a served teacher's top-k logprobs look (SDPO uses top-100). Logits exist only
-    for ``chunk`` rows at a time, without gradient.
-    """
-    flat = hidden.reshape(-1, hidden.shape[-1])
-    ids, lps = [], []
-    for rows in flat.split(chunk):
-        logits = F.linear(rows, lm.weight, lm.bias).float() / temperature
-        val, idx = logits.topk(k, dim=-1)
-        ids.append(idx)
-        lps.append(val - logits.logsumexp(-1, keepdim=True))
-    shape = (*hidden.shape[:-1], k)
-    return torch.cat(ids).view(shape), torch.cat(lps).view(shape)
-
-
-@torch.no_grad()
-def logprobs_at(lm: LM, hidden: torch.Tensor, ids: torch.Tensor, temperature: float = 1.0,
-                chunk: int = 1024) -> torch.Tensor:
-    """Full-vocabulary-normalised log-probs of ``lm`` at the given token ids ``[..., k]`` (e.g. the
-    student's top-k, scored by a teacher as SDPO's reference does). ``chunk`` rows of logits at a time."""
-    flat, flat_ids = hidden.reshape(-1, hidden.shape[-1]), ids.reshape(-1, ids.shape[-1])
-    out = []
-    for rows, idx in zip(flat.split(chunk), flat_ids.split(chunk)):
-        logits = F.linear(rows, lm.weight, lm.bias).float() / temperature
-        out.append(logits.gather(-1, idx) - logits.logsumexp(-1, keepdim=True))
-    return torch.cat(out).view(ids.shape)

@@ -3,8 +3,9 @@
     for step in 1..steps:
         examples = task.sample(...)             # prompts (per process, own RNG stream)
         batch = method.prepare(examples)        # student samples, teacher passes (no grad)
-        loss = method.loss(batch)               # fused-op loss on the student's hidden states
-        loss.backward(); clip; optimizer.step(); method.after_step()
+        for micro in micro_batches(batch):      # --micro-batch-size: gradient accumulation (opd_train.step)
+            method.loss(micro).backward()       # fused-op loss on the student's hidden states
+        clip; optimizer.step(); method.after_step()
         log a metrics row; every eval_every steps: held-out greedy exact match; checkpoint
 
 Setup is `opd_train.trainer.build` (task, models, tokenizer, checks); outputs in ``--out`` are
@@ -35,19 +36,17 @@ import transformers
 from tqdm.auto import tqdm
 
 from . import checkpoint, cli, distributed, trainer
+from .step import NonFiniteLoss, accumulate, micro_batches, optimizer_step
 from . import rollout as R
 from .inputs import InputError
+from .lm import autocast
 from .methods import METHODS
 from .metrics import Metrics, summarize
 
 
-class NonFiniteLoss(RuntimeError):
-    pass
-
-
 def run(args) -> dict:
     # -- setup: processes, task, models, method, optimizer, resumed state, metrics -----------------
-    rank, world, device = distributed.init(args.device)
+    rank, world, device = distributed.init(args.device, always=args.fsdp)
     torch.set_num_threads(args.threads)
     transformers.logging.disable_progress_bar()  # no "Loading weights" bars around ours
     log = (lambda *a: tqdm.write(" ".join(map(str, a)))) if rank == 0 else (lambda *a: None)
@@ -70,11 +69,16 @@ def run(args) -> dict:
     prior_task = trainer.make_prior_task(args)
 
     def evaluate(step: int) -> float:
-        acc = 0.0
-        if rank == 0:
+        acc, sharded = 0.0, tr.student.sharded
+        if rank == 0 or sharded:  # a sharded student's forward is a collective: every process decodes
             exs = task.eval_examples()
-            scores = R.evaluate_each(tr.student.model, tr.tok, task, exs, max_new_tokens=tr.max_new_tokens,
-                                     vocab_size=tr.vocab_size)
+            with autocast(device, tr.student.compute_dtype):  # greedy decoding in the training precision
+                scores = R.evaluate_each(tr.student.model, tr.tok, task, exs, max_new_tokens=tr.max_new_tokens,
+                                         vocab_size=tr.vocab_size, synced=sharded)
+                prior = None if prior_task is None else R.evaluate(
+                    tr.student.model, tr.tok, prior_task, prior_task.eval_examples(), vocab_size=tr.vocab_size,
+                    synced=sharded)
+        if rank == 0:
             acc = sum(scores) / max(1, len(scores))
             row = {"step": step, "eval_accuracy": acc, "samples": progress["samples"],
                    "completion_tokens": progress.get("completion_tokens", 0)}
@@ -83,9 +87,8 @@ def run(args) -> dict:
                 domains.setdefault(task.domain(ex), []).append(score)
             if len(domains) > 1:  # e.g. "+" and "-": the multi-teacher claim compares per domain
                 row["eval_accuracy_by_domain"] = {d: sum(v) / len(v) for d, v in sorted(domains.items())}
-            if prior_task is not None:  # the prior skill (--prior-ops): forgetting
-                row["prior_accuracy"] = R.evaluate(tr.student.model, tr.tok, prior_task,
-                                                   prior_task.eval_examples(), vocab_size=tr.vocab_size)
+            if prior is not None:  # the prior skill (--prior-ops): forgetting
+                row["prior_accuracy"] = prior
             row.update(method.eval_metrics())  # e.g. the self-teacher's accuracy with its context
             metrics.log(row)
         distributed.barrier(world)
@@ -104,10 +107,10 @@ def run(args) -> dict:
         batch = method.prepare(task.sample(tr.rng, prompts_per_step))
         for group in opt.param_groups:
             group["lr"] = lr_at(args, step)
+        micros = micro_batches(method, batch, args.micro_batch_size)
         for _ in range(args.epochs_per_batch):
-            loss, extra = method.loss(batch)
-            if step == nan_step:
-                loss = loss * float("nan")
+            opt.zero_grad(set_to_none=True)
+            loss, extra = accumulate(tr, method, micros, poison=step == nan_step)
             optimizer_step(tr, opt, loss, step, out)
             method.after_step()
         dt = time.perf_counter() - t0
@@ -132,7 +135,7 @@ def run(args) -> dict:
     if rank == 0:
         summary = summarize(metrics, out, f"{args.method} ({args.preset} preset)", len(task.eval_examples()),
                             progress["train_seconds"], log)
-    if world > 1:
+    if dist.is_initialized():
         dist.destroy_process_group()
     return summary
 
@@ -147,24 +150,6 @@ def lr_at(args, step: int) -> float:
         done = (step - warmup) / max(1, args.steps - warmup + 1)  # < 1: the last step still moves
         factor = 0.5 * (1.0 + math.cos(math.pi * done))
     return args.lr * factor
-
-
-def optimizer_step(tr: trainer.Trainer, opt, loss: torch.Tensor, step: int, out: Path) -> None:
-    """Backward, clip, step; a non-finite loss or gradient on any process stops the run (`NonFiniteLoss`)."""
-    opt.zero_grad(set_to_none=True)
-    finite = torch.isfinite(loss.detach()).float()
-    if finite.item():
-        loss.backward()
-        finite = torch.isfinite(torch.nn.utils.clip_grad_norm_(tr.student.model.parameters(),
-                                                               tr.args.grad_clip)).float()
-    if tr.world > 1:
-        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-    if not finite.item():
-        last = checkpoint.find(out)
-        where = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
-        raise NonFiniteLoss(f"non-finite loss or gradient at step {step} (method {tr.args.method}, "
-                            f"loss {loss.item()}); stopping, {where}")
-    opt.step()
 
 
 def train_row(tr: trainer.Trainer, step: int, loss: torch.Tensor, batch: dict, dt: float, progress: dict) -> dict:

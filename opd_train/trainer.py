@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from . import cli, distributed, inputs
+from . import cli, distributed, fsdp, inputs, verifiers
 from . import rollout as R
 from .data import JsonlTask
 from .inputs import InputError
@@ -24,13 +24,16 @@ from .models import PRETRAIN_SEED, get_pretrained
 from .task import ArithmeticTask
 
 
+COMPUTE_DTYPES = {"fp32": None, "bf16": torch.bfloat16}  # --dtype -> autocast dtype (None: off)
+
+
 @dataclass
 class Trainer:
     """What methods see: models, tokenizer, task, options and the data RNG."""
     args: object
     task: object
     tok: object
-    student: R.LM               # the trained model, seen as (hidden states, lm_head weight)
+    student: R.LM               # the trained model, seen as (hidden states, real head: `opd_train.lm`)
     student_fwd: torch.nn.Module  # student or its DDP wrapper: call it for hidden states with grad
     teacher: R.LM | None
     student_path: str           # the student's initial weights (OPSD teacher, G-OPD reference)
@@ -48,7 +51,7 @@ def make_task(args):
     if args.data:
         if getattr(args, "eval_split", "test") != "test":
             raise InputError("--eval-split validation: only the bundled task has a validation split")
-        return JsonlTask(args.data, args.eval_data, args.eval_size)
+        return JsonlTask(args.data, args.eval_data, args.eval_size, verifiers.resolve(args.verifier))
     return ArithmeticTask(args.digits, args.ops, eval_size=args.eval_size, split=getattr(args, "eval_split", "test"))
 
 
@@ -109,12 +112,15 @@ def build(args, task, ckpt: Path | None, rank: int, world: int, device: torch.de
     student_path, teacher_path = model_paths(args, task, rank, world, log)
     torch.manual_seed(args.seed + rank)
     tok = inputs.load_tokenizer("--student", student_path, log)
-    student = inputs.load_model("--student", ckpt / "model" if ckpt else student_path, device)
+    # a resumed student's weights: ckpt/model, or (--fsdp) the DCP shards that `checkpoint.restore` loads
+    weights = ckpt / "model" if ckpt and inputs.has_weights(ckpt / "model") else student_path
+    student = inputs.load_model("--student", weights, device)
     teacher = tok_t = None
     if teacher_path:
         teacher = inputs.load_model("--teacher", teacher_path, device).eval().requires_grad_(False)
         tok_t = inputs.load_tokenizer("--teacher", teacher_path, log)
     vocab_size = check_compatible(tok, tok_t, student, teacher, args.vocab_size, student_path, teacher_path)
+    dtype = COMPUTE_DTYPES[getattr(args, "dtype", "fp32")]  # the parameters stay fp32 (master weights)
     domain_teachers = None
     if args.domain_teacher:
         domain_teachers = {}
@@ -122,12 +128,16 @@ def build(args, task, ckpt: Path | None, rank: int, world: int, device: torch.de
             model = inputs.load_model("--domain-teacher", path, device).eval().requires_grad_(False)
             check_compatible(tok, inputs.load_tokenizer("--domain-teacher", path, log), student, model,
                              vocab_size, student_path, path)
-            domain_teachers[domain] = R.LM(model, vocab_size)
-    lm = R.LM(student, vocab_size).train()
+            domain_teachers[domain] = inputs.view("--domain-teacher", path, model, vocab_size, dtype)
+    lm = inputs.view("--student", student_path, student, vocab_size, dtype).train()
+    teacher_lm = None if teacher is None else inputs.view("--teacher", teacher_path, teacher, vocab_size, dtype)
     fwd = lm
-    if world > 1:
+    if getattr(args, "fsdp", False):  # FSDP2: the student's parameters sharded in place (opd_train.fsdp)
+        fsdp.shard(student, dtype)
+        lm.sharded = True
+    elif world > 1:
         fwd = torch.nn.parallel.DistributedDataParallel(lm, device_ids=[device.index] if device.type == "cuda" else None)
-    return Trainer(args, task, tok, lm, fwd, R.LM(teacher, vocab_size) if teacher is not None else None,
+    return Trainer(args, task, tok, lm, fwd, teacher_lm,
                    str(student_path), device, random.Random(f"{args.seed}-{rank}"),
                    args.max_new_tokens or task.max_answer_chars + 2, vocab_size, rank, world,
                    str(teacher_path) if teacher_path else None, domain_teachers)

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import opd_kernels as ok
 from opd_train import claims, cli
 from opd_train import rollout as R
 from opd_train.methods.grpo import group_advantages
@@ -96,14 +97,12 @@ def test_sdpo_teacher_contexts_sibling_self_success_and_feedback():
 def test_logprobs_at_equals_full_log_softmax_gather():
     torch.manual_seed(0)
 
-    class Head:
-        weight, bias = torch.randn(11, 5), torch.randn(11)
-
+    head = ok.hf.Head(torch.randn(11, 5), torch.randn(11))
     h, ids = torch.randn(3, 4, 5), torch.randint(0, 11, (3, 4, 6))
-    ref = torch.log_softmax(h @ Head.weight.T + Head.bias, -1).gather(-1, ids)
-    torch.testing.assert_close(R.logprobs_at(Head, h, ids, chunk=5), ref)
-    top_ids, top_lp = R.teacher_topk(Head, h, 6)
-    torch.testing.assert_close(R.logprobs_at(Head, h, top_ids), top_lp)  # student-side ids, same numbers
+    ref = torch.log_softmax(h @ head.weight.T + head.bias, -1).gather(-1, ids)
+    torch.testing.assert_close(R.logprobs_at(head, h, ids, chunk=5), ref)
+    top_ids, top_lp = R.teacher_topk(head, h, 6)
+    torch.testing.assert_close(R.logprobs_at(head, h, top_ids), top_lp)  # student-side ids, same numbers
 
 
 # -- the new options end to end (smoke preset) ------------------------------------------------------

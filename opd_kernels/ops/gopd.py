@@ -87,6 +87,8 @@ def gopd_advantages(teacher_logprobs, ref_logprobs, old_logprobs, *, reward_scal
                              f"got {tuple(x.shape)}")
     check_same_device(**dict(zip(names, xs)))
     check_options(reward_scale=reward_scale)
-    t, r, o = (x.detach().float() for x in xs)
+    acc = torch.promote_types(torch.promote_types(teacher_logprobs.dtype, ref_logprobs.dtype),
+                              torch.promote_types(old_logprobs.dtype, torch.float32))  # fp32 at least
+    t, r, o = (x.detach().to(acc) for x in xs)
     with torch.no_grad():
         return reward_scale * (t - r) - (o - r)

@@ -11,7 +11,7 @@ step, `after_step` (EMA teachers), metrics, evaluation and checkpoints.
 """
 from __future__ import annotations
 
-from .base import EMATeacher, Method, masked_mean
+from .base import EMATeacher, Method
 from .gkd import GKD
 from .gopd import GOPD
 from .grpo import GRPO
@@ -24,4 +24,4 @@ from .sft import SFT
 
 METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (SFT, SeqKD, GRPO, GKD, OPD, OPSD, SDFT, SDPO, GOPD)}
 
-__all__ = ["METHODS", "EMATeacher", "Method", "masked_mean"]
+__all__ = ["METHODS", "EMATeacher", "Method"]

@@ -4,8 +4,10 @@ from __future__ import annotations
 import copy
 
 import torch
+from transformers import AutoModelForCausalLM
 
 from .. import rollout as R
+from ..lm import autocast, full
 
 
 class Method:
@@ -56,8 +58,10 @@ class Method:
         tr = self.tr
         exs = [ex for ex in examples for _ in range(n)]
         prompts = R.encode_prompts(tr.tok, [ex.prompt for ex in exs])
-        comp, mask = R.generate(model or tr.student.model, tr.tok, prompts, max_new_tokens=tr.max_new_tokens,
-                                temperature=temperature, vocab_size=tr.vocab_size)
+        with autocast(tr.device, tr.student.compute_dtype):
+            comp, mask = R.generate(model or tr.student.model, tr.tok, prompts, max_new_tokens=tr.max_new_tokens,
+                                    temperature=temperature, vocab_size=tr.vocab_size,
+                                    synced=model is None and tr.student.sharded)
         texts = R.decode(tr.tok, comp, mask)
         rewards = torch.tensor([tr.task.reward(ex, t) for ex, t in zip(exs, texts)], device=tr.device)
         return {"examples": exs, "texts": texts, "rewards": rewards,
@@ -91,6 +95,37 @@ class Method:
     def frozen_hidden(lm: R.LM, seqs: R.Seqs) -> torch.Tensor:
         return R.completion_hidden(lm, seqs)
 
+    # -- normalisers and micro-batches ----------------------------------------------------------
+    def normalizers(self, batch: dict) -> dict[str, torch.Tensor]:
+        """The counts this method's loss divides by, over the whole batch. Micro-batches of it share
+        them (``batch["norm"]``, set by `opd_train.step.micro_batches`), so their losses add up to
+        the whole batch's loss and their gradients to its gradient."""
+        return {"tokens": batch["seqs"].mask.sum()}
+
+    def norm(self, batch: dict, name: str = "tokens") -> torch.Tensor:
+        """The whole batch's count ``name`` (at least 1)."""
+        n = batch["norm"][name] if "norm" in batch else self.normalizers(batch)[name]
+        return n.clamp(min=1)
+
+    def mean(self, batch: dict, x: torch.Tensor, mask: torch.Tensor, name: str = "tokens") -> torch.Tensor:
+        """``Σ x`` over ``mask`` / the whole batch's count ``name`` (the masked mean on a whole batch)."""
+        return (x * mask).sum() / self.norm(batch, name)
+
+    def split(self, batch: dict, rows: slice) -> dict:
+        """Rows ``rows`` of a prepared batch (views): per-row entries (the packed sequences, tensors
+        and lists with one entry per completion) are cut, per-batch ones (fractions, ``norm``) kept."""
+        n = batch["seqs"].completion.shape[0]
+        out = {}
+        for key, v in batch.items():
+            if isinstance(v, R.Seqs):
+                out[key] = R.select(v, rows)
+            elif (isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == n) or \
+                    (isinstance(v, list) and len(v) == n):
+                out[key] = v[rows]
+            else:
+                out[key] = v
+        return out
+
     def old_logprobs(self, batch: dict, logprobs: torch.Tensor) -> torch.Tensor:
         """``log π_old`` of the sampled tokens: the policy that sampled them.
 
@@ -105,17 +140,18 @@ class EMATeacher:
     """A frozen copy of the student that tracks it, ``θ_T ← (1 − rate) θ_T + rate θ``, or, with
     ``frozen``, stays the student at initialisation (SDFT/SDPO ``--*-teacher frozen``)."""
 
-    def __init__(self, student: torch.nn.Module, rate: float, vocab_size: int | None = None, frozen: bool = False):
+    def __init__(self, student: torch.nn.Module, rate: float, vocab_size: int | None = None, frozen: bool = False,
+                 compute_dtype: torch.dtype | None = None):
         self.rate, self.frozen = rate, frozen
-        self.model = copy.deepcopy(student).eval().requires_grad_(False)
-        self.lm = R.LM(self.model, vocab_size)
+        self.model = student_copy(student).eval().requires_grad_(False)
+        self.lm = R.LM(self.model, vocab_size, compute_dtype)
 
     @torch.no_grad()
     def update(self, student: torch.nn.Module) -> None:
         if self.frozen:
             return
         for t, s in zip(self.model.parameters(), student.parameters()):
-            t.lerp_(s.detach(), self.rate)
+            t.lerp_(full(s.detach()).to(t.dtype), self.rate)  # an FSDP shard is gathered whole
 
     def state_dict(self) -> dict:
         return self.model.state_dict()
@@ -124,6 +160,12 @@ class EMATeacher:
         self.model.load_state_dict(state)
 
 
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return (x * mask).sum() / mask.sum().clamp(min=1)
-
+def student_copy(student: torch.nn.Module) -> torch.nn.Module:
+    """A plain (unsharded) copy of the student: ``deepcopy``, or under FSDP the same architecture with
+    every parameter gathered whole (a collective: every process calls it)."""
+    if not any(hasattr(p, "full_tensor") for p in student.parameters()):
+        return copy.deepcopy(student)
+    copied = AutoModelForCausalLM.from_config(student.config)
+    state = {k: full(v.detach()) for k, v in student.state_dict().items()}
+    copied.load_state_dict(state)
+    return copied.to(next(iter(state.values())).device)

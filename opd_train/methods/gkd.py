@@ -8,9 +8,8 @@ and the external teacher on every completion token (``--gkd-beta``, 0.5; β=0 is
 """
 from __future__ import annotations
 
-import opd_kernels as ok
-
 from ..argtypes import pos_float, unit
+from ..lm import distill_loss
 from .base import Method
 
 
@@ -36,8 +35,6 @@ class GKD(Method):
 
     def loss(self, b):
         s, tr = b["seqs"], self.tr
-        loss = ok.fused_linear_distill_loss(
-            self.student_hidden(s), tr.student.weight, b["teacher_hidden"], tr.teacher.weight,
-            student_bias=tr.student.bias, teacher_bias=tr.teacher.bias,
-            divergence="jsd", beta=self.args.gkd_beta, mask=s.mask)
-        return loss, {"on_policy": b["on_policy"]}
+        loss = distill_loss(tr.student, self.student_hidden(s), tr.teacher, b["teacher_hidden"],
+                            divergence="jsd", beta=self.args.gkd_beta, mask=s.mask, reduction="sum")
+        return loss / self.norm(b), {"on_policy": b["on_policy"]}

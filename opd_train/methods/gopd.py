@@ -27,9 +27,10 @@ import torch
 import opd_kernels as ok
 
 from .. import rollout as R
-from ..inputs import InputError, load_model
+from ..inputs import InputError, load_model, view
+from ..lm import gopd_loss
 from ..argtypes import pos_float
-from .base import Method, masked_mean
+from .base import Method
 from .grpo import clipped_surrogate
 
 
@@ -53,9 +54,10 @@ class GOPD(Method):
 
     def __init__(self, tr):
         super().__init__(tr)
-        ref = load_model("--ref", self.ref_path(), tr.device).eval().requires_grad_(False)
-        self.ref = R.LM(ref, tr.vocab_size)
-        v_ref, v_s = self.ref.weight.shape[0], tr.student.weight.shape[0]
+        path = self.ref_path()
+        ref = load_model("--ref", path, tr.device).eval().requires_grad_(False)
+        self.ref = view("--ref", path, ref, tr.vocab_size, tr.student.compute_dtype)
+        v_ref, v_s = self.ref.rows, tr.student.rows
         if v_ref != v_s:
             raise InputError(f"--ref {self.args.ref}: its lm_head has {v_ref} rows, the student's {v_s}; "
                              "the reference needs the student's vocabulary (--vocab-size N uses the first N of each)")
@@ -98,12 +100,27 @@ class GOPD(Method):
         b["ref_hidden"] = self.frozen_hidden(self.ref, s)
         if self.args.gopd_loss == "sampled":
             with torch.no_grad():
-                lp_t = torch.zeros(s.mask.shape, device=tr.device)
+                lp_t = None
                 for d, (rows, h_t) in b["groups"].items():
-                    lp_t[rows] = R.token_logprobs(self.teachers[d], h_t, R.select(s, rows))
+                    lp = R.token_logprobs(self.teachers[d], h_t, R.select(s, rows))
+                    lp_t = lp.new_zeros(s.mask.shape) if lp_t is None else lp_t
+                    lp_t[rows] = lp
                 b["teacher_logprobs"] = lp_t
                 b["ref_logprobs"] = R.token_logprobs(self.ref, b["ref_hidden"], s)
         return b
+
+    def split(self, b, rows: slice):
+        """As `Method.split`, with each domain's rows renumbered within the micro-batch."""
+        out = super().split({k: v for k, v in b.items() if k != "groups"}, rows)
+        groups = {}
+        for d, (idx, h_t) in b["groups"].items():
+            if isinstance(idx, slice):  # every row
+                groups[d] = (idx, h_t[rows])
+            else:
+                keep = (idx >= rows.start) & (idx < rows.stop)
+                groups[d] = (idx[keep] - rows.start, h_t[keep])
+        out["groups"] = groups
+        return out
 
     def loss(self, b):
         s, tr, a = b["seqs"], self.tr, self.args
@@ -111,13 +128,11 @@ class GOPD(Method):
         if a.gopd_loss == "fullvocab":
             total = h.new_zeros(())
             for d, (rows, h_t) in b["groups"].items():
-                t = self.teachers[d]
-                total = total + ok.fused_linear_gopd_loss(
-                    h[rows], tr.student.weight, h_t, t.weight, b["ref_hidden"][rows], self.ref.weight,
-                    student_bias=tr.student.bias, teacher_bias=t.bias, ref_bias=self.ref.bias,
+                total = total + gopd_loss(
+                    tr.student, h[rows], self.teachers[d], h_t, self.ref, b["ref_hidden"][rows],
                     reward_scale=a.gopd_reward_scale, mask=s.mask[rows], reduction="sum")
-            return total / s.mask.sum().clamp(min=1), {}
+            return total / self.norm(b), {}
         lp = R.token_logprobs(tr.student, h, s)
         old = self.old_logprobs(b, lp)
         adv = ok.gopd_advantages(b["teacher_logprobs"], b["ref_logprobs"], old, reward_scale=a.gopd_reward_scale)
-        return masked_mean(clipped_surrogate(lp, old, adv, a.ppo_clip), s.mask), {}
+        return self.mean(b, clipped_surrogate(lp, old, adv, a.ppo_clip), s.mask), {}

@@ -18,7 +18,7 @@ import torch
 
 from .. import rollout as R
 from ..argtypes import pos_float
-from .base import Method, masked_mean
+from .base import Method
 
 
 def clipped_surrogate(logprobs, old_logprobs, adv, clip: float):
@@ -69,6 +69,9 @@ class GRPO(Method):
         lp = R.token_logprobs(self.tr.student, self.student_hidden(s), s)
         old = self.old_logprobs(b, lp)
         per = clipped_surrogate(lp, old, b["advantages"][:, None], self.args.ppo_clip)
-        if self.args.grpo_loss_norm == "max-tokens":
-            return (per * s.mask).sum() / (s.mask.shape[0] * self.tr.max_new_tokens), {}
-        return masked_mean(per, s.mask), {}
+        return self.mean(b, per, s.mask, "max_tokens" if self.args.grpo_loss_norm == "max-tokens" else "tokens"), {}
+
+    def normalizers(self, b):
+        s = b["seqs"]
+        return {"tokens": s.mask.sum(),
+                "max_tokens": torch.tensor(float(s.mask.shape[0] * self.tr.max_new_tokens), device=s.mask.device)}

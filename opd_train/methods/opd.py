@@ -13,10 +13,9 @@ from __future__ import annotations
 
 import torch
 
-import opd_kernels as ok
-
 from .. import rollout as R
-from .base import Method, masked_mean
+from ..lm import distill_loss
+from .base import Method
 
 
 class OPD(Method):
@@ -46,12 +45,11 @@ class OPD(Method):
         s, tr = b["seqs"], self.tr
         h = self.student_hidden(s)
         if self.args.opd_loss == "fullvocab":
-            loss = ok.fused_linear_distill_loss(h, tr.student.weight, b["teacher_hidden"], tr.teacher.weight,
-                                                student_bias=tr.student.bias, teacher_bias=tr.teacher.bias,
-                                                divergence="reverse_kl", mask=s.mask)
-            return loss, {}
+            loss = distill_loss(tr.student, h, tr.teacher, b["teacher_hidden"], divergence="reverse_kl",
+                                mask=s.mask, reduction="sum")
+            return loss / self.norm(b), {}
         lp = R.token_logprobs(tr.student, h, s)
         old = self.old_logprobs(b, lp)
         adv = b["teacher_logprobs"] - old  # −(per-token reverse KL estimate), detached
-        loss = masked_mean(-torch.exp(lp - old) * adv, s.mask)
-        return loss, {"reverse_kl": masked_mean(-adv, s.mask).item()}
+        loss = self.mean(b, -torch.exp(lp - old) * adv, s.mask)
+        return loss, {"reverse_kl": ((-adv * s.mask).sum() / s.mask.sum().clamp(min=1)).item()}

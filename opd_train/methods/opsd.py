@@ -10,12 +10,11 @@ context (measured once; the teacher does not change), the ceiling of what it can
 """
 from __future__ import annotations
 
-import opd_kernels as ok
-
 from .. import rollout as R
+from ..lm import distill_loss
 from ..models import load
 from ..argtypes import pos_float, unit
-from .base import Method, masked_mean
+from .base import Method
 
 
 class OPSD(Method):
@@ -34,7 +33,8 @@ class OPSD(Method):
     def __init__(self, tr):
         super().__init__(tr)
         # frozen copy of the initial student (reloaded from its directory, so resume needs nothing extra)
-        self.teacher = R.LM(load(tr.student_path, tr.device).eval().requires_grad_(False), tr.vocab_size)
+        self.teacher = R.LM(load(tr.student_path, tr.device).eval().requires_grad_(False), tr.vocab_size,
+                            tr.student.compute_dtype)
 
     def eval_metrics(self):
         if not hasattr(self, "_teacher_acc"):
@@ -49,10 +49,8 @@ class OPSD(Method):
 
     def loss(self, b):
         s, tr, a = b["seqs"], self.tr, self.args
-        per = ok.fused_linear_distill_loss(self.student_hidden(s), tr.student.weight, b["teacher_hidden"],
-                                           self.teacher.weight, student_bias=tr.student.bias,
-                                           teacher_bias=self.teacher.bias, divergence=a.opsd_divergence,
-                                           beta=a.opsd_beta, mask=s.mask, reduction="none")
+        per = distill_loss(tr.student, self.student_hidden(s), self.teacher, b["teacher_hidden"],
+                           divergence=a.opsd_divergence, beta=a.opsd_beta, mask=s.mask, reduction="none")
         if a.opsd_clip is not None:
             per = per.clamp(max=a.opsd_clip)  # clipped tokens give no gradient
-        return masked_mean(per, s.mask), {}
+        return self.mean(b, per, s.mask), {}

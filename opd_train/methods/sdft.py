@@ -14,9 +14,8 @@ warmup and cosine decay (``--lr-schedule cosine --warmup-steps N``).
 """
 from __future__ import annotations
 
-import opd_kernels as ok
-
 from ..argtypes import nonneg_int, rate
+from ..lm import distill_loss
 from .base import EMATeacher, Method
 
 
@@ -38,7 +37,7 @@ class SDFT(Method):
     def __init__(self, tr):
         super().__init__(tr)
         self.ema = EMATeacher(tr.student.model, self.args.sdft_ema, tr.vocab_size,
-                              frozen=self.args.sdft_teacher == "frozen")
+                              frozen=self.args.sdft_teacher == "frozen", compute_dtype=tr.student.compute_dtype)
 
     def prepare(self, examples):
         b = self.rollout(examples, self.samples_per_prompt, self.args.temperature)
@@ -48,12 +47,18 @@ class SDFT(Method):
 
     def loss(self, b):
         s, tr = b["seqs"], self.tr
+        loss = distill_loss(tr.student, self.student_hidden(s), self.ema.lm, b["teacher_hidden"],
+                            divergence="forward_kl", mask=self.distilled(s), reduction="sum")
+        return loss / self.norm(b), {}
+
+    def distilled(self, s):
+        """The completion tokens in the loss: all but the first ``--sdft-skip-tokens``."""
         mask = s.mask.clone()
         mask[:, : self.args.sdft_skip_tokens] = False
-        loss = ok.fused_linear_distill_loss(self.student_hidden(s), tr.student.weight, b["teacher_hidden"],
-                                            self.ema.lm.weight, student_bias=tr.student.bias,
-                                            teacher_bias=self.ema.lm.bias, divergence="forward_kl", mask=mask)
-        return loss, {}
+        return mask
+
+    def normalizers(self, b):
+        return {"tokens": self.distilled(b["seqs"]).sum()}
 
     def after_step(self):
         self.ema.update(self.tr.student.model)
