@@ -5,6 +5,8 @@ import copy
 
 import torch
 
+import opd_kernels as ok
+
 from .. import rollout as R
 
 
@@ -90,6 +92,14 @@ class Method:
     @torch.no_grad()
     def frozen_hidden(lm: R.LM, seqs: R.Seqs) -> torch.Tensor:
         return R.completion_hidden(lm, seqs)
+
+    def served_loss(self, h: torch.Tensor, b: dict, divergence: str, beta: float = 0.5) -> torch.Tensor:
+        """The divergence to a ``--teacher-server`` teacher over its top-k + tail buckets
+        (``b["teacher"]``: `opd_train.server_teacher.ServerTeacher.score`), fused with the student's head."""
+        t, tr = b["teacher"], self.tr
+        return ok.fused_linear_sparse_distill_loss(h, tr.student.weight, t["topk_ids"], t["topk_logprobs"],
+                                                   bias=tr.student.bias, divergence=divergence, beta=beta,
+                                                   mask=b["seqs"].mask)
 
     def old_logprobs(self, batch: dict, logprobs: torch.Tensor) -> torch.Tensor:
         """``log π_old`` of the sampled tokens: the policy that sampled them.
