@@ -28,6 +28,10 @@ from .server_response import BadResponse, choices_in_order, completion_scores
 
 METHODS = ("opd", "gkd")  # the methods whose teacher only scores completions it is given
 DETOKENIZE_CHUNK = 2048   # ids per /detokenize request of the vocabulary check
+# The smallest tail (1 - top-k mass) taken from served logprobs. They are float32 (vLLM's log-softmax),
+# so a confident teacher's top-k mass can round to >= 1 (tail 0, which the sparse loss floors at
+# ~1e-308: log tail = -708); tails below this are unresolved and set to it (python -m opd_train.topk_gap).
+TAIL_FLOOR = 1e-6
 
 
 def add_options(p) -> None:
@@ -119,7 +123,8 @@ class ServerTeacher:
     def score(self, s) -> dict:
         """Teacher scores of packed sequences ``s`` (`opd_train.rollout.Seqs`), on its device:
         ``logprobs [B, C]`` of the completion tokens (0 at padding) and, with top-k,
-        ``topk_ids`` / ``topk_logprobs`` ``[B, C, K]`` (at padding: ids 0..K-1, mass 1/2)."""
+        ``topk_ids`` / ``topk_logprobs`` ``[B, C, K]`` (float64, tails floored: `floor_tail`; at padding:
+        ids 0..K-1, mass 1/2)."""
         seqs, starts = [], []
         for ids, am, m in zip(s.input_ids.tolist(), s.attention_mask.tolist(), s.mask.sum(1).tolist()):
             real = [t for t, a in zip(ids, am) if a]
@@ -138,7 +143,18 @@ class ServerTeacher:
             if K and n:
                 out["topk_ids"][i, :n] = torch.tensor(top_ids)
                 out["topk_logprobs"][i, :n] = torch.tensor(top_lps)
+        if K:
+            out["topk_logprobs"] = floor_tail(out["topk_logprobs"])
         return {k: v.to(dev) for k, v in out.items()}
+
+
+def floor_tail(topk_logprobs: torch.Tensor, floor: float = TAIL_FLOOR) -> torch.Tensor:
+    """Top-k logprobs ``[..., k]`` scaled down where their tail ``1 - sum exp`` is below ``floor``,
+    so that the tail is ``floor`` (ratios within the top k kept); other rows unchanged. Float64
+    (in float32 the shifted tail would round again)."""
+    lp = topk_logprobs.double()
+    mass = lp.exp().sum(-1, keepdim=True)
+    return lp + torch.log((1.0 - floor) / mass).clamp(max=0.0)
 
 
 def served_model(client: Client, wanted: str | None) -> str:

@@ -186,7 +186,8 @@ def test_scores_equal_the_in_process_teacher(smoke, server):
     ids, lps = R.teacher_topk(lm, h, 5)
     m = mask.unsqueeze(-1).expand_as(ids)
     assert torch.equal(got["topk_ids"][m], ids[m])
-    torch.testing.assert_close(got["topk_logprobs"][m], lps[m], rtol=1e-5, atol=1e-5)
+    # float64 after the tail floor, which moves a logprob by at most -log(1 - 1e-6)
+    torch.testing.assert_close(got["topk_logprobs"][m].float(), lps[m], rtol=1e-5, atol=1e-5)
     last = server.requests[-1][1]
     assert last["prompt_logprobs"] == 5 and last["max_tokens"] == 1 and isinstance(last["prompt"][0][0], int)
 
@@ -292,3 +293,36 @@ def test_cli_refuses_url_and_lone_model(capsys):
             cli.parse_args(argv)
         assert one_line_error(capsys).endswith(msg)
 
+
+
+# -- the served top-k's tail and the approximation gap --------------------------------------------
+def test_floor_tail_sets_unresolved_tails_to_the_floor():
+    from opd_train.server_teacher import TAIL_FLOOR, floor_tail
+    lps = torch.tensor([[math.log(0.5), math.log(0.25)],            # tail 0.25: unchanged
+                        [math.log(0.7), math.log(0.3)],             # tail 0 (float32 rounding): floored
+                        [math.log(0.7), math.log(0.30001)]])        # mass > 1: floored
+    out = floor_tail(lps).double()
+    assert torch.equal(out[0], lps[0].double())
+    tails = 1 - out.exp().sum(-1)
+    assert abs(tails[1] - TAIL_FLOOR) < 1e-12 and abs(tails[2] - TAIL_FLOOR) < 1e-12
+    torch.testing.assert_close(out[1, 0] - out[1, 1], lps[1, 0].double() - lps[1, 1].double())  # ratios kept
+
+
+def test_scores_apply_the_tail_floor(smoke, server):
+    t = ServerTeacher.connect(args(server.url, teacher_topk=40), smoke.tok, 60, log=lambda m: None)
+    exs = smoke.task.sample(random.Random(1), 4)
+    prompts = R.encode_prompts(smoke.tok, [ex.prompt for ex in exs])
+    comp, mask = R.pad_completions(R.encode_answers(smoke.tok, [ex.answer for ex in exs]), smoke.tok.pad_token_id)
+    got = t.score(R.pack(prompts, comp, mask, smoke.tok.pad_token_id))
+    tails = 1 - got["topk_logprobs"].double().exp().sum(-1)
+    assert tails[mask].min() >= 1e-6 * (1 - 1e-6)
+
+
+def test_topk_gap_is_zero_when_k_covers_the_vocabulary():
+    from opd_train.topk_gap import gap
+    rows_ = gap(SimpleNamespace(preset="smoke", batches=1, prompts=4, k=[57, 5], seed=0, tail_floor=True))
+    full = {(r["loss"].split()[0], r["k"]): r for r in rows_}
+    for name in ("opd", "gkd"):
+        assert full[(name, 57)]["vocab"] == 57
+        assert full[(name, 57)]["loss_rel_err"] < 1e-4 and full[(name, 57)]["grad_cosine"] > 1 - 1e-6
+        assert full[(name, 5)]["loss_rel_err"] > 1e-4  # a real top-k is an approximation
