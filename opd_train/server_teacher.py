@@ -4,7 +4,8 @@ The teacher scores the student's completions by *prompt logprobs*: each sequence
 ``prompt + completion`` is sent as token ids (never text: a tokenizer re-loaded by the server
 may split text differently, see `opd_train.tokenizer`) to ``/v1/completions`` with
 ``max_tokens=1`` and ``prompt_logprobs=K``; the answer gives, at every position, the top ``K``
-tokens plus the actual one. Sampled-token OPD asks for ``K=0`` (only the sampled token's
+tokens plus the actual one. Sampled-token OPD and G-OPD's sampled form (``--gopd-loss
+sampled``; its reference model stays in this process) ask for ``K=0`` (only the sampled token's
 logprob); GKD and full-vocabulary OPD use the top ``--teacher-topk`` through
 ``opd_kernels.fused_linear_sparse_distill_loss`` (top-k buckets + tail), an approximation of the
 full-vocabulary divergence.
@@ -26,7 +27,7 @@ from .argtypes import nonneg_int, pos_float
 from .server_client import Client, ServerError
 from .server_response import BadResponse, choices_in_order, completion_scores
 
-METHODS = ("opd", "gkd")  # the methods whose teacher only scores completions it is given
+METHODS = ("opd", "gkd", "gopd")  # the methods whose teacher only scores completions it is given
 DETOKENIZE_CHUNK = 2048   # ids per /detokenize request of the vocabulary check
 # The smallest tail (1 - top-k mass) taken from served logprobs. They are float32 (vLLM's log-softmax),
 # so a confident teacher's top-k mass can round to >= 1 (tail 0, which the sparse loss floors at
@@ -35,7 +36,8 @@ TAIL_FLOOR = 1e-6
 
 
 def add_options(p) -> None:
-    g = p.add_argument_group("teacher server (opd, gkd: an OpenAI-compatible completions server, e.g. vLLM's)")
+    g = p.add_argument_group("teacher server (opd, gkd, gopd --gopd-loss sampled: an OpenAI-compatible completions "
+                             "server, e.g. vLLM's)")
     g.add_argument("--teacher-server", metavar="URL",
                    help="score completions with the teacher behind this server (prompt logprobs by token ids) "
                         "instead of loading --teacher in this process")
@@ -57,10 +59,19 @@ def check_args(args, error) -> None:
     if not args.teacher_server.startswith(("http://", "https://")):
         error(f"--teacher-server {args.teacher_server}: expected an http:// or https:// URL")
     if args.method not in METHODS:
-        error(f"--teacher-server: supported by --method {' and '.join(METHODS)} (a teacher that scores given "
-              f"completions), not {args.method}")
+        error(f"--teacher-server: supported by --method {', '.join(METHODS[:-1])} and {METHODS[-1]} (a teacher that "
+              f"scores given completions), not {args.method}")
     if args.teacher:
         error("--teacher-server replaces --teacher; give one or the other")
+    if args.method == "gopd":
+        if args.gopd_loss != "sampled":
+            error("--teacher-server with --method gopd needs --gopd-loss sampled (the served teacher gives the "
+                  "sampled tokens' logprobs, not the full distribution fullvocab needs)")
+        if args.domain_teacher:
+            error("--teacher-server replaces --domain-teacher; give one or the other")
+        if args.gopd_ref == "teacher-base" and not args.ref:
+            error("--teacher-server with --gopd-ref teacher-base: the served teacher's base is not here; pass it as "
+                  "--ref DIR")
     if needs_topk(args) and args.teacher_topk == 0:
         error(f"--teacher-topk 0: --method {args.method}"
               + (" --opd-loss fullvocab" if args.method == "opd" else "") + " needs the teacher's top-k (k >= 1)")

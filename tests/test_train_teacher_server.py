@@ -240,6 +240,17 @@ def test_sampled_opd_through_the_server_equals_in_process(smoke, server, tmp_pat
         assert abs(a - b) <= 1e-4 * max(1.0, abs(a)), losses
 
 
+def test_sampled_gopd_through_the_server_equals_in_process(smoke, server, tmp_path):
+    """G-OPD's sampled form needs only the sampled tokens' teacher logprobs (the reference stays here)."""
+    base = ["--method", "gopd", "--gopd-loss", "sampled", *SMOKE, "--student", str(smoke.paths["student"])]
+    assert main([*base, "--teacher", str(smoke.paths["teacher"]), "--out", str(tmp_path / "local")]) == 0
+    assert main([*base, "--teacher-server", server.url, "--out", str(tmp_path / "served")]) == 0
+    losses = [(a["loss"], b["loss"]) for a, b in zip(rows(tmp_path / "local"), rows(tmp_path / "served"))
+              if "loss" in a]
+    assert len(losses) == 2 and all(abs(a - b) <= 1e-4 * max(1.0, abs(a)) for a, b in losses), losses
+    assert server.requests[-1][1]["prompt_logprobs"] == 0
+
+
 @pytest.mark.parametrize("method", [["--method", "gkd"], ["--method", "opd", "--opd-loss", "fullvocab"]])
 def test_top_k_methods_train_through_the_server(smoke, server, tmp_path, method):
     assert main([*method, *SMOKE, "--teacher-server", server.url, "--teacher-topk", "8", "--out", str(tmp_path)]) == 0
@@ -272,8 +283,12 @@ def test_unreachable_server_stops_before_training(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv,msg", [
-    (["--method", "sft"], "--teacher-server: supported by --method opd and gkd (a teacher that scores given "
+    (["--method", "sft"], "--teacher-server: supported by --method opd, gkd and gopd (a teacher that scores given "
                           "completions), not sft"),
+    (["--method", "gopd"], "--teacher-server with --method gopd needs --gopd-loss sampled (the served teacher gives "
+                           "the sampled tokens' logprobs, not the full distribution fullvocab needs)"),
+    (["--method", "gopd", "--gopd-loss", "sampled", "--gopd-ref", "teacher-base"],
+     "--teacher-server with --gopd-ref teacher-base: the served teacher's base is not here; pass it as --ref DIR"),
     (["--teacher", "x"], "--teacher-server replaces --teacher; give one or the other"),
     (["--method", "gkd", "--teacher-topk", "0"], "--teacher-topk 0: --method gkd needs the teacher's top-k (k >= 1)"),
     (["--opd-loss", "fullvocab", "--teacher-topk", "0"],
@@ -283,6 +298,13 @@ def test_cli_refuses(argv, msg, capsys):
     with pytest.raises(SystemExit) as e:
         cli.parse_args(["--teacher-server", "http://127.0.0.1:1", *argv])
     assert e.value.code == 2 and one_line_error(capsys).endswith(msg)
+
+
+def test_cli_refuses_domain_teachers_with_a_server(smoke, capsys):
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--teacher-server", "http://127.0.0.1:1", "--method", "gopd", "--gopd-loss", "sampled",
+                        "--domain-teacher", f"+={smoke.paths['teacher']}"])
+    assert one_line_error(capsys).endswith("--teacher-server replaces --domain-teacher; give one or the other")
 
 
 def test_cli_refuses_url_and_lone_model(capsys):

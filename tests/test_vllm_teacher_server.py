@@ -124,6 +124,7 @@ def test_vllm_scores_equal_the_hf_teacher(served):
 
 
 @pytest.mark.parametrize("method", [["--method", "opd"], ["--method", "gkd", "--teacher-topk", "5"],
+                                    ["--method", "gopd", "--gopd-loss", "sampled"],
                                     ["--method", "opd", "--opd-loss", "fullvocab", "--teacher-topk", "5"]])
 def test_training_through_vllm(served, tmp_path, method):
     """``python -m opd_train ... --teacher-server URL`` end to end, the bundled smoke student."""
