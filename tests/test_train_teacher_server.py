@@ -73,7 +73,8 @@ def test_server_errors_are_retried_then_succeed_or_fail(server):
     assert c.get("/v1/models")["data"][0]["id"] == "teacher"
     assert len(logs) == 2 and "HTTP 503" in logs[0]
     server.fail_next = 3
-    with pytest.raises(ServerError, match=r"/v1/models: unreachable after 3 tries \(HTTP 503 \(\{\"error\": \"busy\"\}\)\)"):
+    with pytest.raises(ServerError,
+                       match=r"/v1/models: unreachable after 3 tries \(HTTP 503 \(\{\"error\": \"busy\"\}\)\)"):
         c.get("/v1/models")
 
 
@@ -92,7 +93,8 @@ def test_timeout_is_retried_then_one_line():
     try:
         c = Client(f"http://127.0.0.1:{sock.getsockname()[1]}", timeout=0.2, retries=1, log=lambda m: None,
                    sleep=lambda s: None)
-        with pytest.raises(ServerError, match=r"unreachable after 2 tries \(.*timed out.*\); .*\(timeout 0.2 s per try\)"):
+        with pytest.raises(ServerError,
+                           match=r"unreachable after 2 tries \(.*timed out.*\); .*\(timeout 0.2 s per try\)"):
             c.get("/v1/models")
     finally:
         sock.close()
@@ -201,7 +203,8 @@ def test_model_name_from_the_server_or_checked(smoke, server):
     logs = []
     assert ServerTeacher.connect(args(server.url), smoke.tok, 60, log=logs.append).model == "teacher"
     assert logs[-1].startswith(f"teacher server {server.url}: model 'teacher', vocabulary of {len(smoke.tok)} tokens")
-    with pytest.raises(ServerError, match=r"--teacher-model big: not served by http://127.0.0.1:\d+ \(it serves: teacher\)"):
+    with pytest.raises(ServerError,
+                       match=r"--teacher-model big: not served by http://127.0.0.1:\d+ \(it serves: teacher\)"):
         ServerTeacher.connect(args(server.url, teacher_model="big"), smoke.tok, 60)
     server.models = ["a", "b"]
     with pytest.raises(ServerError, match=r"serves 2 models \(a, b\); pick one with --teacher-model"):
