@@ -10,7 +10,7 @@
 #                no cache)                                                   -> trainer.log, trainer/
 #   4. bench     benchmarks/run.py at the reference shapes (N=8192 V=128256 d=4096 and
 #                N=16384 V=151936 d=2048, bf16) for naive torch triton cuda + the peers
-#                (liger liger_chunked cce trl); providers run.py does not know, or that cannot
+#                (liger liger_chunked cce trl trl_chunked); providers run.py does not know, or that cannot
 #                run here, are listed with the reason                       -> bench.log, results.*
 #   5. floor     each fused-linear op's fraction of its measured matmul floor -> floor.csv/.md
 # Output: $OUT/<device>/ (default OUT=./gpu_out), e.g. gpu_out/nvidia-h200/results.json.
@@ -45,7 +45,7 @@ done
 PY="${PYTHON:-python3}"
 T0=$(date +%s)
 BUDGET="${GPU_CHECK_BUDGET:-470}"
-PROVIDERS="${PROVIDERS:-naive torch triton cuda liger liger_chunked cce trl}"
+PROVIDERS="${PROVIDERS:-naive torch triton cuda liger liger_chunked cce trl trl_chunked}"
 # fused-linear distillation first: what matters most runs before the budget ends
 OPS="${OPS:-fused_linear_distill_loss fused_linear_token_logprobs distill_loss token_logprobs fused_linear_gopd_loss gopd_loss}"
 if [ "$DRY" = 1 ]; then

@@ -22,6 +22,12 @@ quantity as ``opd_kernels`` (mean per-row divergence, or per-token logprobs), or
   distillation ops, ``trl.trainer.utils.selective_log_softmax`` (GRPO's) for token logprobs;
   the fused-linear forms first build the logits ``hidden @ weight.T`` in the input dtype, as a
   model's ``lm_head`` does.
+* ``trl_chunked``: TRL's own fused-linear kernels (``trl.kernels``, TRL >= 1.16), which never build
+  the ``[N, V]`` logits: ``ChunkedDivergenceFunction`` (the loss of the stable
+  ``DistillationTrainer``; per-row divergence, averaged here; same ``beta`` convention, 0 / 1 / BETA)
+  and ``ChunkedLogProbFunction`` (per-token logprobs, vocabulary tiles of TRL's trainer width,
+  32768). Triton on CUDA, torch tiles elsewhere; both compute in float32 whatever the input dtype
+  (float32 tiles and statistics). Fused-linear ops only.
 
 No peer has a G-OPD loss.
 """
@@ -31,7 +37,7 @@ import os
 
 import torch
 
-PEERS = ("liger_chunked", "liger", "cce", "trl")
+PEERS = ("liger_chunked", "liger", "cce", "trl", "trl_chunked")
 COMPILED = ("liger_chunked", "cce")  # compile (or JIT) on first call: their first-call time is reported
 
 
@@ -56,6 +62,14 @@ def _import(what: str, package: str):
         if what == "trl_utils":
             from trl.trainer.utils import selective_log_softmax
             return selective_log_softmax
+        if what == "trl_kernels":
+            import trl
+            from packaging.version import Version
+            if Version(trl.__version__) < Version("1.16"):
+                raise ImportError(f"trl {trl.__version__} has no trl.kernels chunked divergence (needs trl>=1.16)")
+            from trl.kernels import ChunkedLogProbFunction
+            from trl.kernels.chunked_divergence import ChunkedDivergenceFunction
+            return ChunkedDivergenceFunction, ChunkedLogProbFunction
         if what == "liger_chunked":
             from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
             return LigerFusedLinearJSDLoss
@@ -81,6 +95,8 @@ def missing(op: str, provider: str, device) -> str | None:
         return f"{provider} has no G-OPD loss"
     if provider == "liger_chunked" and op != "fused_linear_distill_loss":
         return f"Liger chunked_loss has no {op} (fused-linear distillation only)"
+    if provider == "trl_chunked" and not op.startswith("fused_linear_"):
+        return f"trl.kernels has no {op} (fused-linear divergence and token logprobs only)"
     if provider == "cce" and op != "fused_linear_token_logprobs":
         return f"cut-cross-entropy has no {op} (linear_cross_entropy: fused-linear token logprobs only)"
     if provider == "liger" and torch.device(device).type != "cuda":
@@ -104,6 +120,9 @@ def build(op: str, divergence, provider: str, device, *, beta: float, temperatur
                                                       beta=b, temperature=temperature)
         sls = _import("trl_utils", "trl")
         return lambda x: sls(_logits(x, "student", fused) / temperature, x["targets"])
+
+    if provider == "trl_chunked":
+        return _trl_chunked(op, divergence, beta, temperature)
 
     if provider == "liger_chunked":
         cls = _import("liger_chunked", "liger-kernel")
@@ -145,3 +164,18 @@ def _liger_triton(lk, op, divergence, beta, temperature):
         ce = lk.LigerCrossEntropyLoss(reduction="none")
         return lambda x: -ce(x["student_logits"], x["targets"])
     raise Unavailable(f"liger-kernel has no {op}")
+
+
+TRL_LOGPROB_CHUNK = 32768  # trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE in TRL 1.16: its trainers' vocabulary tile
+
+
+def _trl_chunked(op, divergence, beta, temperature):
+    divergence_fn, logprob_fn = _import("trl_kernels", "trl")
+    if op == "fused_linear_distill_loss":
+        b = liger_beta(divergence, beta)
+        return lambda x: divergence_fn.apply(x["student_hidden"], x["student_weight"], None, x["teacher_hidden"],
+                                             x["teacher_weight"], None, b, temperature, 1.0, None, 1.0,
+                                             None)[0].mean()
+    # fused_linear_token_logprobs; outputs=(): no entropy or other extras
+    return lambda x: logprob_fn.apply(x["student_hidden"], x["student_weight"], None, x["targets"], temperature,
+                                      TRL_LOGPROB_CHUNK, None, 1.0, ())[0]

@@ -19,7 +19,8 @@ TOL64 = dict(rtol=1e-11, atol=1e-11)
 CASES = [(p, op, div) for p in peers.PEERS for op in cases.OPS for div in cases.divergences(op)
          if not op.endswith("gopd_loss")
          and not (p == "liger_chunked" and op != "fused_linear_distill_loss")
-         and not (p == "cce" and op != "fused_linear_token_logprobs")]
+         and not (p == "cce" and op != "fused_linear_token_logprobs")
+         and not (p == "trl_chunked" and not cases.is_fused(op))]
 
 
 def _run(fn, x):
@@ -33,6 +34,8 @@ def _tolerance(provider, dtype):
     """(dtype the peer runs in, loss tolerance, gradient tolerance) -- and why."""
     if provider == "cce":  # torch_compile: F.cross_entropy(logits.float()); Triton kernel: fp32
         return torch.float32, dict(rtol=2e-5, atol=2e-5), dict(rtol=2e-5, atol=2e-5)
+    if provider == "trl_chunked":  # float32 tiles and statistics (Triton or torch) whatever the input dtype
+        return torch.float32, dict(rtol=2e-5, atol=2e-6), dict(rtol=2e-5, atol=2e-6)
     if provider == "liger" or (provider == "liger_chunked" and CUDA):  # Triton: fp32 math
         return torch.float32, dict(rtol=1e-4, atol=1e-5), dict(rtol=1e-4, atol=1e-5)
     if provider == "liger_chunked":
@@ -75,6 +78,9 @@ def test_liger_beta_mapping_is_the_endpoint_convention():
     ("liger_chunked", "fused_linear_gopd_loss", "no G-OPD"),
     ("cce", "fused_linear_distill_loss", "no fused_linear_distill_loss"),
     ("trl", "gopd_loss", "no G-OPD"),
+    ("trl_chunked", "distill_loss", r"trl.kernels has no distill_loss \(fused-linear divergence and token logprobs"),
+    ("trl_chunked", "token_logprobs", "trl.kernels has no token_logprobs"),
+    ("trl_chunked", "fused_linear_gopd_loss", "trl_chunked has no G-OPD loss"),
 ])
 def test_peer_without_the_op_is_unavailable_with_reason(provider, op, why):
     with pytest.raises(cases.Unavailable, match=why):
@@ -89,3 +95,11 @@ def test_liger_triton_refuses_cpu_with_reason():
         assert "CUDA" in str(exc) or "not importable" in str(exc), str(exc)
     else:
         pytest.fail("liger (Triton) built on CPU")
+
+
+def test_trl_chunked_too_old_is_unavailable_with_reason(monkeypatch):
+    trl = pytest.importorskip("trl", reason="needs the bench extra: pip install -e '.[bench]'")
+    monkeypatch.setattr(trl, "__version__", "1.15.2")
+    with pytest.raises(cases.Unavailable, match=r"trl not importable \(ImportError: trl 1.15.2 has no trl.kernels "
+                                                r"chunked divergence \(needs trl>=1.16\)\)"):
+        cases.build("fused_linear_distill_loss", "jsd", "trl_chunked", DEVICE)

@@ -28,7 +28,7 @@ import textwrap
 
 import torch
 
-from . import inputs, verifiers
+from . import inputs, server_teacher, verifiers
 from .argtypes import domain_dir, nonneg_int, pos_float, pos_int
 from .data import EXAMPLE_ROW
 from .methods import METHODS, Method
@@ -208,6 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--vocab-size", type=pos_int,
                    help="use the first N vocabulary entries of student and teacher (padded vocabularies)")
 
+    server_teacher.add_options(p)
     for name, cls in METHODS.items():
         if cls.add_options is not Method.add_options:
             cls.add_options(p.add_argument_group(f"{name} ({cls.paper})" if cls.paper else name))
@@ -252,6 +253,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--teacher: {args.method} uses the student itself as teacher")
     if args.teacher and method.teacher is None:
         p.error(f"--teacher: {args.method} uses no teacher")
+    server_teacher.check_args(args, p.error)
     if args.ref and args.method != "gopd":
         p.error("--ref is only used by --method gopd")
     if args.fsdp and "WORLD_SIZE" not in os.environ:
@@ -273,7 +275,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(str(e))
     if args.data and not args.student:
         p.error("--data needs --student DIR: the bundled models only know the bundled task")
-    if args.data and method.teacher == "external" and not (args.teacher or args.domain_teacher):
+    if args.data and method.teacher == "external" and not (args.teacher or args.domain_teacher or args.teacher_server):
         p.error(f"--data with --method {args.method} needs --teacher DIR: the bundled teacher only knows the "
                 "bundled task")
     return args

@@ -21,6 +21,7 @@ from .inputs import InputError
 from .methods import METHODS
 from .benchmark import bundled_teacher
 from .models import PRETRAIN_SEED, get_pretrained
+from .server_teacher import ServerTeacher
 from .task import ArithmeticTask
 
 
@@ -45,6 +46,7 @@ class Trainer:
     world: int = 1
     teacher_path: str | None = None  # the external teacher's directory (G-OPD finds its base there)
     domain_teachers: dict | None = None  # domain -> R.LM (--domain-teacher), else None
+    teacher_server: ServerTeacher | None = None  # --teacher-server (then teacher is None)
 
 
 def make_task(args):
@@ -69,7 +71,8 @@ def model_paths(args, task, rank: int, world: int, log) -> tuple[str, str | None
     (`cli.parse_args` has made sure that ``--data`` comes with ``--student`` and, for methods
     with an external teacher, ``--teacher``: the bundled models only know the bundled task.)
     """
-    need_teacher = METHODS[args.method].teacher == "external" and not args.domain_teacher
+    need_teacher = (METHODS[args.method].teacher == "external" and not args.domain_teacher
+                    and not getattr(args, "teacher_server", None))
 
     def resolve():
         preset = cli.PRESETS[args.preset]
@@ -129,6 +132,10 @@ def build(args, task, ckpt: Path | None, rank: int, world: int, device: torch.de
             check_compatible(tok, inputs.load_tokenizer("--domain-teacher", path, log), student, model,
                              vocab_size, student_path, path)
             domain_teachers[domain] = inputs.view("--domain-teacher", path, model, vocab_size, dtype)
+    server = None
+    if getattr(args, "teacher_server", None):
+        rows = vocab_size or student.get_output_embeddings().weight.shape[0]
+        server = ServerTeacher.connect(args, tok, rows, log)
     lm = inputs.view("--student", student_path, student, vocab_size, dtype).train()
     teacher_lm = None if teacher is None else inputs.view("--teacher", teacher_path, teacher, vocab_size, dtype)
     fwd = lm
@@ -140,4 +147,4 @@ def build(args, task, ckpt: Path | None, rank: int, world: int, device: torch.de
     return Trainer(args, task, tok, lm, fwd, teacher_lm,
                    str(student_path), device, random.Random(f"{args.seed}-{rank}"),
                    args.max_new_tokens or task.max_answer_chars + 2, vocab_size, rank, world,
-                   str(teacher_path) if teacher_path else None, domain_teachers)
+                   str(teacher_path) if teacher_path else None, domain_teachers, server)

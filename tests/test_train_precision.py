@@ -120,3 +120,20 @@ def test_micro_batch_size_in_help():
     text = cli.build_parser().format_help()
     assert "--micro-batch-size" in text and "--dtype {fp32,bf16}" in text
     assert METHODS  # the registry is intact
+
+
+def test_served_teacher_scores_split_into_micro_batches(dirs, tmp_path, float64):
+    """A --teacher-server batch carries the teacher's top-k per row in ``batch["teacher"]`` (a dict):
+    micro-batches cut it by rows too, so GKD's sparse loss and gradients equal the whole batch's."""
+    from opd_train import rollout as R
+
+    method, task = setup("gemma2", ["gkd"], dirs, tmp_path)
+    batch = method.prepare(task.sample(random.Random(0), 8 // method.samples_per_prompt))
+    ids, lps = R.teacher_topk(method.tr.teacher.head, batch.pop("teacher_hidden"), 5)
+    batch["teacher"] = {"topk_ids": ids, "topk_logprobs": lps}
+    assert method.split(batch, slice(0, 3))["teacher"]["topk_ids"].shape[0] == 3
+    loss, grads, _ = grads_of(method, batch, None)
+    loss_m, grads_m, _ = grads_of(method, batch, 3)
+    torch.testing.assert_close(loss_m, loss, rtol=1e-10, atol=1e-13)
+    for g_m, g in zip(grads_m, grads):
+        close(g_m, g)

@@ -6,6 +6,8 @@ import copy
 import torch
 from transformers import AutoModelForCausalLM
 
+import opd_kernels as ok
+
 from .. import rollout as R
 from ..lm import autocast, full
 
@@ -115,16 +117,27 @@ class Method:
         """Rows ``rows`` of a prepared batch (views): per-row entries (the packed sequences, tensors
         and lists with one entry per completion) are cut, per-batch ones (fractions, ``norm``) kept."""
         n = batch["seqs"].completion.shape[0]
-        out = {}
-        for key, v in batch.items():
+
+        def cut(v):
             if isinstance(v, R.Seqs):
-                out[key] = R.select(v, rows)
-            elif (isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == n) or \
-                    (isinstance(v, list) and len(v) == n):
-                out[key] = v[rows]
-            else:
-                out[key] = v
-        return out
+                return R.select(v, rows)
+            if isinstance(v, dict) and v is not batch.get("norm"):  # e.g. a served teacher's per-row scores
+                return {k: cut(x) for k, x in v.items()}
+            if (isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == n) or (isinstance(v, list) and len(v) == n):
+                return v[rows]
+            return v
+        return {key: cut(v) for key, v in batch.items()}
+
+    def served_loss(self, h: torch.Tensor, b: dict, divergence: str, beta: float = 0.5) -> torch.Tensor:
+        """The divergence to a ``--teacher-server`` teacher over its top-k + tail buckets
+        (``b["teacher"]``: `opd_train.server_teacher.ServerTeacher.score`), fused with the student's
+        head (bias, softcap, logit_scale); summed and divided by the whole batch's token count, like
+        every other loss here, so micro-batches add up."""
+        t, head = b["teacher"], self.tr.student.head
+        loss = ok.fused_linear_sparse_distill_loss(h, head.weight, t["topk_ids"], t["topk_logprobs"], **head.kwargs(),
+                                                   divergence=divergence, beta=beta, mask=b["seqs"].mask,
+                                                   reduction="sum")
+        return loss / self.norm(b)
 
     def old_logprobs(self, batch: dict, logprobs: torch.Tensor) -> torch.Tensor:
         """``log π_old`` of the sampled tokens: the policy that sampled them.

@@ -88,6 +88,11 @@ class GOPD(Method):
         tr = self.tr
         b = self.rollout(examples, self.samples_per_prompt, self.args.temperature)
         s = b["seqs"]
+        if tr.teacher_server is not None:  # --gopd-loss sampled (cli): the sampled tokens' teacher logprobs
+            b["teacher_logprobs"] = tr.teacher_server.score(s)["logprobs"]
+            with torch.no_grad():
+                b["ref_logprobs"] = R.token_logprobs(self.ref, self.frozen_hidden(self.ref, s), s)
+            return b
         if tr.domain_teachers:  # (every domain has a teacher: checked in __init__)
             doms = [tr.task.domain(ex) for ex in b["examples"]]
             groups = {d: torch.tensor([i for i, x in enumerate(doms) if x == d], device=tr.device)

@@ -35,6 +35,10 @@ class OPD(Method):
     def prepare(self, examples):
         tr = self.tr
         b = self.rollout(examples, self.samples_per_prompt, self.args.temperature)
+        if tr.teacher_server is not None:  # top-k for fullvocab, only the sampled tokens' logprobs else
+            b["teacher"] = tr.teacher_server.score(b["seqs"])
+            b["teacher_logprobs"] = b["teacher"]["logprobs"]
+            return b
         b["teacher_hidden"] = self.frozen_hidden(tr.teacher, b["seqs"])
         if self.args.opd_loss == "sampled":
             with torch.no_grad():
@@ -44,6 +48,8 @@ class OPD(Method):
     def loss(self, b):
         s, tr = b["seqs"], self.tr
         h = self.student_hidden(s)
+        if self.args.opd_loss == "fullvocab" and "teacher" in b:
+            return self.served_loss(h, b, "reverse_kl"), {}
         if self.args.opd_loss == "fullvocab":
             loss = distill_loss(tr.student, h, tr.teacher, b["teacher_hidden"], divergence="reverse_kl",
                                 mask=s.mask, reduction="sum")

@@ -24,34 +24,13 @@ Conventions, as TRL's ``GKDTrainer.compute_loss`` + ``generalized_jsd_loss`` (TR
 """
 from __future__ import annotations
 
-import dataclasses
-import os
-
 import torch
+from transformers.modeling_outputs import CausalLMOutputWithPast
+from trl.experimental.gkd import GKDConfig, GKDTrainer
 
 import opd_kernels as ok
 
-TESTED_TRL = (">=1.16", "<1.17")  # the range tests/test_trl.py ran on; GKDTrainer moves across TRL versions
-
-
-def _check_version():
-    try:
-        import trl
-    except ImportError as e:
-        raise ImportError("opd_kernels.integrations.trl needs TRL: pip install 'opd-kernels[trl]'") from e
-    from packaging.version import Version
-
-    v = Version(trl.__version__)
-    if not (Version("1.16") <= v < Version("1.17")):
-        raise ImportError(f"opd_kernels.integrations.trl is tested with trl{','.join(TESTED_TRL)} (where GKDTrainer is "
-                          f"trl.experimental.gkd.GKDTrainer); found trl {trl.__version__}. "
-                          "Install the tested range: pip install 'opd-kernels[trl]'")
-
-
-_check_version()
-os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
-from trl.experimental.gkd import GKDConfig, GKDTrainer  # noqa: E402
-from transformers.modeling_outputs import CausalLMOutputWithPast  # noqa: E402
+from ._precision import MIXED, head_in_dtype
 
 __all__ = ["FusedGKDTrainer", "GKDConfig", "gkd_loss"]
 
@@ -62,7 +41,8 @@ def gkd_loss(student_hidden, student_head, teacher_hidden, teacher_head, labels,
     num_items_in_batch=...)`` (``reduction="batchmean"``) on hidden states ``[B, L, d]`` and
     ``opd_kernels.hf.Head`` s, fused with the heads. ``labels [B, L]`` are aligned with the
     hidden states (already shifted), ``-100`` = ignored."""
-    student_head, teacher_head = _in_dtype(student_head, student_hidden), _in_dtype(teacher_head, teacher_hidden)
+    student_head = head_in_dtype(student_head, student_hidden)
+    teacher_head = head_in_dtype(teacher_head, teacher_hidden)
     mask = labels != -100
     kw = dict(divergence="jsd", beta=beta, temperature=temperature, mask=mask, chunk_size=chunk_size, impl=impl)
     total = ok.fused_linear_distill_loss(student_hidden, student_head.weight, teacher_hidden, teacher_head.weight,
@@ -73,19 +53,6 @@ def gkd_loss(student_hidden, student_head, teacher_hidden, teacher_head, labels,
             num_items_in_batch = num_items_in_batch.to(total.device)
         return total / num_items_in_batch
     return total / mask.sum().clamp_min(1)
-
-
-_MIXED = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def _in_dtype(head, hidden):
-    """Under the Trainer's mixed precision (accelerate's autocast around the model's forward) the
-    hidden states come out in bf16/fp16 and the model's own ``lm_head`` would run in that dtype:
-    so does the fused op (the cast is differentiable; gradients reach the fp32 weight)."""
-    if head.weight.dtype == hidden.dtype:
-        return head
-    return dataclasses.replace(head, weight=head.weight.to(hidden.dtype),
-                               bias=None if head.bias is None else head.bias.to(hidden.dtype))
 
 
 class FusedGKDTrainer(GKDTrainer):
@@ -113,7 +80,7 @@ class FusedGKDTrainer(GKDTrainer):
             ht = ok.hf.hidden_states(self.teacher_model, ids, attn)
         sh = ok.hf.head(model, strict=self.hf_strict)
         th = ok.hf.head(self.teacher_model, strict=self.hf_strict)
-        low = _MIXED.get(str(getattr(self.accelerator, "mixed_precision", "no")))
+        low = MIXED.get(str(getattr(self.accelerator, "mixed_precision", "no")))
         if low is not None:  # autocast would run lm_head in this dtype
             hs, ht = hs.to(low), ht.to(low)
         loss = gkd_loss(hs[:, :-1], sh, ht[:, :-1], th, inputs["labels"][:, 1:], beta=self.beta,
