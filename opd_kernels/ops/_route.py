@@ -137,7 +137,7 @@ def predict(N: int, V: int, d, dtype: torch.dtype, device=None, *, models: int =
     """``(kernels Cost, chunked Cost)`` of one fwd+bwd; ``d`` an int (every model) or one per model;
     ``gpu`` the model constants (default: ``machine(device)``)."""
     from .._chunks import fused_rows_per_chunk
-    from ..backends.triton_backend import fused_tiles
+    from ..backends.triton_plan import fused_tiles
     dims = tuple(d) if isinstance(d, (tuple, list)) else (int(d),) * models
     e, m = dtype.itemsize, gpu or machine(device)
     rows = fused_rows_per_chunk(V, [e] * len(dims), torch.device("cuda"))
