@@ -28,9 +28,9 @@ Logit transform ``T`` per model, ``tf = (scale, cap)``: ``x -> cap tanh(scale x 
 or ``scale x``; ``-inf`` stays ``-inf``; ``T'`` is recomputed from ``s``. The transforms come from
 the spec (``RowSpec.tf = (tf_s, tf_t, tf_r)``).
 
-When it applies (``applies``): the torch backend, CPU tensors in fp32/bf16/fp16 (float64 is the
-test oracle and stays uncompiled), no process group, at least ``OPD_COMPILE_MIN_ELEMENTS``
-(default 2**21) logits in the call, and ``OPD_TORCH_COMPILE`` not "0". Small calls stay eager,
+When it runs is rule 3 of ``ops/_decide.py``: the torch backend, CPU tensors in fp32/bf16/fp16
+(float64 is the test oracle and stays uncompiled), no process group, at least
+``OPD_COMPILE_MIN_ELEMENTS`` (default 2**21) logits in the call, and ``OPD_TORCH_COMPILE`` not "0". Small calls stay eager,
 so the tests (which compare the eager path with float64) and the bundled trainer's tiny
 vocabulary never pay inductor's compile time (~10-40 s per op variant on 2 cores, once per
 process). Each (op kind, entry point) is its own compiled function, i.e. its own dynamo cache,
@@ -39,25 +39,10 @@ so the variants of one op never evict another's; the row count is dynamic (chunk
 from __future__ import annotations
 
 import math
-import os
 import types
 from functools import lru_cache
 
 import torch
-
-MIN_ELEMENTS = int(os.environ.get("OPD_COMPILE_MIN_ELEMENTS", 2**21))
-
-
-def enabled() -> bool:
-    return os.environ.get("OPD_TORCH_COMPILE", "1") != "0"
-
-
-def applies(spec, x: torch.Tensor, rows: int, vocab: int, group=None) -> bool:
-    """Whether a call of ``spec`` on ``rows x vocab`` logits (``x``: any of its tensors) runs
-    here rather than through the eager primitives."""
-    return (spec.impl == "torch" and group is None and x.device.type == "cpu" and x.dtype != torch.float64
-            and rows * vocab >= MIN_ELEMENTS and enabled() and not torch.compiler.is_compiling())
-
 
 # ----------------------------------------------------------------------------- the math
 def _transform(x, tf, inv_temp):

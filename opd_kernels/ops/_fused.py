@@ -34,8 +34,8 @@ from .._chunks import fused_row_ranges
 from .._dispatch import backend
 from ..backends import N_STATS
 from ..backends import torch_compiled
+from ._decide import Decision, decide, logits_dtype
 from ._common import acc_dtype, part
-from ._route import use_fused_kernels_for
 from ._rows import rows_backward, rows_forward, rows_from_stats, upstream
 from ._spec import RowSpec, SpecOp, pad_grads, transform_fields
 
@@ -79,9 +79,14 @@ def _ranges(models, spec: RowSpec):
     return fused_row_ranges(models[0].shape[0], models[1].shape[0], sizes, models[1].device, spec.chunk)
 
 
-def _compiled(models, spec: RowSpec, group=None) -> bool:
-    """Whether the chunks run through the compiled chunk math (``backends.torch_compiled``)."""
-    return torch_compiled.applies(spec, models[0], models[0].shape[0], models[1].shape[0], group)
+def decision(be, models, spec: RowSpec, group=None) -> tuple[Decision, object]:
+    """``_decide.decide`` for one call of ``be`` (a backend module) on ``models``, and the backend
+    module it picks (``be`` itself, except float64 asked of the cuda backend: torch)."""
+    present = [k for k in (0, 3, 6) if models[k] is not None]
+    run = decide(be.NAME, models[1].device, logits_dtype(*(models[k + 1] for k in present), models[0]),
+                 rows=models[0].shape[0], vocab=models[1].shape[0], dims=[models[k].shape[1] for k in present],
+                 kind=spec.kind, group=group)
+    return run, (be if run.backend == be.NAME else backend(run.backend))
 
 
 def grad_buffers(models, need, overwrite: bool = False):
@@ -152,20 +157,15 @@ def accumulate_grads(gs, h, w, i, j, bufs, first: bool = False):
             dw.copy_(gs.T @ hc) if first else dw.add_(gs.T @ hc)
 
 
-def _use_kernels(be, models, spec: RowSpec) -> bool:
-    """The backend's fused ``tl.dot`` kernels (triton) or the chunk loop: ``_route.use_fused_kernels``
-    (the FLOP/byte model of docs/design.md; ``OPD_FUSED_LINEAR`` overrides)."""
-    return hasattr(be, "fused_row_stats") and use_fused_kernels_for(models, spec)
-
-
 # ----------------------------------------------------------------------------- forward / backward
 def fl_forward(be, models, targets, spec: RowSpec, group=None):
     """Per-row ``(main, entropy, rs)`` of the fused-linear ops."""
-    if _use_kernels(be, models, spec):
+    run, be = decision(be, models, spec, group)
+    if run.path == "fused_kernels":
         stats = be.fused_row_stats(*models, targets, **spec.stats_kw(be))
         return rows_from_stats(stats, lambda AB: be.fused_jsd_sums(*models[:6], AB, **spec.jsd_kw()), spec, group)
     prepared, ranges = _prepared(models), _ranges(models, spec)
-    if _compiled(models, spec, group):
+    if run.compiled:
         outs = [torch_compiled.rows(*_chunk_logits(prepared, i, j), part(targets, i, j), spec) for i, j in ranges]
         return tuple(torch.cat(x) for x in zip(*outs))
     parts = [models[0].new_zeros(0, N_STATS, dtype=torch.float32)]
@@ -185,15 +185,15 @@ def fl_forward(be, models, targets, spec: RowSpec, group=None):
 
 def fl_backward(be, models, targets, rs, g, spec: RowSpec, need, group=None):
     """(dh, dw, db) in the accumulation dtype (None where not needed) for upstream ``g [N, 2]``."""
-    if _use_kernels(be, models, spec):
+    run, be = decision(be, models, spec, group)
+    if run.path == "fused_kernels":
         tg, g = spec.grad_inputs(targets, g)
         dh, dw, db = be.fused_grad(*models, tg, rs, g, need_dw=need[1], need_db=need[2], **spec.grad_kw())
     else:
         prepared, bufs = _prepared(models), grad_buffers(models, need, overwrite=True)
-        compiled = _compiled(models, spec, group)
         for n, (i, j) in enumerate(_ranges(models, spec)):
             s, t, r = _chunk_logits(prepared, i, j)
-            if compiled:
+            if run.compiled:
                 gs = torch_compiled.grad(s, t, r, part(targets, i, j), rs[i:j], g[i:j], spec)
             else:  # ds in place of the logits
                 gs = rows_backward(be, s, t, r, part(targets, i, j), rs[i:j], g[i:j], spec, out=s)
@@ -206,17 +206,17 @@ def fl_backward(be, models, targets, rs, g, spec: RowSpec, need, group=None):
 
 def fl_loss_with_grads(be, models, targets, g, spec: RowSpec, need):
     """Per-row ``(main, entropy)`` and the gradients of ``sum_i g_i . (main_i, H_i)``."""
-    if _use_kernels(be, models, spec):
+    run, be = decision(be, models, spec)
+    if run.path == "fused_kernels":
         main, ent, rs = fl_forward(be, models, targets, spec)
         grads = fl_backward(be, models, targets, rs, g, spec, need) if any(need) else (None, None, None)
         return main, ent, grads
     prepared, bufs = _prepared(models), grad_buffers(models, need, overwrite=True)
     mains, ents = [g.new_zeros(0)], [g.new_zeros(0)]
-    compiled = _compiled(models, spec)
     for n, (i, j) in enumerate(_ranges(models, spec)):
         s, t, r = _chunk_logits(prepared, i, j)
         tg = part(targets, i, j)
-        if compiled:  # statistics and gradient in one compiled pass
+        if run.compiled:  # statistics and gradient in one compiled pass
             if any(need):
                 main, ent, gs = torch_compiled.rows_and_grad(s, t, r, tg, g[i:j], spec)
             else:

@@ -27,7 +27,7 @@ class RowSpec:
     inv_temp: ``1 / temperature``.      lam: G-OPD ``reward_scale`` (1: no reference model).
     beta:     JSD skew (kind ``jsd`` only, ``0 < beta < 1``).
     entropy:  also compute the entropy (and its gradient).
-    impl:     a *resolved* backend name (``_dispatch.resolved_name``).
+    impl:     a *decided* backend name (``_decide.backend_name``).
     chunk:    rows per chunk of the chunked fused-linear path (0: the budget, ``_chunks.fused_row_ranges``).
     s_scale, s_cap / t_scale, t_cap / r_scale, r_cap: the logit transform ``(scale, cap)`` of the
               student / teacher / reference (``backends``: ``x -> cap tanh(scale x / cap)``, or

@@ -15,10 +15,10 @@ from __future__ import annotations
 import torch
 
 from .. import parallel
-from .._dispatch import resolved_name
 from .._validate import (check_hidden_weight, check_logit_transform, check_logits, check_no_padding_with_group,
                          check_options, check_pair, check_same_device, check_vocab)
 from . import _fused, _rows
+from ._decide import backend_name
 from ._common import acc_dtype, flat_mask, jsd_kind, linear_args, reduce_rows, row_weights, rows2d
 from ._spec import RowSpec, transform_fields
 
@@ -39,7 +39,7 @@ def logits_loss(s, t, r, *, kind, beta, lam, temperature, mask, reduction, vocab
     lead = s.shape[:-1]
     m = flat_mask(mask, lead, s.device)
     rows = [None if x is None else rows2d(x.detach() if x is not s else x, vocab) for x in (s, t, r)]
-    spec = RowSpec(kind, 1.0 / temperature, lam=lam, beta=beta, impl=resolved_name(impl, s.device),
+    spec = RowSpec(kind, 1.0 / temperature, lam=lam, beta=beta, impl=backend_name(impl, s.device, s, t, r),
                    **transform_fields(*tfs))
     main, _ = _rows.rows(*rows, None, spec, parallel.group_of(group))
     return reduce_rows(main, m, reduction, lead)
@@ -94,7 +94,7 @@ def linear_loss(models, *, kind, beta, lam, temperature, mask, reduction, vocab_
         args += [None if x is None else x.detach() for x in linear_args(h, w, b, vocab)]
     args += [None] * (_fused.N_MODEL - len(args))
     spec = RowSpec(kind, 1.0 / temperature, lam=lam, beta=beta, chunk=chunk_size or 0,
-                   impl=resolved_name(impl, hs.device), **transform_fields(*tfs))
+                   impl=backend_name(impl, hs.device, *args[1::3]), **transform_fields(*tfs))
     if reduction != "none" and group is None:
         loss, _ = _fused.fl_loss(tuple(args), None, row_weights(m, reduction, acc_dtype(ws)), spec)
         return loss
