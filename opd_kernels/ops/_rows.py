@@ -17,8 +17,8 @@ from .._dispatch import backend
 from ..backends import torch_compiled
 from ._decide import Decision, decide, logits_dtype
 from .._stats import finish, row_outputs
-from ._common import acc_dtype, part
-from ._spec import RowSpec, SpecOp, pad_grads, transform_fields
+from ._common import acc_dtype, row_slice
+from ._spec import ROW_SPEC_SCHEMA as SPEC, RowSpec, SpecOp, pad_grads, transform_fields
 
 
 def rows_from_stats(stats: Tensor, jsd_sums, spec: RowSpec, group=None):
@@ -56,7 +56,7 @@ def rows_backward(be, s, t, r, targets, rs, g, spec: RowSpec, out=None):
 def _rows_impl(s, t, r, targets, spec):
     run = decision(s, t, r, spec)
     if run.compiled:  # row chunks through the compiled chunk math
-        outs = [torch_compiled.rows(s[i:j], part(t, i, j), part(r, i, j), part(targets, i, j), spec)
+        outs = [torch_compiled.rows(s[i:j], row_slice(t, i, j), row_slice(r, i, j), row_slice(targets, i, j), spec)
                 for i, j in row_ranges(*s.shape)]
         return tuple(torch.cat(x) for x in zip(*outs))
     main, ent, rs = rows_forward(backend(run.backend), s, t, r, targets, spec)
@@ -70,7 +70,7 @@ def _backward_impl(s, t, r, targets, rs, g, spec):
         return rows_backward(backend(run.backend), s, t, r, targets, rs, g, spec)
     ds = torch.empty_like(s)
     for i, j in row_ranges(*s.shape):
-        ds[i:j] = torch_compiled.grad(s[i:j], part(t, i, j), part(r, i, j), part(targets, i, j), rs[i:j],
+        ds[i:j] = torch_compiled.grad(s[i:j], row_slice(t, i, j), row_slice(r, i, j), row_slice(targets, i, j), rs[i:j],
                                       g[i:j], spec)
     return ds
 
@@ -80,12 +80,14 @@ def _rows_fake(s, t, r, targets, spec):
     return s.new_empty(N, dtype=dt), s.new_empty(N, dtype=dt), s.new_empty(N, 4, dtype=dt)
 
 
-_LOGITS = ("Tensor s", "Tensor? t", "Tensor? r", "Tensor? targets")
-rows_op = SpecOp("opd_kernels::rows", _LOGITS, "(Tensor, Tensor, Tensor)", _rows_impl, _rows_fake)
+# returns (main, entropy, rs); the backward returns ds
+rows_op = SpecOp("opd_kernels::rows",
+                 f"(Tensor s, Tensor? t, Tensor? r, Tensor? targets, {SPEC}) -> (Tensor, Tensor, Tensor)",
+                 _rows_impl, _rows_fake)
 rows_backward_op = SpecOp(
-    "opd_kernels::rows_backward", _LOGITS + ("Tensor rs", "Tensor g"), "Tensor",
-    _backward_impl,
-    lambda s, *_: torch.empty_like(s))
+    "opd_kernels::rows_backward",
+    f"(Tensor s, Tensor? t, Tensor? r, Tensor? targets, Tensor rs, Tensor g, {SPEC}) -> Tensor",
+    _backward_impl, lambda s, *_: torch.empty_like(s))
 
 
 def _rows_setup(ctx, inputs, spec, output):
@@ -116,7 +118,8 @@ class _RowsOverShards(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_main, g_ent, _g_rs):
         s, t, r, targets, rs = ctx.saved_tensors
-        ds = rows_backward(backend(decision(s, t, r, ctx.spec, ctx.group).backend), s, t, r, targets, rs, upstream(g_main, g_ent, rs[:, 0]), ctx.spec)
+        be = backend(decision(s, t, r, ctx.spec, ctx.group).backend)
+        ds = rows_backward(be, s, t, r, targets, rs, upstream(g_main, g_ent, rs[:, 0]), ctx.spec)
         return pad_grads(len(ctx.needs_input_grad), [ds])
 
 
