@@ -16,7 +16,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .backends import STAT_A_Y, STAT_D_P, STAT_D_Q, STAT_M_A, STAT_M_B, STAT_S_A, STAT_S_B, STAT_U_A
+# Columns of a backend's ``row_stats`` (the contract: ``opd_kernels.backends``, which re-exports them).
+STAT_M_A, STAT_S_A, STAT_U_A, STAT_M_B, STAT_S_B, STAT_D_Q, STAT_D_P, STAT_A_Y = range(8)
+N_STATS = 8
 
 
 @dataclass
