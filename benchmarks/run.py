@@ -57,7 +57,7 @@ GPU = {
 }
 FIELDS = ["op", "divergence", "provider", "pass", "N", "V", "d", "dtype",
           "median_ms", "p20_ms", "p80_ms", "peak_mem_mb", "floor_ms", "frac_of_floor", "floor_multiple",
-          "first_call_ms", "first_step_ms"]
+          "first_call_ms", "first_step_ms", "decision"]
 TAG = "@@bench@@ "  # worker result lines on stdout
 
 
@@ -95,6 +95,21 @@ def plan(args) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------- worker
+
+def decision(c: dict, device: str) -> str | None:
+    """What opd_kernels runs for an ``ours`` case (``opd_kernels.explain``: backend/path[/compiled]),
+    recorded with its results; None for the other providers."""
+    if c["provider"] not in ("torch", "triton", "cuda"):
+        return None
+    import opd_kernels as ok
+    models = 1 if "logprobs" in c["op"] else 3 if "gopd" in c["op"] else 2
+    try:
+        return str(ok.explain(c["provider"], rows=c["N"], vocab=c["V"], hidden=c["d"] or None, models=models,
+                              kind="jsd" if c["divergence"] == "jsd" else "reverse_kl",
+                              dtype=getattr(torch, c["dtype"]), device=device))
+    except ValueError as exc:  # the backend is not available here (the case reports why)
+        return f"unavailable: {exc}"
+
 
 def run_cases(todo: list[dict], *, device: str, warmup: int, repeat: int, emit, deadline=None):
     """Run cases of one process; calls ``emit(record)`` per measured pass or skipped case."""
@@ -137,7 +152,7 @@ def run_cases(todo: list[dict], *, device: str, warmup: int, repeat: int, emit, 
             if device.startswith("cuda"):
                 torch.cuda.empty_cache()
         for p in PASSES:
-            emit(dict(c, **{"pass": p}, **res[p]))
+            emit(dict(c, **{"pass": p}, **res[p], decision=decision(c, device)))
 
 
 def worker_main():

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from opd_kernels._chunks import fused_rows_per_chunk
-from opd_kernels.backends.triton_backend import fused_tiles
+from opd_kernels.backends.triton_plan import fused_tiles
 from opd_kernels.ops import _route
 
 DESIGN = Path(__file__).resolve().parent / "design.md"

@@ -1,12 +1,14 @@
-"""The one place where ``impl=`` becomes a backend module (public as ``opd_kernels.backends.get``).
+"""Backend modules: ``impl=`` -> a module (``resolve``, public as ``opd_kernels.backends.get``) and
+a resolved name -> its module (``backend``).
 
 ``impl`` is "auto" | "torch" | "triton" | "cuda"; "auto" (or the ``OPD_KERNELS_IMPL`` env var
 when ``impl="auto"``) picks: the CUDA extension if built and the tensors are on CUDA, else
 Triton on CUDA, else torch. Asking for an unavailable backend raises a ``ValueError`` that
 names the reason ("CUDA extension not built", "no CUDA device", ...).
 
-The ops resolve once per call (``resolved_name``) and pass the backend's *name* across the
-custom-op boundary; inside, ``backend(name)`` turns it back into the module.
+This is step 1 of the ops' one decision (``ops/_decide.py: decide``, which adds the float64 rule,
+the path and compiled-vs-eager); the ops pass the decided backend's *name* across the custom-op
+boundary, and ``backend(name)`` turns it back into the module inside.
 """
 from __future__ import annotations
 
@@ -51,18 +53,8 @@ def resolve(impl: str, device: torch.device):
     return backend(impl)
 
 
-def resolved_name(impl: str, device: torch.device) -> str:
-    """``resolve(impl, device).NAME``: once per call in eager mode, once per trace when compiled."""
-    return _resolved_name(impl, device.type)
-
-
-@torch.compiler.assume_constant_result
-def _resolved_name(impl: str, device_type: str) -> str:
-    return resolve(impl, torch.device(device_type)).NAME
-
-
 def backend(name: str):
-    """The module of an already resolved backend ``name`` (see ``resolved_name``)."""
+    """The module of an already decided backend ``name`` (``ops/_decide.py``)."""
     mod, reason = _load(name)
     if mod is None:
         raise ValueError(f"impl={name!r} is not available here: {reason}")

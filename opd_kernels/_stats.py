@@ -16,7 +16,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .backends import STAT_A_Y, STAT_D_P, STAT_D_Q, STAT_M_A, STAT_M_B, STAT_S_A, STAT_S_B, STAT_U_A
+# Columns of a backend's ``row_stats`` (the contract: ``opd_kernels.backends``, which re-exports them).
+STAT_M_A, STAT_S_A, STAT_U_A, STAT_M_B, STAT_S_B, STAT_D_Q, STAT_D_P, STAT_A_Y = range(8)
+N_STATS = 8
 
 
 @dataclass
@@ -29,12 +31,12 @@ class Rows:
     logprob: torch.Tensor  # a_y - A
 
 
-def _gap(m: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
+def _max_shift(m: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
     """m - M for a max that moved from m up to M; 0 when it did not move (also -inf -> -inf)."""
     return torch.where(m == M, torch.zeros_like(m), m - M)
 
 
-def _times(d: torch.Tensor, S: torch.Tensor) -> torch.Tensor:
+def _shift_times_weight(d: torch.Tensor, S: torch.Tensor) -> torch.Tensor:
     """d * S, 0 for an empty part (S = 0, where d may be -inf or NaN); NaN in S propagates."""
     return torch.where(S == 0, torch.zeros_like(S), d * S)
 
@@ -57,13 +59,13 @@ def rebase(stats: torch.Tensor, M_a: torch.Tensor, M_b: torch.Tensor) -> torch.T
     """
     out = stats.clone()
     S_a, S_b = stats[..., STAT_S_A], stats[..., STAT_S_B]
-    d_a, d_b = _gap(stats[..., STAT_M_A], M_a), _gap(stats[..., STAT_M_B], M_b)
+    d_a, d_b = _max_shift(stats[..., STAT_M_A], M_a), _max_shift(stats[..., STAT_M_B], M_b)
     f_a, f_b = d_a.exp(), d_b.exp()
     out[..., STAT_M_A], out[..., STAT_M_B] = M_a, M_b
     out[..., STAT_S_A], out[..., STAT_S_B] = S_a * f_a, S_b * f_b
-    out[..., STAT_U_A] = _scale(stats[..., STAT_U_A] + _times(d_a, S_a), f_a)
-    out[..., STAT_D_Q] = _scale(stats[..., STAT_D_Q] + _times(d_a - d_b, S_a), f_a)
-    out[..., STAT_D_P] = _scale(stats[..., STAT_D_P] + _times(d_b - d_a, S_b), f_b)
+    out[..., STAT_U_A] = _scale(stats[..., STAT_U_A] + _shift_times_weight(d_a, S_a), f_a)
+    out[..., STAT_D_Q] = _scale(stats[..., STAT_D_Q] + _shift_times_weight(d_a - d_b, S_a), f_a)
+    out[..., STAT_D_P] = _scale(stats[..., STAT_D_P] + _shift_times_weight(d_b - d_a, S_b), f_b)
     return out
 
 

@@ -12,7 +12,25 @@ import numbers
 
 import torch
 
-from .backends import check_transform
+IDENTITY = (1.0, 0.0)
+"""The identity logit transform ``(scale, cap)``: no logit scale, no softcap."""
+
+
+def check_transform(tf, name: str = "tf") -> tuple[float, float]:
+    """``(scale, cap)`` as floats, checked; ``None`` (the whole pair or the cap) = no transform/cap."""
+    if tf is None:
+        return IDENTITY
+    try:
+        scale, cap = tf
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a (scale, cap) pair, got {tf!r}") from None
+    scale, cap = float(scale), 0.0 if cap is None else float(cap)
+    if not (math.isfinite(scale) and scale > 0.0):
+        raise ValueError(f"{name}: the logit scale must be finite and > 0, got {scale!r}")
+    if not (math.isfinite(cap) and cap >= 0.0):
+        raise ValueError(f"{name}: the softcap must be finite and >= 0 (0 = no cap), got {cap!r}")
+    return scale, cap
+
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 REDUCTIONS = ("mean", "sum", "none")
@@ -74,7 +92,7 @@ def check_options(*, temperature=1.0, divergence=None, beta=None, reduction=None
 
 def check_logit_transform(softcap=None, logit_scale=None, *, prefix: str = "") -> tuple[float, float]:
     """One model's public ``{prefix}softcap=`` / ``{prefix}logit_scale=`` (None: absent) as the
-    backends' ``(scale, cap)`` pair (``backends.check_transform``): its raw logits ``x`` become
+    backends' ``(scale, cap)`` pair (``check_transform``): its raw logits ``x`` become
     ``softcap * tanh(logit_scale * x / softcap)`` (``logit_scale * x`` without a softcap), before
     the temperature divides them."""
     cname, sname = f"{prefix}softcap", f"{prefix}logit_scale"

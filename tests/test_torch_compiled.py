@@ -11,6 +11,7 @@ import torch
 import opd_kernels as ok
 import reference as oracle
 from opd_kernels.backends import torch_compiled
+from opd_kernels.ops import _decide
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 N, V, d = 67, 389, 24
@@ -126,4 +127,4 @@ def test_threshold_keeps_small_calls_eager(monkeypatch):
     hs, ws, _, ht, wt = _models()
     ok.fused_linear_distill_loss(hs.float(), ws.float(), ht.float(), wt.float(), impl="torch")
     ok.fused_linear_distill_loss(hs, ws, ht, wt, impl="torch")  # float64: never compiled
-    assert calls == [] and N * V < torch_compiled.MIN_ELEMENTS
+    assert calls == [] and N * V < _decide.COMPILE_MIN_ELEMENTS

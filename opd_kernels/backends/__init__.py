@@ -96,19 +96,19 @@ Logit transforms (every primitive above, keyword-only, default the identity)::
 
 A backend is a module exposing these names plus ``NAME`` and ``available() -> (bool, reason)``.
 """
-import math
 from typing import NamedTuple
 
 import torch
 
 from .._dispatch import resolve
 
-STAT_M_A, STAT_S_A, STAT_U_A, STAT_M_B, STAT_S_B, STAT_D_Q, STAT_D_P, STAT_A_Y = range(8)
-N_STATS = 8
-KINDS = ("logprob", "forward_kl", "reverse_kl", "jsd")
+# the row-statistics columns (``_stats.py``, the algebra that reads them) and the transform check
+# (``_validate.py``) live in the shared modules below this contract; re-exported here
+from .._stats import (N_STATS, STAT_A_Y, STAT_D_P, STAT_D_Q, STAT_M_A, STAT_M_B, STAT_S_A,  # noqa: F401
+                      STAT_S_B, STAT_U_A)
+from .._validate import IDENTITY, check_transform  # noqa: F401
 
-IDENTITY = (1.0, 0.0)
-"""The identity logit transform ``(scale, cap)``: no logit scale, no softcap."""
+KINDS = ("logprob", "forward_kl", "reverse_kl", "jsd")
 
 
 class TransformConsts(NamedTuple):
@@ -116,22 +116,6 @@ class TransformConsts(NamedTuple):
     capped: bool  # cap > 0
     pre: float    # scale / cap (capped), else 0.0 (unused)
     post: float   # cap * inv_temp (capped), else scale * inv_temp
-
-
-def check_transform(tf, name: str = "tf") -> tuple[float, float]:
-    """``(scale, cap)`` as floats, checked; ``None`` (the whole pair or the cap) = no transform/cap."""
-    if tf is None:
-        return IDENTITY
-    try:
-        scale, cap = tf
-    except (TypeError, ValueError):
-        raise TypeError(f"{name} must be a (scale, cap) pair, got {tf!r}") from None
-    scale, cap = float(scale), 0.0 if cap is None else float(cap)
-    if not (math.isfinite(scale) and scale > 0.0):
-        raise ValueError(f"{name}: the logit scale must be finite and > 0, got {scale!r}")
-    if not (math.isfinite(cap) and cap >= 0.0):
-        raise ValueError(f"{name}: the softcap must be finite and >= 0 (0 = no cap), got {cap!r}")
-    return scale, cap
 
 
 def transform_consts(tf, inv_temp: float, name: str = "tf") -> TransformConsts:

@@ -7,8 +7,8 @@ it, so a CPU-only torch keeps working when a ``_C`` built against a CUDA torch l
 ``csrc/bindings.cpp``); their fake (meta) impls are registered once below, so the ops trace
 under ``torch.compile``.
 
-Inputs are fp32/bf16/fp16 with fp32 math. float64 inputs (the precision oracle) go to the
-torch backend rather than being silently computed in fp32. A reference ``r`` whose dtype
+Inputs are fp32/bf16/fp16 with fp32 math. float64 logits raise ``ValueError``: the ops send
+float64 (the precision oracle) to the torch backend, a rule of ``ops/_decide.py``. A reference ``r`` whose dtype
 differs from the teacher's is cast to it (the kernels read t and r with one element type).
 
 Logit transforms (``tf_s``/``tf_t``/``tf_r``) are checked here (``ValueError`` naming the argument,
@@ -85,8 +85,10 @@ def _register_fakes():
         return None
 
 
-def _f64(*xs) -> bool:
-    return any(x is not None and x.dtype == torch.float64 for x in xs)
+def _no_float64(*xs) -> None:
+    if any(x is not None and x.dtype == torch.float64 for x in xs):
+        raise ValueError("cuda backend: no float64 kernels (the ops run float64 on the torch backend, "
+                         "ops/_decide.py); call the torch backend for float64")
 
 
 def _ops():
@@ -96,44 +98,43 @@ def _ops():
     return torch.ops.opd_kernels_C
 
 
-def _ref(t, r):
+def _reference_as_teacher_dtype(t, r):
     return r if r is None or t is None or r.dtype == t.dtype else r.to(t.dtype)
 
 
-def _tg(targets):
+def _int64_targets(targets):
     return targets if targets is None or targets.dtype == torch.int64 else targets.long()
 
 
-def _tf(**tfs):
+def _transform_floats(**tfs):
     """(x_scale, x_cap, ...) floats of the named transforms, checked (ValueError names the argument)."""
     return tuple(v for name, tf in tfs.items() for v in check_transform(tf, name))
 
 
 def row_stats(s, t, r, targets, *, inv_temp, lam=1.0, vocab_start=0, tf_s=IDENTITY, tf_t=IDENTITY,
               tf_r=IDENTITY):
-    tf = _tf(tf_s=tf_s, tf_t=tf_t, tf_r=tf_r)
-    if _f64(s, t, r):
-        return _torch.row_stats(s, t, r, targets, inv_temp=inv_temp, lam=lam, vocab_start=vocab_start,
-                                tf_s=tf_s, tf_t=tf_t, tf_r=tf_r)
-    return _ops().row_stats(s, t, _ref(t, r), _tg(targets), float(inv_temp), float(lam), int(vocab_start), *tf)
+    tf = _transform_floats(tf_s=tf_s, tf_t=tf_t, tf_r=tf_r)
+    _no_float64(s, t, r)
+    return _ops().row_stats(s, t, _reference_as_teacher_dtype(t, r), _int64_targets(targets), float(inv_temp),
+                            float(lam), int(vocab_start), *tf)
 
 
 def jsd_sums(s, t, AB, *, inv_temp, beta, tf_s=IDENTITY, tf_t=IDENTITY):
-    tf = _tf(tf_s=tf_s, tf_t=tf_t)
-    if _f64(s, t):
-        return _torch.jsd_sums(s, t, AB, inv_temp=inv_temp, beta=beta, tf_s=tf_s, tf_t=tf_t)
+    tf = _transform_floats(tf_s=tf_s, tf_t=tf_t)
+    _no_float64(s, t)
     return _ops().jsd_sums(s, t, AB.float(), float(inv_temp), float(beta), *tf)
 
 
 def grad_logits(s, t, r, targets, rs, g, *, kind, inv_temp, lam=1.0, beta=0.5, vocab_start=0,
                 out=None, with_entropy=False, tf_s=IDENTITY, tf_t=IDENTITY, tf_r=IDENTITY):
-    tf = _tf(tf_s=tf_s, tf_t=tf_t, tf_r=tf_r)
-    if _f64(s, t, r) or (out is not None and out.dtype != s.dtype):
+    tf = _transform_floats(tf_s=tf_s, tf_t=tf_t, tf_r=tf_r)
+    _no_float64(s, t, r)
+    if out is not None and out.dtype != s.dtype:  # an output of another dtype: the torch backend writes it
         return _torch.grad_logits(s, t, r, targets, rs, g, kind=kind, inv_temp=inv_temp, lam=lam,
                                   beta=beta, vocab_start=vocab_start, out=out, with_entropy=with_entropy,
                                   tf_s=tf_s, tf_t=tf_t, tf_r=tf_r)
-    args = (s, t, _ref(t, r), _tg(targets), rs.float(), g.float(), kind, float(inv_temp), float(lam),
-            float(beta), int(vocab_start), bool(with_entropy), *tf)
+    args = (s, t, _reference_as_teacher_dtype(t, r), _int64_targets(targets), rs.float(), g.float(), kind,
+            float(inv_temp), float(lam), float(beta), int(vocab_start), bool(with_entropy), *tf)
     if out is None:
         return _ops().grad_logits(*args)
     _ops().grad_logits_out(out, *args)

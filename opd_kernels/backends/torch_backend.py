@@ -30,13 +30,13 @@ def available():
     return True, ""
 
 
-def _f(x: torch.Tensor) -> torch.Tensor:
+def _compute_copy(x: torch.Tensor) -> torch.Tensor:
     """fp32 compute copy (float64 stays float64 so the oracle keeps its precision)."""
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
 def _scaled(x: torch.Tensor, inv_temp: float) -> torch.Tensor:
-    return _f(x) if inv_temp == 1.0 else _f(x) * inv_temp
+    return _compute_copy(x) if inv_temp == 1.0 else _compute_copy(x) * inv_temp
 
 
 def _transformed(x: torch.Tensor, inv_temp: float, tf, name: str) -> torch.Tensor:
@@ -45,7 +45,7 @@ def _transformed(x: torch.Tensor, inv_temp: float, tf, name: str) -> torch.Tenso
     k = transform_consts(tf, inv_temp, name)
     if not k.capped:
         return _scaled(x, k.post)
-    a = _f(x).mul(k.pre).tanh_().mul_(k.post)
+    a = _compute_copy(x).mul(k.pre).tanh_().mul_(k.post)
     return a.masked_fill_(torch.isneginf(x), -float("inf"))  # banned stays banned
 
 
@@ -55,12 +55,12 @@ def _transformed_slope(x: torch.Tensor, inv_temp: float, tf, name: str):
     k = transform_consts(tf, inv_temp, name)
     if not k.capped:
         return _scaled(x, k.post), k.post
-    th = _f(x).mul(k.pre).tanh_()
+    th = _compute_copy(x).mul(k.pre).tanh_()
     a = th.mul(k.post).masked_fill_(torch.isneginf(x), -float("inf"))
     return a, th.square_().neg_().add_(1.0).mul_(k.pre * k.post)
 
 
-def _wsum(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def _weighted_sum(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """sum_v w * x where terms with w == 0 and x = +-inf (0 * inf = NaN) count as 0.
     A NaN input still propagates: it makes the row max, hence S, NaN."""
     return torch.nansum(w * x, -1)
@@ -144,8 +144,8 @@ def jsd_sums(s, t, AB, *, inv_temp, beta, tf_s=IDENTITY, tf_t=IDENTITY):
     for i, j in row_ranges(N, V):
         a, b = _transformed(s[i:j], inv_temp, tf_s, "tf_s"), _transformed(t[i:j], inv_temp, tf_t, "tf_t")
         log_q, log_p, log_m = _log_mixture(a, b, AB[i:j, 0], AB[i:j, 1], beta)
-        out[i:j, 0] = _wsum(log_p.exp(), log_p - log_m)
-        out[i:j, 1] = _wsum(log_q.exp(), log_q - log_m)
+        out[i:j, 0] = _weighted_sum(log_p.exp(), log_p - log_m)
+        out[i:j, 1] = _weighted_sum(log_q.exp(), log_q - log_m)
     return out
 
 

@@ -28,9 +28,10 @@ Logit transform ``T`` per model, ``tf = (scale, cap)``: ``x -> cap tanh(scale x 
 or ``scale x``; ``-inf`` stays ``-inf``; ``T'`` is recomputed from ``s``. The transforms come from
 the spec (``RowSpec.tf = (tf_s, tf_t, tf_r)``).
 
-When it applies (``applies``): the torch backend, CPU tensors in fp32/bf16/fp16 (float64 is the
-test oracle and stays uncompiled), no process group, at least ``OPD_COMPILE_MIN_ELEMENTS``
-(default 2**21) logits in the call, and ``OPD_TORCH_COMPILE`` not "0". Small calls stay eager,
+When it runs is rule 3 of ``ops/_decide.py``: the torch backend, CPU tensors in fp32/bf16/fp16
+(float64 is the test oracle and stays uncompiled), no process group, at least
+``OPD_COMPILE_MIN_ELEMENTS`` (default 2**21) logits in the call, and ``OPD_TORCH_COMPILE`` not
+"0". Small calls stay eager,
 so the tests (which compare the eager path with float64) and the bundled trainer's tiny
 vocabulary never pay inductor's compile time (~10-40 s per op variant on 2 cores, once per
 process). Each (op kind, entry point) is its own compiled function, i.e. its own dynamo cache,
@@ -39,25 +40,10 @@ so the variants of one op never evict another's; the row count is dynamic (chunk
 from __future__ import annotations
 
 import math
-import os
 import types
 from functools import lru_cache
 
 import torch
-
-MIN_ELEMENTS = int(os.environ.get("OPD_COMPILE_MIN_ELEMENTS", 2**21))
-
-
-def enabled() -> bool:
-    return os.environ.get("OPD_TORCH_COMPILE", "1") != "0"
-
-
-def applies(spec, x: torch.Tensor, rows: int, vocab: int, group=None) -> bool:
-    """Whether a call of ``spec`` on ``rows x vocab`` logits (``x``: any of its tensors) runs
-    here rather than through the eager primitives."""
-    return (spec.impl == "torch" and group is None and x.device.type == "cpu" and x.dtype != torch.float64
-            and rows * vocab >= MIN_ELEMENTS and enabled() and not torch.compiler.is_compiling())
-
 
 # ----------------------------------------------------------------------------- the math
 def _transform(x, tf, inv_temp):
@@ -77,12 +63,12 @@ def _lse(x):
     return m + torch.log(torch.exp(x - m).sum(-1, keepdim=True))
 
 
-def _wsum(w, x):
+def _weighted_sum(w, x):
     """``sum_v w x`` with zero-weight terms dropped (no ``0 * inf``); NaN propagates."""
     return torch.where(w == 0, 0.0, w * x).sum(-1, keepdim=True)
 
 
-def _times(w, x):
+def _weighted(w, x):
     return torch.where(w == 0, 0.0, w * x)
 
 
@@ -121,13 +107,13 @@ def _chunk(s, t, r, y, g, rs, kind: str, want: str, inv_temp: float, lam: float,
         elif kind == "log_normalizer":
             main = A
         elif kind == "forward_kl":
-            main = _wsum(p, lb - la)
+            main = _weighted_sum(p, lb - la)
         elif kind == "reverse_kl":
-            main = C = _wsum(q, la - lb)
+            main = C = _weighted_sum(q, la - lb)
         else:
-            C = _wsum(q, la - lm)
-            main = beta * _wsum(p, lb - lm) + (1.0 - beta) * C
-        H = -_wsum(q, la) if entropy else torch.zeros_like(A)
+            C = _weighted_sum(q, la - lm)
+            main = beta * _weighted_sum(p, lb - lm) + (1.0 - beta) * C
+        H = -_weighted_sum(q, la) if entropy else torch.zeros_like(A)
         if want == "rows":
             return main[:, 0], H[:, 0], torch.cat([A, B, C, H], 1)
     if kind == "logprob":
@@ -137,13 +123,13 @@ def _chunk(s, t, r, y, g, rs, kind: str, want: str, inv_temp: float, lam: float,
     elif kind == "forward_kl":
         d = q - p
     elif kind == "reverse_kl":
-        d = _times(q, la - lb - C)
+        d = _weighted(q, la - lb - C)
     else:
-        d = (1.0 - beta) * _times(q, la - lm - C)
-    grad = _times(g[:, 0:1], d)
+        d = (1.0 - beta) * _weighted(q, la - lm - C)
+    grad = _weighted(g[:, 0:1], d)
     if entropy:
-        grad = grad - _times(g[:, 1:2], _times(q, la + H))
-    grad = torch.nan_to_num(_times(slope, grad) if isinstance(slope, torch.Tensor) else grad * slope, nan=0.0)
+        grad = grad - _weighted(g[:, 1:2], _weighted(q, la + H))
+    grad = torch.nan_to_num(_weighted(slope, grad) if isinstance(slope, torch.Tensor) else grad * slope, nan=0.0)
     if want == "grad":
         return grad
     return main[:, 0], H[:, 0], grad
@@ -159,7 +145,7 @@ def _compiled(kind: str, want: str):
 
 
 def _call(want, s, t, r, y, g, rs, spec):
-    return _compiled(spec.kind, want)(s, t, r, y, g, rs, spec.kind, want, spec.inv_temp, spec.lam, spec.beta,
+    return _compiled(spec.kind, want)(s, t, r, y, g, rs, spec.kind, want, spec.inv_temp, spec.reward_scale, spec.beta,
                                       spec.entropy, *spec.tf)
 
 

@@ -1,9 +1,14 @@
 """Triton backend: launchers for the kernels in ``opd_kernels.triton`` (contract: ``backends``).
 
-Each launcher checks layouts (last dim contiguous, int64-safe row strides), picks block sizes
-with a small heuristic per (N, V, d, dtype) -- passed as ``tl.constexpr`` -- and launches without
-any host-device sync. ``OPD_TRITON_AUTOTUNE=1`` (read at import) autotunes the fused-linear
-kernels over a few configs instead (keyed on V and the hidden sizes, not on N).
+Each primitive is a ``plan_*`` function and a launcher that runs its plan. The plan checks
+layouts (last dim contiguous, int64-safe row strides), picks block sizes with the heuristics of
+``backends/triton_plan.py`` per (N, V, d, dtype) -- passed as ``tl.constexpr`` --, allocates the
+outputs and returns every launch (kernel, grid, arguments, constexprs, warps/stages) without
+launching. ``sms=`` plans for a CUDA device with that many SMs whatever the tensors' device
+(``meta`` tensors included), which is how ``python -m opd_kernels.triton.aot`` lists the variants
+a GPU would compile. Launches never sync the host. ``OPD_TRITON_AUTOTUNE=1`` (read at import)
+autotunes the fused-linear kernels over a few configs instead (keyed on V and the hidden sizes,
+not on N).
 
 Logit transforms (``tf_s``/``tf_t``/``tf_r``, see ``opd_kernels.backends``) reach the kernels as
 runtime ``pre_*``/``post_*`` floats (``transform_consts``, temperature folded in) plus constexpr
@@ -17,18 +22,20 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
 from functools import lru_cache
+from typing import Optional
 
 import torch
 
 from .._stats import rebase
 from . import IDENTITY, N_STATS, STAT_M_A, STAT_M_B, transform_consts
+from .triton_plan import Launch, Plan, fused_config, logits_config, vocab_splits
 
 try:
     import triton
 
-    from ..triton import fused_linear as _fl
+    from ..triton.fused_linear import (fused_grad_dh_kernel, fused_grad_dw_kernel, fused_jsd_sums_kernel,
+                                       fused_row_stats_kernel)
     from ..triton.grad import KIND_IDS, grad_logits_kernel
     from ..triton.jsd import jsd_sums_kernel
     from ..triton.stats import row_stats_kernel
@@ -63,82 +70,25 @@ def available():
     return False, "no CUDA device (set TRITON_INTERPRET=1 before importing triton to run on CPU)"
 
 
-# ----------------------------------------------------------------------------------- heuristics
-@dataclass(frozen=True)
-class _Cfg:
-    block_n: int
-    block_v: int
-    block_k: int = 16
-    num_warps: int = 4
-    num_stages: int = 2
-
-
-def _pow2(x: int) -> int:
-    return triton.next_power_of_2(max(1, int(x)))
-
-
+# ----------------------------------------------------------------------------- plans and launches
 @lru_cache(maxsize=None)
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def _n_splits(row_blocks: int, n_tiles: int, device: torch.device) -> int:
-    """Vocabulary splits (grid axis 1) so that about 2 programs per SM exist when N is small."""
+def _device_sms(device: torch.device, sms: Optional[int]) -> int:
+    """SMs to plan the vocabulary splits for: ``sms`` when given, the device's on CUDA, else 0."""
+    if sms is not None:
+        return int(sms)
     if device.type != "cuda":
-        return 1
-    want = 2 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    return max(1, min(n_tiles, want // max(1, row_blocks)))
+        return 0
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def _logits_cfg(N: int, V: int, dtype: torch.dtype, *, reduction: bool = False) -> _Cfg:
-    """Memory-bound logits-level kernels: one row (or a few, for small V) x a wide vocab tile.
-
-    The row reductions (``reduction``: row_stats, jsd_sums) keep per-row running sums and
-    several fp32 temporaries per element: 16 warps for a 4096-element tile (8 elements per
-    thread) use ~60 registers instead of ~100-120 at 8 warps (ptxas, sm_80 / sm_90a), i.e. two
-    resident CTAs of 16 warps per SM instead of two of 8. The elementwise gradient kernel needs
-    few registers (30-85) and keeps 8 warps.
-    """
-    if _interpreted():  # the interpreter's cost is per program and op: few, large tiles
-        return _Cfg(block_n=min(16, _pow2(N)), block_v=min(256, _pow2(V)))
-    block_v = min(_pow2(V), 4096 if dtype.itemsize <= 2 else 2048)
-    block_n = max(1, min(_pow2(N), 4096 // block_v))
-    tile = block_n * block_v
-    warps = 16 if reduction and tile >= 4096 else 8 if tile >= 2048 else 4
-    return _Cfg(block_n, block_v, num_warps=warps)
-
-
-def fused_tiles(N: int, V: int, itemsize: int, wide: bool = False) -> tuple[int, int]:
-    """``(BLOCK_N, BLOCK_V)`` of the fused kernels on a GPU (``_fused_cfg``), also read by the
-    routing model (``ops/_route.py``: the fused backward's accumulator traffic scales with
-    ``1/BLOCK_N + 1/BLOCK_V``). Pure Python, so the model works without triton."""
-    def pow2(x):
-        return 1 << (max(1, int(x)) - 1).bit_length()
-    block_n = max(16, min(64, pow2(N)))
-    if itemsize <= 2:
-        return block_n, max(16, min(128 if wide else 64, pow2(V)))
-    return min(block_n, 32), max(16, min(64, pow2(V)))
-
-
-def _fused_cfg(N: int, V: int, d: int, dtype: torch.dtype, *, wide: bool = False) -> _Cfg:
-    """GEMM-shaped fused kernels: tl.dot tiles (every block dimension >= 16).
-
-    With 16-bit weights the tiles are 64 x 64: the row-stats and gradient kernels keep up to
-    three fp32 logits tiles (student, teacher, reference) live with the online-softmax or
-    gradient temporaries and the dh/dw accumulator, and at 64 x 128 they sat at 255 registers
-    and spilled on sm_80 (``python -m opd_kernels.triton.aot`` shows it). ``wide`` (the JSD
-    second pass: no running stats, spill-free at 128, spilling at 64 on sm_80) keeps 64 x 128.
-    """
-    block_n = max(16, min(64, _pow2(N)))
-    # fp32 weights: FMA dots ("ieee") hold both operand slices in registers; 16-wide K slices
-    # spill in 4 of 32 variants (<= 32 B) where 32-wide ones spilled in 13 (up to 160 B)
-    block_k = max(16, min(64, _pow2(d))) if dtype.itemsize <= 2 else 16
-    if _interpreted():
-        return _Cfg(block_n, block_v=max(16, min(128, _pow2(V))), block_k=max(16, min(64, _pow2(d))))
-    bn, bv = fused_tiles(N, V, dtype.itemsize, wide)
-    if dtype.itemsize <= 2:
-        return _Cfg(bn, bv, block_k, num_warps=8, num_stages=3)
-    return _Cfg(bn, bv, block_k, num_warps=4, num_stages=2)
+def _n_splits(row_blocks: int, n_tiles: int, sms: int) -> int:
+    """Vocabulary splits of one launch (``triton_plan.vocab_splits``; tests replace this to
+    force splits under the interpreter)."""
+    return vocab_splits(row_blocks, n_tiles, sms)
 
 
 def _precision(*weights) -> str:
@@ -152,11 +102,11 @@ def _precision(*weights) -> str:
     return "tf32"
 
 
-_AUTOTUNE = os.environ.get("OPD_TRITON_AUTOTUNE", "0") == "1" and triton is not None
+AUTOTUNE = os.environ.get("OPD_TRITON_AUTOTUNE", "0") == "1" and triton is not None
 
 
 def _autotuned(kernel, key, reset=None):
-    if not _AUTOTUNE or _interpreted():
+    if not AUTOTUNE or _interpreted():
         return None
     configs = [triton.Config({"BLOCK_N": bn, "BLOCK_V": bv, "BLOCK_K": bk}, num_warps=w, num_stages=st)
                for bn, bv, bk, w, st in [(64, 128, 64, 8, 3), (128, 128, 64, 8, 3), (64, 256, 64, 8, 3),
@@ -166,29 +116,28 @@ def _autotuned(kernel, key, reset=None):
 
 if triton is not None:
     _TUNED = {
-        "stats": _autotuned(_fl.fused_row_stats_kernel, ["V", "DS", "DT", "DR"]),
-        "jsd": _autotuned(_fl.fused_jsd_sums_kernel, ["V", "DS", "DT"]),
-        "dh": _autotuned(_fl.fused_grad_dh_kernel, ["V", "DS", "DT", "DR"], reset=["dh_ptr"]),
-        "dw": _autotuned(_fl.fused_grad_dw_kernel, ["V", "DS", "DT", "DR"], reset=["dw_ptr", "db_ptr"]),
+        fused_row_stats_kernel: _autotuned(fused_row_stats_kernel, ["V", "DS", "DT", "DR"]),
+        fused_jsd_sums_kernel: _autotuned(fused_jsd_sums_kernel, ["V", "DS", "DT"]),
+        fused_grad_dh_kernel: _autotuned(fused_grad_dh_kernel, ["V", "DS", "DT", "DR"], reset=["dh_ptr"]),
+        fused_grad_dw_kernel: _autotuned(fused_grad_dw_kernel, ["V", "DS", "DT", "DR"],
+                                         reset=["dw_ptr", "db_ptr"]),
     }
 
 
-def _launch_fused(name, kernel, grid, cfg: _Cfg, args, consts):
-    """Launch ``kernel`` with the heuristic config, or its autotuned twin when enabled.
+def _logits_launch(kernel, cfg, row_blocks, splits, args, constexprs) -> Launch:
+    return Launch(kernel, (row_blocks, splits), args,
+                  dict(constexprs, BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v), dict(num_warps=cfg.num_warps))
 
-    ``grid(block_n, block_v)`` gives the launch grid for a choice of block sizes.
-    """
-    tuned = _TUNED[name]
-    if tuned is not None:
-        tuned[lambda meta: grid(meta["BLOCK_N"], meta["BLOCK_V"])](*args, **consts)
-    else:
-        kernel[grid(cfg.block_n, cfg.block_v)](
-            *args, **consts, BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_K=cfg.block_k,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+def _fused_launch(kernel, cfg, grid_for, args, constexprs) -> Launch:
+    """A fused kernel's launch; with ``OPD_TRITON_AUTOTUNE=1`` its autotuned twin runs instead."""
+    return Launch(kernel, grid_for(cfg.block_n, cfg.block_v), args,
+                  dict(constexprs, BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_K=cfg.block_k),
+                  dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages), _TUNED[kernel], grid_for)
 
 
 # ------------------------------------------------------------------------------------- helpers
-def _rows(x: torch.Tensor | None, name: str) -> torch.Tensor | None:
+def _last_dim_contiguous(x: torch.Tensor | None, name: str) -> torch.Tensor | None:
     """2-D view whose last dim is contiguous (row stride arbitrary, e.g. a ``vocab_size`` slice)."""
     if x is None:
         return None
@@ -197,21 +146,21 @@ def _rows(x: torch.Tensor | None, name: str) -> torch.Tensor | None:
     return x if x.stride(1) == 1 else x.contiguous()
 
 
-def _vec(x: torch.Tensor | None) -> torch.Tensor | None:
+def _contiguous_or_none(x: torch.Tensor | None) -> torch.Tensor | None:
     return None if x is None else x.contiguous()
 
 
-def _f32(x: torch.Tensor) -> torch.Tensor:
+def _fp32_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.float32).contiguous()
 
 
-def _merge_splits(part: torch.Tensor) -> torch.Tensor:
+def _merge_splits(per_split: torch.Tensor) -> torch.Tensor:
     """[splits, N, 8] per-split row stats -> [N, 8], merged like vocab shards (no host sync):
     each split's sums are rebased onto the row maxima over splits, then added."""
-    if part.shape[0] == 1:
-        return part[0]
-    m_a, m_b = part[:, :, STAT_M_A].amax(0), part[:, :, STAT_M_B].amax(0)
-    out = rebase(part, m_a, m_b).sum(0)
+    if per_split.shape[0] == 1:
+        return per_split[0]
+    m_a, m_b = per_split[:, :, STAT_M_A].amax(0), per_split[:, :, STAT_M_B].amax(0)
+    out = rebase(per_split, m_a, m_b).sum(0)
     out[:, STAT_M_A], out[:, STAT_M_B] = m_a, m_b
     return out
 
@@ -234,50 +183,61 @@ def _log_betas(beta: float) -> tuple[float, float]:
     return (math.log(beta), math.log1p(-beta)) if 0.0 < beta < 1.0 else (0.0, 0.0)
 
 
-# --------------------------------------------------------------------------- logits level
-def row_stats(s, t, r, targets, *, inv_temp, lam=1.0, vocab_start=0, tf_s=IDENTITY, tf_t=IDENTITY,
-              tf_r=IDENTITY):
-    s, t, r = _rows(s, "s"), _rows(t, "t"), _rows(r, "r")
-    tfa, caps = _transforms(inv_temp, dict(s=tf_s, t=tf_t, r=tf_r), dict(s=True, t=t is not None, r=r is not None))
-    N, V = s.shape
-    cfg = _logits_cfg(N, V, s.dtype, reduction=True)
-    row_blocks = triton.cdiv(N, cfg.block_n)
-    splits = _n_splits(row_blocks, triton.cdiv(V, cfg.block_v), s.device)
-    part = torch.empty(splits, N, N_STATS, dtype=torch.float32, device=s.device)
-    targets = _vec(targets)
-    row_stats_kernel[(row_blocks, splits)](
-        s, s if t is None else t, s if r is None else r, s if targets is None else targets, part,
-        N, V, s.stride(0), 0 if t is None else t.stride(0), 0 if r is None else r.stride(0),
-        *tfa, float(lam), int(vocab_start), splits,
-        HAS_T=t is not None, HAS_R=r is not None, HAS_Y=targets is not None, **caps,
-        BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, num_warps=cfg.num_warps)
-    return _merge_splits(part)
-
-
-def jsd_sums(s, t, AB, *, inv_temp, beta, tf_s=IDENTITY, tf_t=IDENTITY):
-    s, t = _rows(s, "s"), _rows(t, "t")
-    tfa, caps = _transforms(inv_temp, dict(s=tf_s, t=tf_t), dict(s=True, t=True))
-    N, V = s.shape
-    cfg = _logits_cfg(N, V, s.dtype, reduction=True)
-    row_blocks = triton.cdiv(N, cfg.block_n)
-    splits = _n_splits(row_blocks, triton.cdiv(V, cfg.block_v), s.device)
-    part = torch.empty(splits, N, 2, dtype=torch.float32, device=s.device)
-    log_beta, log_1m_beta = _log_betas(beta)
-    jsd_sums_kernel[(row_blocks, splits)](
-        s, t, _f32(AB), part, N, V, s.stride(0), t.stride(0), *tfa, log_beta,
-        log_1m_beta, splits, **caps, BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, num_warps=cfg.num_warps)
-    return part.sum(0)
-
-
-def grad_logits(s, t, r, targets, rs, g, *, kind, inv_temp, lam=1.0, beta=0.5, vocab_start=0,
-                out=None, with_entropy=False, tf_s=IDENTITY, tf_t=IDENTITY, tf_r=IDENTITY):
-    """``ds`` in ``s.dtype`` (into ``out`` when given; ``out`` may be ``s`` for an in-place backward).
-
-    ``with_entropy`` adds ``g_ent * dH/da`` (as in the torch backend; False skips that work).
-    """
+def _check_kind(kind):
     if kind not in KIND_IDS:
         raise ValueError(f"unknown kind {kind!r}; expected one of {tuple(KIND_IDS)}")
-    s, t, r = _rows(s, "s"), _rows(t, "t"), _rows(r, "r")
+
+
+# --------------------------------------------------------------------------- logits level
+def plan_row_stats(s, t, r, targets, *, inv_temp, lam=1.0, vocab_start=0, tf_s=IDENTITY, tf_t=IDENTITY,
+                   tf_r=IDENTITY, sms=None) -> Plan:
+    """Outputs: the per-split stats ``[splits, N, 8]`` (``row_stats`` merges them)."""
+    s, t, r = (_last_dim_contiguous(x, n) for x, n in ((s, "s"), (t, "t"), (r, "r")))
+    tfa, caps = _transforms(inv_temp, dict(s=tf_s, t=tf_t, r=tf_r), dict(s=True, t=t is not None, r=r is not None))
+    N, V = s.shape
+    cfg = logits_config(N, V, s.dtype.itemsize, reduction=True, interpreted=_interpreted())
+    row_blocks = triton.cdiv(N, cfg.block_n)
+    splits = _n_splits(row_blocks, triton.cdiv(V, cfg.block_v), _device_sms(s.device, sms))
+    per_split = torch.empty(splits, N, N_STATS, dtype=torch.float32, device=s.device)
+    targets = _contiguous_or_none(targets)
+    args = (s, s if t is None else t, s if r is None else r, s if targets is None else targets, per_split,
+            N, V, s.stride(0), 0 if t is None else t.stride(0), 0 if r is None else r.stride(0),
+            *tfa, float(lam), int(vocab_start), splits)
+    flags = dict(HAS_T=t is not None, HAS_R=r is not None, HAS_Y=targets is not None, **caps)
+    return Plan((_logits_launch(row_stats_kernel, cfg, row_blocks, splits, args, flags),), (per_split,))
+
+
+def row_stats(s, t, r, targets, **kw):
+    """Runs ``plan_row_stats`` (same arguments) and merges the splits: ``[N, 8]``."""
+    return _merge_splits(plan_row_stats(s, t, r, targets, **kw).run()[0])
+
+
+def plan_jsd_sums(s, t, AB, *, inv_temp, beta, tf_s=IDENTITY, tf_t=IDENTITY, sms=None) -> Plan:
+    """Outputs: the per-split sums ``[splits, N, 2]`` (``jsd_sums`` adds them)."""
+    s, t = _last_dim_contiguous(s, "s"), _last_dim_contiguous(t, "t")
+    tfa, caps = _transforms(inv_temp, dict(s=tf_s, t=tf_t), dict(s=True, t=True))
+    N, V = s.shape
+    cfg = logits_config(N, V, s.dtype.itemsize, reduction=True, interpreted=_interpreted())
+    row_blocks = triton.cdiv(N, cfg.block_n)
+    splits = _n_splits(row_blocks, triton.cdiv(V, cfg.block_v), _device_sms(s.device, sms))
+    per_split = torch.empty(splits, N, 2, dtype=torch.float32, device=s.device)
+    log_beta, log_1m_beta = _log_betas(beta)
+    args = (s, t, _fp32_contiguous(AB), per_split, N, V, s.stride(0), t.stride(0), *tfa, log_beta,
+            log_1m_beta, splits)
+    return Plan((_logits_launch(jsd_sums_kernel, cfg, row_blocks, splits, args, caps),), (per_split,))
+
+
+def jsd_sums(s, t, AB, **kw):
+    """Runs ``plan_jsd_sums`` (same arguments) and adds the splits: ``[N, 2]``."""
+    return plan_jsd_sums(s, t, AB, **kw).run()[0].sum(0)
+
+
+def plan_grad_logits(s, t, r, targets, rs, g, *, kind, inv_temp, lam=1.0, beta=0.5, vocab_start=0,
+                     out=None, with_entropy=False, tf_s=IDENTITY, tf_t=IDENTITY, tf_r=IDENTITY,
+                     sms=None) -> Plan:
+    """Outputs: ``(ds,)`` (``out`` when given)."""
+    _check_kind(kind)
+    s, t, r = (_last_dim_contiguous(x, n) for x, n in ((s, "s"), (t, "t"), (r, "r")))
     tfa, caps = _transforms(inv_temp, dict(s=tf_s, t=tf_t, r=tf_r), dict(s=True, t=t is not None, r=r is not None))
     N, V = s.shape
     if out is None:
@@ -285,20 +245,25 @@ def grad_logits(s, t, r, targets, rs, g, *, kind, inv_temp, lam=1.0, beta=0.5, v
     elif out.shape != s.shape or out.stride(1) != 1:
         raise ValueError(f"triton backend: out must be {tuple(s.shape)} with a contiguous last dim, "
                          f"got shape {tuple(out.shape)} strides {out.stride()}")
-    cfg = _logits_cfg(N, V, s.dtype)
+    cfg = logits_config(N, V, s.dtype.itemsize, interpreted=_interpreted())
     row_blocks = triton.cdiv(N, cfg.block_n)
-    splits = _n_splits(row_blocks, triton.cdiv(V, cfg.block_v), s.device)
+    splits = _n_splits(row_blocks, triton.cdiv(V, cfg.block_v), _device_sms(s.device, sms))
     log_beta, log_1m_beta = _log_betas(beta)
-    targets = _vec(targets)
-    grad_logits_kernel[(row_blocks, splits)](
-        s, s if t is None else t, s if r is None else r, s if targets is None else targets,
-        _f32(rs), _f32(g), out, N, V, s.stride(0), 0 if t is None else t.stride(0),
-        0 if r is None else r.stride(0), out.stride(0), *tfa, float(lam), float(beta),
-        log_beta, log_1m_beta, int(vocab_start), splits,
-        KIND=KIND_IDS[kind], HAS_T=t is not None, HAS_R=r is not None,
-        HAS_Y=targets is not None, HAS_ENT=bool(with_entropy), **caps,
-        BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, num_warps=cfg.num_warps)
-    return out
+    targets = _contiguous_or_none(targets)
+    args = (s, s if t is None else t, s if r is None else r, s if targets is None else targets,
+            _fp32_contiguous(rs), _fp32_contiguous(g), out, N, V, s.stride(0), 0 if t is None else t.stride(0),
+            0 if r is None else r.stride(0), out.stride(0), *tfa, float(lam), float(beta),
+            log_beta, log_1m_beta, int(vocab_start), splits)
+    flags = dict(KIND=KIND_IDS[kind], HAS_T=t is not None, HAS_R=r is not None,
+                 HAS_Y=targets is not None, HAS_ENT=bool(with_entropy), **caps)
+    return Plan((_logits_launch(grad_logits_kernel, cfg, row_blocks, splits, args, flags),), (out,))
+
+
+def grad_logits(s, t, r, targets, rs, g, **kw):
+    """Runs ``plan_grad_logits`` (same arguments): ``ds`` in ``s.dtype`` (into ``out`` when given;
+    ``out`` may be ``s`` for an in-place backward). ``with_entropy`` adds ``g_ent * dH/da`` (as in
+    the torch backend; False skips that work)."""
+    return plan_grad_logits(s, t, r, targets, rs, g, **kw).run()[0]
 
 
 # ----------------------------------------------------------------------- fused with lm_head
@@ -306,11 +271,11 @@ def _model(h, w, b, name):
     """(hidden, weight, bias) with contiguous last dims; the dims are checked against each other."""
     if h is None:
         return None, None, None
-    h, w = _rows(h, f"{name} hidden"), _rows(w, f"{name} weight")
+    h, w = _last_dim_contiguous(h, f"{name} hidden"), _last_dim_contiguous(w, f"{name} weight")
     if h.shape[1] != w.shape[1]:
         raise ValueError(f"triton backend: {name} hidden {tuple(h.shape)} and weight "
                          f"{tuple(w.shape)} disagree on the hidden size")
-    return h, w, _vec(b)
+    return h, w, _contiguous_or_none(b)
 
 
 def _fused_operands(hs, ws, bs, ht, wt, bt, hr, wr, br):
@@ -329,69 +294,90 @@ def _fused_operands(hs, ws, bs, ht, wt, bt, hr, wr, br):
     return ptrs, dims, strides, flags
 
 
-def fused_row_stats(hs, ws, bs, ht, wt, bt, hr, wr, br, targets, *, inv_temp, lam=1.0,
-                    vocab_start=0, tf_s=IDENTITY, tf_t=IDENTITY, tf_r=IDENTITY):
+def plan_fused_row_stats(hs, ws, bs, ht, wt, bt, hr, wr, br, targets, *, inv_temp, lam=1.0,
+                         vocab_start=0, tf_s=IDENTITY, tf_t=IDENTITY, tf_r=IDENTITY, sms=None) -> Plan:
+    """Outputs: the per-split stats ``[splits, N, 8]``."""
     ptrs, dims, strides, flags = _fused_operands(hs, ws, bs, ht, wt, bt, hr, wr, br)
     tfa, caps = _transforms(inv_temp, dict(s=tf_s, t=tf_t, r=tf_r),
                             dict(s=True, t=flags["HAS_T"], r=flags["HAS_R"]))
-    N, V = ptrs[0].shape[0], ptrs[1].shape[0]
-    cfg = _fused_cfg(N, V, max(dims), ptrs[1].dtype)
-    splits = _n_splits(triton.cdiv(N, cfg.block_n), triton.cdiv(V, cfg.block_v), ptrs[0].device)
-    part = torch.empty(splits, N, N_STATS, dtype=torch.float32, device=ptrs[0].device)
-    targets = _vec(targets)
-    args = (*ptrs, ptrs[0] if targets is None else targets, part, N, V, *dims, *strides,
+    N, V, device = ptrs[0].shape[0], ptrs[1].shape[0], ptrs[0].device
+    cfg = fused_config(N, V, max(dims), ptrs[1].dtype.itemsize, interpreted=_interpreted())
+    splits = _n_splits(triton.cdiv(N, cfg.block_n), triton.cdiv(V, cfg.block_v), _device_sms(device, sms))
+    per_split = torch.empty(splits, N, N_STATS, dtype=torch.float32, device=device)
+    targets = _contiguous_or_none(targets)
+    args = (*ptrs, ptrs[0] if targets is None else targets, per_split, N, V, *dims, *strides,
             *tfa, float(lam), int(vocab_start), splits)
     consts = dict(flags, **caps, HAS_Y=targets is not None, PRECISION=_precision(ws, wt, wr))
-    _launch_fused("stats", _fl.fused_row_stats_kernel,
-                  lambda bn, bv: (triton.cdiv(N, bn), splits), cfg, args, consts)
-    return _merge_splits(part)
+    return Plan((_fused_launch(fused_row_stats_kernel, cfg, lambda bn, bv: (triton.cdiv(N, bn), splits),
+                               args, consts),), (per_split,))
 
 
-def fused_jsd_sums(hs, ws, bs, ht, wt, bt, AB, *, inv_temp, beta, tf_s=IDENTITY, tf_t=IDENTITY):
+def fused_row_stats(hs, ws, bs, ht, wt, bt, hr, wr, br, targets, **kw):
+    """Runs ``plan_fused_row_stats`` (same arguments) and merges the splits: ``[N, 8]``."""
+    return _merge_splits(plan_fused_row_stats(hs, ws, bs, ht, wt, bt, hr, wr, br, targets, **kw).run()[0])
+
+
+def plan_fused_jsd_sums(hs, ws, bs, ht, wt, bt, AB, *, inv_temp, beta, tf_s=IDENTITY, tf_t=IDENTITY,
+                        sms=None) -> Plan:
+    """Outputs: the per-split sums ``[splits, N, 2]``."""
     ptrs, dims, strides, flags = _fused_operands(hs, ws, bs, ht, wt, bt, None, None, None)
     tfa, caps = _transforms(inv_temp, dict(s=tf_s, t=tf_t), dict(s=True, t=True))
-    N, V = ptrs[0].shape[0], ptrs[1].shape[0]
-    cfg = _fused_cfg(N, V, max(dims), ptrs[1].dtype, wide=True)
-    splits = _n_splits(triton.cdiv(N, cfg.block_n), triton.cdiv(V, cfg.block_v), ptrs[0].device)
-    part = torch.empty(splits, N, 2, dtype=torch.float32, device=ptrs[0].device)
+    N, V, device = ptrs[0].shape[0], ptrs[1].shape[0], ptrs[0].device
+    cfg = fused_config(N, V, max(dims), ptrs[1].dtype.itemsize, wide=True, interpreted=_interpreted())
+    splits = _n_splits(triton.cdiv(N, cfg.block_n), triton.cdiv(V, cfg.block_v), _device_sms(device, sms))
+    per_split = torch.empty(splits, N, 2, dtype=torch.float32, device=device)
     log_beta, log_1m_beta = _log_betas(beta)
-    args = (*ptrs[:6], _f32(AB), part, N, V, *dims[:2], *strides[:4], *tfa, log_beta,
+    args = (*ptrs[:6], _fp32_contiguous(AB), per_split, N, V, *dims[:2], *strides[:4], *tfa, log_beta,
             log_1m_beta, splits)
     consts = dict(HAS_BS=flags["HAS_BS"], HAS_BT=flags["HAS_BT"], **caps, PRECISION=_precision(ws, wt))
-    _launch_fused("jsd", _fl.fused_jsd_sums_kernel,
-                  lambda bn, bv: (triton.cdiv(N, bn), splits), cfg, args, consts)
-    return part.sum(0)
+    return Plan((_fused_launch(fused_jsd_sums_kernel, cfg, lambda bn, bv: (triton.cdiv(N, bn), splits),
+                               args, consts),), (per_split,))
 
 
-def fused_grad(hs, ws, bs, ht, wt, bt, hr, wr, br, targets, rs, g, *, kind, inv_temp, lam=1.0,
-               beta=0.5, vocab_start=0, need_dw=True, need_db=False, with_entropy=True,
-               tf_s=IDENTITY, tf_t=IDENTITY, tf_r=IDENTITY):
-    """(dh [N, d] fp32, dw [V, d] fp32 or None, db [V] fp32 or None) of
-    ``sum_i g_main_i main_i + g_ent_i H_i`` (``with_entropy=False`` skips the entropy term)."""
-    if kind not in KIND_IDS:
-        raise ValueError(f"unknown kind {kind!r}; expected one of {tuple(KIND_IDS)}")
+def fused_jsd_sums(hs, ws, bs, ht, wt, bt, AB, **kw):
+    """Runs ``plan_fused_jsd_sums`` (same arguments) and adds the splits: ``[N, 2]``."""
+    return plan_fused_jsd_sums(hs, ws, bs, ht, wt, bt, AB, **kw).run()[0].sum(0)
+
+
+def plan_fused_grad(hs, ws, bs, ht, wt, bt, hr, wr, br, targets, rs, g, *, kind, inv_temp, lam=1.0,
+                    beta=0.5, vocab_start=0, need_dw=True, need_db=False, with_entropy=True,
+                    tf_s=IDENTITY, tf_t=IDENTITY, tf_r=IDENTITY, sms=None) -> Plan:
+    """Outputs: ``(dh, dw or None, db or None)``; the ``dW``/``db`` kernel only when one is needed."""
+    _check_kind(kind)
     ptrs, dims, strides, flags = _fused_operands(hs, ws, bs, ht, wt, bt, hr, wr, br)
     tfa, caps = _transforms(inv_temp, dict(s=tf_s, t=tf_t, r=tf_r),
                             dict(s=True, t=flags["HAS_T"], r=flags["HAS_R"]))
-    N, V = ptrs[0].shape[0], ptrs[1].shape[0]
-    device = ptrs[0].device
-    cfg = _fused_cfg(N, V, max(dims), ptrs[1].dtype)
+    N, V, device = ptrs[0].shape[0], ptrs[1].shape[0], ptrs[0].device
+    cfg = fused_config(N, V, max(dims), ptrs[1].dtype.itemsize, interpreted=_interpreted())
     log_beta, log_1m_beta = _log_betas(beta)
-    targets = _vec(targets)
+    targets = _contiguous_or_none(targets)
     dh = torch.zeros(N, dims[0], dtype=torch.float32, device=device)
     dw = torch.zeros(V, dims[0], dtype=torch.float32, device=device) if need_dw else None
     db = torch.zeros(V, dtype=torch.float32, device=device) if need_db else None
-    common = (ptrs[0] if targets is None else targets, _f32(rs), _f32(g))
+    common = (ptrs[0] if targets is None else targets, _fp32_contiguous(rs), _fp32_contiguous(g))
     scalars = (N, V, *dims, *strides, *tfa, float(lam), float(beta), log_beta,
                log_1m_beta, int(vocab_start))
     consts = dict(flags, **caps, KIND=KIND_IDS[kind], HAS_Y=targets is not None,
                   HAS_ENT=bool(with_entropy), PRECISION=_precision(ws, wt, wr))
-    _launch_fused("dh", _fl.fused_grad_dh_kernel, lambda bn, bv: (triton.cdiv(N, bn),), cfg,
-                  (*ptrs, *common, dh, *scalars), consts)
+    launches = [_fused_launch(fused_grad_dh_kernel, cfg, lambda bn, bv: (triton.cdiv(N, bn),),
+                              (*ptrs, *common, dh, *scalars), consts)]
     if need_dw or need_db:
         unused = torch.zeros(1, dtype=torch.float32, device=device)  # stands in for dw or db
-        _launch_fused("dw", _fl.fused_grad_dw_kernel, lambda bn, bv: (triton.cdiv(V, bv),), cfg,
-                      (*ptrs, *common, unused if dw is None else dw, unused if db is None else db,
-                       *scalars),
-                      dict(consts, NEED_DW=bool(need_dw), NEED_DB=bool(need_db)))
-    return dh, dw, db
+        launches.append(_fused_launch(
+            fused_grad_dw_kernel, cfg, lambda bn, bv: (triton.cdiv(V, bv),),
+            (*ptrs, *common, unused if dw is None else dw, unused if db is None else db, *scalars),
+            dict(consts, NEED_DW=bool(need_dw), NEED_DB=bool(need_db))))
+    return Plan(tuple(launches), (dh, dw, db))
+
+
+def fused_grad(hs, ws, bs, ht, wt, bt, hr, wr, br, targets, rs, g, **kw):
+    """Runs ``plan_fused_grad`` (same arguments): (dh [N, d] fp32, dw [V, d] fp32 or None,
+    db [V] fp32 or None) of ``sum_i g_main_i main_i + g_ent_i H_i`` (``with_entropy=False``
+    skips the entropy term)."""
+    return plan_fused_grad(hs, ws, bs, ht, wt, bt, hr, wr, br, targets, rs, g, **kw).run()
+
+
+PLANS = dict(row_stats=plan_row_stats, jsd_sums=plan_jsd_sums, grad_logits=plan_grad_logits,
+             fused_row_stats=plan_fused_row_stats, fused_jsd_sums=plan_fused_jsd_sums,
+             fused_grad=plan_fused_grad)
+"""Each primitive's plan: ``PLANS[name](*args, sms=..., **kw)`` takes the primitive's arguments."""

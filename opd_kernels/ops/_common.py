@@ -25,7 +25,7 @@ def transform_logits(x: torch.Tensor, tf) -> torch.Tensor:
     return x
 
 
-def part(x, i: int, j: int):
+def row_slice(x, i: int, j: int):
     """Rows ``i:j`` of an optional per-row tensor (None stays None)."""
     return None if x is None else x[i:j]
 

@@ -34,14 +34,12 @@ from .._chunks import fused_row_ranges
 from .._dispatch import backend
 from ..backends import N_STATS
 from ..backends import torch_compiled
-from ._common import acc_dtype, part
-from ._route import use_fused_kernels_for
+from ._decide import Decision, decide, logits_dtype
+from ._common import acc_dtype, row_slice
 from ._rows import rows_backward, rows_forward, rows_from_stats, upstream
-from ._spec import RowSpec, SpecOp, pad_grads, transform_fields
+from ._spec import ROW_SPEC_SCHEMA as SPEC, RowSpec, SpecOp, pad_grads, transform_fields
 
-MODEL_INPUTS = ("Tensor hs", "Tensor ws", "Tensor? bs", "Tensor? ht", "Tensor? wt", "Tensor? bt",
-                "Tensor? hr", "Tensor? wr", "Tensor? br")
-N_MODEL = len(MODEL_INPUTS)
+N_MODEL = 9  # tensor slots of ``models``: (h, W, b) of student, teacher, reference
 
 
 # ----------------------------------------------------------------------------- chunks and GEMMs
@@ -79,9 +77,14 @@ def _ranges(models, spec: RowSpec):
     return fused_row_ranges(models[0].shape[0], models[1].shape[0], sizes, models[1].device, spec.chunk)
 
 
-def _compiled(models, spec: RowSpec, group=None) -> bool:
-    """Whether the chunks run through the compiled chunk math (``backends.torch_compiled``)."""
-    return torch_compiled.applies(spec, models[0], models[0].shape[0], models[1].shape[0], group)
+def decision(be, models, spec: RowSpec, group=None) -> tuple[Decision, object]:
+    """``_decide.decide`` for one call of ``be`` (a backend module) on ``models``, and the backend
+    module it picks (``be`` itself, except float64 asked of the cuda backend: torch)."""
+    present = [k for k in (0, 3, 6) if models[k] is not None]
+    run = decide(be.NAME, models[1].device, logits_dtype(*(models[k + 1] for k in present), models[0]),
+                 rows=models[0].shape[0], vocab=models[1].shape[0], dims=[models[k].shape[1] for k in present],
+                 kind=spec.kind, group=group)
+    return run, (be if run.backend == be.NAME else backend(run.backend))
 
 
 def grad_buffers(models, need, overwrite: bool = False):
@@ -152,26 +155,22 @@ def accumulate_grads(gs, h, w, i, j, bufs, first: bool = False):
             dw.copy_(gs.T @ hc) if first else dw.add_(gs.T @ hc)
 
 
-def _use_kernels(be, models, spec: RowSpec) -> bool:
-    """The backend's fused ``tl.dot`` kernels (triton) or the chunk loop: ``_route.use_fused_kernels``
-    (the FLOP/byte model of docs/design.md; ``OPD_FUSED_LINEAR`` overrides)."""
-    return hasattr(be, "fused_row_stats") and use_fused_kernels_for(models, spec)
-
-
 # ----------------------------------------------------------------------------- forward / backward
-def fl_forward(be, models, targets, spec: RowSpec, group=None):
-    """Per-row ``(main, entropy, rs)`` of the fused-linear ops."""
-    if _use_kernels(be, models, spec):
+def fl_forward(be, models, targets, spec: RowSpec, group=None, run: Decision | None = None):
+    """Per-row ``(main, entropy, rs)`` of the fused-linear ops (``run``: the call's decision, if taken)."""
+    run, be = decision(be, models, spec, group) if run is None else (run, be)
+    if run.path == "fused_kernels":
         stats = be.fused_row_stats(*models, targets, **spec.stats_kw(be))
         return rows_from_stats(stats, lambda AB: be.fused_jsd_sums(*models[:6], AB, **spec.jsd_kw()), spec, group)
     prepared, ranges = _prepared(models), _ranges(models, spec)
-    if _compiled(models, spec, group):
-        outs = [torch_compiled.rows(*_chunk_logits(prepared, i, j), part(targets, i, j), spec) for i, j in ranges]
+    if run.compiled:
+        outs = [torch_compiled.rows(*_chunk_logits(prepared, i, j), row_slice(targets, i, j), spec)
+                for i, j in ranges]
         return tuple(torch.cat(x) for x in zip(*outs))
     parts = [models[0].new_zeros(0, N_STATS, dtype=torch.float32)]
     for i, j in ranges:
         s, t, r = _chunk_logits(prepared, i, j)
-        parts.append(be.row_stats(s, t, r, part(targets, i, j), **spec.stats_kw(be)))
+        parts.append(be.row_stats(s, t, r, row_slice(targets, i, j), **spec.stats_kw(be)))
 
     def jsd(AB):  # second pass: recompute the logits chunk by chunk
         out = [AB.new_zeros(0, 2)]
@@ -183,20 +182,20 @@ def fl_forward(be, models, targets, spec: RowSpec, group=None):
     return rows_from_stats(torch.cat(parts), jsd, spec, group)
 
 
-def fl_backward(be, models, targets, rs, g, spec: RowSpec, need, group=None):
+def fl_backward(be, models, targets, rs, g, spec: RowSpec, need, group=None, run: Decision | None = None):
     """(dh, dw, db) in the accumulation dtype (None where not needed) for upstream ``g [N, 2]``."""
-    if _use_kernels(be, models, spec):
+    run, be = decision(be, models, spec, group) if run is None else (run, be)
+    if run.path == "fused_kernels":
         tg, g = spec.grad_inputs(targets, g)
         dh, dw, db = be.fused_grad(*models, tg, rs, g, need_dw=need[1], need_db=need[2], **spec.grad_kw())
     else:
         prepared, bufs = _prepared(models), grad_buffers(models, need, overwrite=True)
-        compiled = _compiled(models, spec, group)
         for n, (i, j) in enumerate(_ranges(models, spec)):
             s, t, r = _chunk_logits(prepared, i, j)
-            if compiled:
-                gs = torch_compiled.grad(s, t, r, part(targets, i, j), rs[i:j], g[i:j], spec)
+            if run.compiled:
+                gs = torch_compiled.grad(s, t, r, row_slice(targets, i, j), rs[i:j], g[i:j], spec)
             else:  # ds in place of the logits
-                gs = rows_backward(be, s, t, r, part(targets, i, j), rs[i:j], g[i:j], spec, out=s)
+                gs = rows_backward(be, s, t, r, row_slice(targets, i, j), rs[i:j], g[i:j], spec, out=s)
             accumulate_grads(gs, models[0], prepared[0][1], i, j, bufs, first=n == 0)
         dh, dw, db = bufs
     if group is not None and dh is not None:
@@ -206,17 +205,17 @@ def fl_backward(be, models, targets, rs, g, spec: RowSpec, need, group=None):
 
 def fl_loss_with_grads(be, models, targets, g, spec: RowSpec, need):
     """Per-row ``(main, entropy)`` and the gradients of ``sum_i g_i . (main_i, H_i)``."""
-    if _use_kernels(be, models, spec):
-        main, ent, rs = fl_forward(be, models, targets, spec)
-        grads = fl_backward(be, models, targets, rs, g, spec, need) if any(need) else (None, None, None)
+    run, be = decision(be, models, spec)
+    if run.path == "fused_kernels":
+        main, ent, rs = fl_forward(be, models, targets, spec, run=run)
+        grads = fl_backward(be, models, targets, rs, g, spec, need, run=run) if any(need) else (None, None, None)
         return main, ent, grads
     prepared, bufs = _prepared(models), grad_buffers(models, need, overwrite=True)
     mains, ents = [g.new_zeros(0)], [g.new_zeros(0)]
-    compiled = _compiled(models, spec)
     for n, (i, j) in enumerate(_ranges(models, spec)):
         s, t, r = _chunk_logits(prepared, i, j)
-        tg = part(targets, i, j)
-        if compiled:  # statistics and gradient in one compiled pass
+        tg = row_slice(targets, i, j)
+        if run.compiled:  # statistics and gradient in one compiled pass
             if any(need):
                 main, ent, gs = torch_compiled.rows_and_grad(s, t, r, tg, g[i:j], spec)
             else:
@@ -288,15 +287,21 @@ def _loss_fake(hs, ws, *xs):
             *_grad_fakes(hs, ws, need))
 
 
-_TARGETS = ("Tensor? targets",)
-fl_rows_op = SpecOp("opd_kernels::fl_rows", MODEL_INPUTS + _TARGETS, "(Tensor, Tensor, Tensor)",
+_MODELS = ("Tensor hs, Tensor ws, Tensor? bs, Tensor? ht, Tensor? wt, Tensor? bt, Tensor? hr, Tensor? wr, "
+           "Tensor? br")
+# fl_rows: (main, entropy, rs); its backward and fl_loss's gradients: (dh, dw, db), empty where not needed
+fl_rows_op = SpecOp("opd_kernels::fl_rows", f"({_MODELS}, Tensor? targets, {SPEC}) -> (Tensor, Tensor, Tensor)",
                     _rows_impl, _rows_fake)
-fl_rows_backward_op = SpecOp("opd_kernels::fl_rows_backward",
-                             MODEL_INPUTS + _TARGETS + ("Tensor rs", "Tensor g", "bool[] need"),
-                             "(Tensor, Tensor, Tensor)", _backward_impl,
-                             lambda hs, ws, *xs: _grad_fakes(hs, ws, xs[-2]))
-fl_loss_op = SpecOp("opd_kernels::fl_loss", MODEL_INPUTS + _TARGETS + ("Tensor g", "bool[] need"),
-                    "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)", _loss_impl, _loss_fake)
+fl_rows_backward_op = SpecOp(
+    "opd_kernels::fl_rows_backward",
+    f"({_MODELS}, Tensor? targets, Tensor rs, Tensor g, bool[] need, {SPEC}) -> (Tensor, Tensor, Tensor)",
+    _backward_impl, lambda hs, ws, *xs: _grad_fakes(hs, ws, xs[-2]))
+# fl_loss: (loss, main, entropy, dh, dw, db)
+fl_loss_op = SpecOp(
+    "opd_kernels::fl_loss",
+    f"({_MODELS}, Tensor? targets, Tensor g, bool[] need, {SPEC}) "
+    "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+    _loss_impl, _loss_fake)
 
 
 def _fl_rows_setup(ctx, inputs, spec, output):

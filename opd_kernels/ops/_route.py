@@ -1,6 +1,7 @@
 """Which fused-linear path runs: the fused ``tl.dot`` kernels or the chunked cuBLAS path.
 
-The rule is ``use_fused_kernels(N, V, d, dtype, device)``: the fused kernels only where a
+The rule is ``use_fused_kernels(N, V, d, dtype, device)``, rule 2 of the one decision
+(``ops/_decide.py: decide``): the fused kernels only where a
 FLOP/byte MODEL (below; derivation and numbers in docs/design.md, "GPU fused-linear path:
 FLOP/byte model") predicts them faster than the chunk loop. It is a model, not a measurement:
 its constants are H100/H200 figures (790 TFLOP/s, a measured dense bf16 cuBLAS rate on GH100;
@@ -137,7 +138,7 @@ def predict(N: int, V: int, d, dtype: torch.dtype, device=None, *, models: int =
     """``(kernels Cost, chunked Cost)`` of one fwd+bwd; ``d`` an int (every model) or one per model;
     ``gpu`` the model constants (default: ``machine(device)``)."""
     from .._chunks import fused_rows_per_chunk
-    from ..backends.triton_backend import fused_tiles
+    from ..backends.triton_plan import fused_tiles
     dims = tuple(d) if isinstance(d, (tuple, list)) else (int(d),) * models
     e, m = dtype.itemsize, gpu or machine(device)
     rows = fused_rows_per_chunk(V, [e] * len(dims), torch.device("cuda"))
@@ -157,10 +158,3 @@ def use_fused_kernels(N: int, V: int, d, dtype: torch.dtype, device=None, *, mod
     kernels, chunked = predict(N, V, d, dtype, device, models=models, jsd=jsd)
     return kernels.total < chunked.total
 
-
-def use_fused_kernels_for(models, spec) -> bool:
-    """``use_fused_kernels`` for the 9-tuple of ``ops/_fused.py`` and its ``RowSpec``."""
-    present = [k for k in (0, 3, 6) if models[k] is not None]
-    dims = tuple(models[k].shape[1] for k in present)
-    return use_fused_kernels(models[0].shape[0], models[1].shape[0], dims, models[1].dtype, models[1].device,
-                             models=len(dims), jsd=spec.kind == "jsd")

@@ -15,9 +15,10 @@ from .. import parallel
 from .._chunks import row_ranges
 from .._dispatch import backend
 from ..backends import torch_compiled
+from ._decide import Decision, decide, logits_dtype
 from .._stats import finish, row_outputs
-from ._common import acc_dtype, part
-from ._spec import RowSpec, SpecOp, pad_grads, transform_fields
+from ._common import acc_dtype, row_slice
+from ._spec import ROW_SPEC_SCHEMA as SPEC, RowSpec, SpecOp, pad_grads, transform_fields
 
 
 def rows_from_stats(stats: Tensor, jsd_sums, spec: RowSpec, group=None):
@@ -36,6 +37,12 @@ def upstream(g_main, g_ent, like: Tensor) -> Tensor:
     return torch.stack([g_main, g_ent], -1)
 
 
+def decision(s, t, r, spec: RowSpec, group=None) -> Decision:
+    """``_decide.decide`` for one call on logits ``s [N, V]`` (and ``t``, ``r``)."""
+    return decide(spec.impl, s.device, logits_dtype(s, t, r), rows=s.shape[0], vocab=s.shape[1], kind=spec.kind,
+                  group=group)
+
+
 def rows_forward(be, s, t, r, targets, spec: RowSpec, group=None):
     stats = be.row_stats(s, t, r, targets, **spec.stats_kw(be))
     return rows_from_stats(stats, lambda AB: be.jsd_sums(s, t, AB, **spec.jsd_kw()), spec, group)
@@ -47,21 +54,23 @@ def rows_backward(be, s, t, r, targets, rs, g, spec: RowSpec, out=None):
 
 
 def _rows_impl(s, t, r, targets, spec):
-    if torch_compiled.applies(spec, s, *s.shape):  # row chunks through the compiled chunk math
-        outs = [torch_compiled.rows(s[i:j], part(t, i, j), part(r, i, j), part(targets, i, j), spec)
+    run = decision(s, t, r, spec)
+    if run.compiled:  # row chunks through the compiled chunk math
+        outs = [torch_compiled.rows(s[i:j], row_slice(t, i, j), row_slice(r, i, j), row_slice(targets, i, j), spec)
                 for i, j in row_ranges(*s.shape)]
         return tuple(torch.cat(x) for x in zip(*outs))
-    main, ent, rs = rows_forward(backend(spec.impl), s, t, r, targets, spec)
+    main, ent, rs = rows_forward(backend(run.backend), s, t, r, targets, spec)
     dt = acc_dtype(s)
     return main.to(dt), ent.to(dt), rs.to(dt)
 
 
 def _backward_impl(s, t, r, targets, rs, g, spec):
-    if not torch_compiled.applies(spec, s, *s.shape):
-        return rows_backward(backend(spec.impl), s, t, r, targets, rs, g, spec)
+    run = decision(s, t, r, spec)
+    if not run.compiled:
+        return rows_backward(backend(run.backend), s, t, r, targets, rs, g, spec)
     ds = torch.empty_like(s)
     for i, j in row_ranges(*s.shape):
-        ds[i:j] = torch_compiled.grad(s[i:j], part(t, i, j), part(r, i, j), part(targets, i, j), rs[i:j],
+        ds[i:j] = torch_compiled.grad(s[i:j], row_slice(t, i, j), row_slice(r, i, j), row_slice(targets, i, j), rs[i:j],
                                       g[i:j], spec)
     return ds
 
@@ -71,12 +80,14 @@ def _rows_fake(s, t, r, targets, spec):
     return s.new_empty(N, dtype=dt), s.new_empty(N, dtype=dt), s.new_empty(N, 4, dtype=dt)
 
 
-_LOGITS = ("Tensor s", "Tensor? t", "Tensor? r", "Tensor? targets")
-rows_op = SpecOp("opd_kernels::rows", _LOGITS, "(Tensor, Tensor, Tensor)", _rows_impl, _rows_fake)
+# returns (main, entropy, rs); the backward returns ds
+rows_op = SpecOp("opd_kernels::rows",
+                 f"(Tensor s, Tensor? t, Tensor? r, Tensor? targets, {SPEC}) -> (Tensor, Tensor, Tensor)",
+                 _rows_impl, _rows_fake)
 rows_backward_op = SpecOp(
-    "opd_kernels::rows_backward", _LOGITS + ("Tensor rs", "Tensor g"), "Tensor",
-    _backward_impl,
-    lambda s, *_: torch.empty_like(s))
+    "opd_kernels::rows_backward",
+    f"(Tensor s, Tensor? t, Tensor? r, Tensor? targets, Tensor rs, Tensor g, {SPEC}) -> Tensor",
+    _backward_impl, lambda s, *_: torch.empty_like(s))
 
 
 def _rows_setup(ctx, inputs, spec, output):
@@ -97,17 +108,18 @@ class _RowsOverShards(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, s, t, r, targets, spec, group):
-        be = backend(spec.impl)
+        be = backend(decision(s, t, r, spec, group).backend)
         main, ent, rs = rows_forward(be, s, t, r, targets, spec, group)
         ctx.save_for_backward(s, t, r, targets, rs)
-        ctx.spec = spec
+        ctx.spec, ctx.group = spec, group
         ctx.mark_non_differentiable(rs)
         return main, ent, rs
 
     @staticmethod
     def backward(ctx, g_main, g_ent, _g_rs):
         s, t, r, targets, rs = ctx.saved_tensors
-        ds = rows_backward(backend(ctx.spec.impl), s, t, r, targets, rs, upstream(g_main, g_ent, rs[:, 0]), ctx.spec)
+        be = backend(decision(s, t, r, ctx.spec, ctx.group).backend)
+        ds = rows_backward(be, s, t, r, targets, rs, upstream(g_main, g_ent, rs[:, 0]), ctx.spec)
         return pad_grads(len(ctx.needs_input_grad), [ds])
 
 

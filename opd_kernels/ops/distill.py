@@ -15,10 +15,10 @@ from __future__ import annotations
 import torch
 
 from .. import parallel
-from .._dispatch import resolved_name
 from .._validate import (check_hidden_weight, check_logit_transform, check_logits, check_no_padding_with_group,
                          check_options, check_pair, check_same_device, check_vocab)
 from . import _fused, _rows
+from ._decide import backend_name
 from ._common import acc_dtype, flat_mask, jsd_kind, linear_args, reduce_rows, row_weights, rows2d
 from ._spec import RowSpec, transform_fields
 
@@ -29,7 +29,7 @@ def model_transforms(**sides) -> tuple:
     return tuple(check_logit_transform(*v, prefix=f"{side}_") for side, v in sides.items())
 
 
-def logits_loss(s, t, r, *, kind, beta, lam, temperature, mask, reduction, vocab_size, impl, group, tfs=()):
+def logits_loss(s, t, r, *, kind, beta, reward_scale, temperature, mask, reduction, vocab_size, impl, group, tfs=()):
     """Shared body of ``distill_loss`` and ``gopd_loss`` (``r``: reference logits or None;
     ``tfs``: the models' ``(scale, cap)``, student first)."""
     vocab = check_pair("student_logits", s, "teacher_logits", t, vocab_size)
@@ -39,7 +39,8 @@ def logits_loss(s, t, r, *, kind, beta, lam, temperature, mask, reduction, vocab
     lead = s.shape[:-1]
     m = flat_mask(mask, lead, s.device)
     rows = [None if x is None else rows2d(x.detach() if x is not s else x, vocab) for x in (s, t, r)]
-    spec = RowSpec(kind, 1.0 / temperature, lam=lam, beta=beta, impl=resolved_name(impl, s.device),
+    spec = RowSpec(kind, 1.0 / temperature, reward_scale=reward_scale, beta=beta,
+                   impl=backend_name(impl, s.device, s, t, r),
                    **transform_fields(*tfs))
     main, _ = _rows.rows(*rows, None, spec, parallel.group_of(group))
     return reduce_rows(main, m, reduction, lead)
@@ -63,12 +64,12 @@ def distill_loss(student_logits, teacher_logits, *, divergence="reverse_kl", bet
     check_options(temperature=temperature, divergence=divergence, beta=beta, reduction=reduction)
     tfs = model_transforms(student=(student_softcap, student_logit_scale), teacher=(teacher_softcap,
                                                                                      teacher_logit_scale))
-    return logits_loss(student_logits, teacher_logits, None, kind=jsd_kind(divergence, beta), beta=beta, lam=1.0,
-                       temperature=temperature, mask=mask, reduction=reduction, vocab_size=vocab_size,
+    return logits_loss(student_logits, teacher_logits, None, kind=jsd_kind(divergence, beta), beta=beta,
+                       reward_scale=1.0, temperature=temperature, mask=mask, reduction=reduction, vocab_size=vocab_size,
                        impl=impl, group=process_group, tfs=tfs)
 
 
-def linear_loss(models, *, kind, beta, lam, temperature, mask, reduction, vocab_size, chunk_size, impl, group,
+def linear_loss(models, *, kind, beta, reward_scale, temperature, mask, reduction, vocab_size, chunk_size, impl, group,
                 tfs=()):
     """Shared body of the fused-linear distillation and G-OPD losses.
 
@@ -93,8 +94,8 @@ def linear_loss(models, *, kind, beta, lam, temperature, mask, reduction, vocab_
     for _, h, w, b in models[1:]:
         args += [None if x is None else x.detach() for x in linear_args(h, w, b, vocab)]
     args += [None] * (_fused.N_MODEL - len(args))
-    spec = RowSpec(kind, 1.0 / temperature, lam=lam, beta=beta, chunk=chunk_size or 0,
-                   impl=resolved_name(impl, hs.device), **transform_fields(*tfs))
+    spec = RowSpec(kind, 1.0 / temperature, reward_scale=reward_scale, beta=beta, chunk=chunk_size or 0,
+                   impl=backend_name(impl, hs.device, *args[1::3]), **transform_fields(*tfs))
     if reduction != "none" and group is None:
         loss, _ = _fused.fl_loss(tuple(args), None, row_weights(m, reduction, acc_dtype(ws)), spec)
         return loss
@@ -122,7 +123,7 @@ def fused_linear_distill_loss(student_hidden, student_weight, teacher_hidden, te
                                                                                      teacher_logit_scale))
     return linear_loss([("student", student_hidden, student_weight, student_bias),
                         ("teacher", teacher_hidden, teacher_weight, teacher_bias)],
-                       kind=jsd_kind(divergence, beta), beta=beta, lam=1.0, temperature=temperature, mask=mask,
+                       kind=jsd_kind(divergence, beta), beta=beta, reward_scale=1.0, temperature=temperature, mask=mask,
                        reduction=reduction, vocab_size=vocab_size, chunk_size=chunk_size, impl=impl,
                        group=process_group, tfs=tfs)
 

@@ -42,7 +42,7 @@ def gopd_loss(student_logits, teacher_logits, ref_logits, *, reward_scale=1.0, t
     check_pair("student_logits", student_logits, "ref_logits", ref_logits, vocab_size)
     ref_logits = None if reward_scale == 1.0 else ref_logits  # lam = 1: OPD, the reference drops out
     return logits_loss(student_logits, teacher_logits, ref_logits, kind="reverse_kl", beta=0.5,
-                       lam=float(reward_scale), temperature=temperature, mask=mask, reduction=reduction,
+                       reward_scale=float(reward_scale), temperature=temperature, mask=mask, reduction=reduction,
                        vocab_size=vocab_size, impl=impl, group=process_group, tfs=tfs)
 
 
@@ -67,8 +67,8 @@ def fused_linear_gopd_loss(student_hidden, student_weight, teacher_hidden, teach
                              f"{tuple(student_hidden.shape[:-1])}, got {tuple(ref_hidden.shape[:-1])}")
         check_vocab("student_weight", student_weight.shape[0], "ref_weight", ref_weight.shape[0], vocab_size)
     return linear_loss(models,
-                       kind="reverse_kl", beta=0.5, lam=float(reward_scale), temperature=temperature, mask=mask,
-                       reduction=reduction, vocab_size=vocab_size, chunk_size=chunk_size, impl=impl,
+                       kind="reverse_kl", beta=0.5, reward_scale=float(reward_scale), temperature=temperature,
+                       mask=mask, reduction=reduction, vocab_size=vocab_size, chunk_size=chunk_size, impl=impl,
                        group=process_group, tfs=tfs)
 
 

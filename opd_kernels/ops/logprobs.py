@@ -10,10 +10,10 @@ from __future__ import annotations
 import torch
 
 from .. import parallel
-from .._dispatch import resolved_name
 from .._validate import (check_hidden_weight, check_logit_transform, check_logits, check_options, check_same_device,
                          check_targets)
 from . import _fused, _rows
+from ._decide import backend_name
 from ._common import linear_args, linear_vocab, rows2d
 from ._spec import RowSpec, transform_fields
 
@@ -53,7 +53,7 @@ def token_logprobs(logits, targets, *, temperature=1.0, ignore_index=-100, retur
     tf = check_logit_transform(softcap, logit_scale)
     lead, vocab = logits.shape[:-1], logits.shape[-1]
     y, valid, group = _targets(targets, lead, vocab, ignore_index, process_group, logits.device)
-    spec = RowSpec("logprob", 1.0 / temperature, entropy=return_entropy, impl=resolved_name(impl, logits.device),
+    spec = RowSpec("logprob", 1.0 / temperature, entropy=return_entropy, impl=backend_name(impl, logits.device, logits),
                    **transform_fields(tf))
     main, ent = _rows.rows(rows2d(logits, vocab), None, None, y, spec, group)
     return _finish(main, ent, valid, lead, return_entropy)
@@ -78,7 +78,7 @@ def fused_linear_token_logprobs(hidden, weight, targets, *, bias=None, temperatu
     vocab = linear_vocab(weight, vocab_size, process_group)
     y, valid, group = _targets(targets, lead, vocab, ignore_index, process_group, hidden.device)
     spec = RowSpec("logprob", 1.0 / temperature, entropy=return_entropy, chunk=chunk_size or 0,
-                   impl=resolved_name(impl, hidden.device), **transform_fields(tf))
+                   impl=backend_name(impl, hidden.device, weight), **transform_fields(tf))
     models = linear_args(hidden, weight, bias, vocab) + (None,) * (_fused.N_MODEL - 3)
     main, ent = _fused.fl_rows(models, y, spec, group)
     return _finish(main, ent, valid, lead, return_entropy)

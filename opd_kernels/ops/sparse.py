@@ -25,10 +25,10 @@ import torch
 
 from .. import parallel
 from .._chunks import rows_per_chunk
-from .._dispatch import resolved_name
 from .._validate import (check_hidden_weight, check_logit_transform, check_logits, check_options, check_same_device,
                          check_targets, check_topk)
 from . import _fused, _rows
+from ._decide import backend_name
 from ._common import acc_dtype, flat_mask, jsd_kind, linear_args, linear_vocab, reduce_rows, rows2d, transform_logits
 
 
@@ -93,7 +93,8 @@ def sparse_distill_loss(student_logits, teacher_topk_ids, teacher_topk_logprobs,
     m = flat_mask(mask, lead, student_logits.device)
     s = rows2d(student_logits, vocab)
     inv_temp = 1.0 / temperature
-    A = _rows.log_normalizer(s, inv_temp=inv_temp, impl=resolved_name(impl, s.device), group=group, tf=tf)
+    A = _rows.log_normalizer(s, inv_temp=inv_temp, impl=backend_name(impl, s.device, s), group=group,
+                              tf=tf)
     a_k = torch.where(inside, transform_logits(s.gather(1, local).double(), tf) * inv_temp, 0.0)
     a_k = parallel.sum_across_shards(a_k, group)
     return _bucket_loss(A, a_k, teacher_topk_logprobs, total, m, divergence, beta, reduction, lead, acc_dtype(s))
@@ -180,7 +181,7 @@ def fused_linear_sparse_distill_loss(hidden, weight, teacher_topk_ids, teacher_t
     h, w, b = linear_args(hidden, weight, bias, vocab)
     inv_temp = 1.0 / temperature
     A = _fused.log_normalizer(h, w, b, inv_temp=inv_temp, chunk=chunk_size or 0,
-                              impl=resolved_name(impl, hidden.device), group=group, tf=tf)
+                              impl=backend_name(impl, hidden.device, w), group=group, tf=tf)
     # rows per gather chunk: [rows, k, d] fp32 near the chunk budget (chunk_size overrides)
     rows = chunk_size or rows_per_chunk(local.shape[-1] * h.shape[-1])
     a_k = _TopkLogits.apply(h, w, b, local, inside, rows, group)

@@ -3,14 +3,15 @@
     python -m opd_kernels.triton.aot [--arch 80,90] [--jobs N] [--full] [--report FILE]
                                      [--json FILE] [--filter RE] [--tf32]
 
-What is compiled. The backend's own launchers (``opd_kernels.backends.triton_backend``) are called
-on ``meta`` tensors at the reference configurations, with the launcher module's kernel globals
-replaced by recorders, so each ``kernel[grid](*args, **kw)`` is captured with exactly the
-constexprs, ``num_warps`` and ``num_stages`` that ``_logits_cfg`` / ``_fused_cfg`` /
-``_n_splits`` / ``_precision`` pick (nothing here restates a kernel signature). Each capture is
-specialised as ``JITFunction.run`` would (pointer dtypes, ``== 1`` and ``% 16`` argument
-attributes) and compiled with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))``
-down to a cubin with Triton's bundled ``ptxas`` (sm_80 = A100, sm_90a = H100/H200).
+What is compiled. The backend's own plans (``opd_kernels.backends.triton_backend.plan_*``, the
+functions its launchers run) are asked, on ``meta`` tensors at the reference configurations and
+with ``sms=`` the arch's SM count, what they would launch: each ``Launch`` carries exactly the
+constexprs, ``num_warps`` and ``num_stages`` that ``triton_plan.logits_config`` /
+``fused_config`` / ``vocab_splits`` and ``_precision`` pick (nothing here restates a kernel
+signature or patches the launcher). Each launch is specialised as ``JITFunction.run`` would
+(pointer dtypes, ``== 1`` and ``% 16`` argument attributes) and compiled with
+``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))`` down to a cubin with
+Triton's bundled ``ptxas`` (sm_80 = A100, sm_90a = H100/H200).
 
 Which variants. By default a covering set: per (kernel, input dtype, arch), every value of every
 code-changing flag (teacher, reference, targets, bias, entropy, gradient kind, dW/db) appears at
@@ -36,9 +37,8 @@ import sys
 import tempfile
 import time
 import traceback
-import types
 
-# SM counts (for _n_splits) and the per-block shared-memory limit (launch fails above it).
+# SM counts (the plans' sms=, for the vocabulary splits) and the per-block shared-memory limit (launch fails above it).
 ARCHS = {80: dict(name="A100", sms=108, smem_block=163 * 1024),
          90: dict(name="H100/H200", sms=132, smem_block=227 * 1024)}
 # Reference shapes (docs/design.md, "GPU fused-linear path"): logits level [N, V]; fused level [N, d] x [V, d].
@@ -62,41 +62,9 @@ GRAD_CASES = [("logprob", "student", True, True), ("logprob", "student", True, F
 
 
 # ------------------------------------------------------------------------------ capture
-class _Recorder:
-    """Stands in for a JITFunction in the launcher module and records ``k[grid](*a, **kw)``."""
-
-    def __init__(self, fn, sink):
-        self.fn, self.sink = fn, sink
-
-    def __getitem__(self, grid):
-        return lambda *args, **kw: self.sink.append((self.fn, args, kw))
-
-
-@contextlib.contextmanager
-def _recording(tb, torch, sms, sink):
-    """Swap the launcher module's kernels for recorders; report ``sms`` SMs on a "CUDA" device."""
-    from triton.runtime.jit import JITFunction
-
-    jit = lambda mod: [k for k, v in vars(mod).items() if isinstance(v, JITFunction)]  # noqa: E731
-    kernels = [k for k in jit(tb) if k.endswith("_kernel")]  # every kernel a launcher refers to
-    saved = {k: getattr(tb, k) for k in (*kernels, "_fl", "_sm_count", "_n_splits")}
-    n_splits = tb._n_splits
-    for k in kernels:
-        setattr(tb, k, _Recorder(saved[k], sink))
-    tb._fl = types.SimpleNamespace(**{k: (_Recorder(v, sink) if k in jit(saved["_fl"]) else v)
-                                      for k, v in vars(saved["_fl"]).items()})
-    tb._sm_count = lambda index: sms
-    tb._n_splits = lambda rb, nt, device: n_splits(rb, nt, torch.device("cuda", 0))
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            setattr(tb, k, v)
-        torch.backends.cuda.matmul.allow_tf32 = False
-
-
-def cases(tb, torch, full=False, tf32=False):
-    """(label, thunk) pairs calling the launchers with meta tensors at the reference shapes."""
+def cases(tb, torch, sms, full=False, tf32=False):
+    """(label, thunk) pairs; each thunk returns the ``Plan`` of one launcher call with meta tensors
+    at the reference shapes, for a GPU with ``sms`` SMs."""
     M = lambda *shape, dt: torch.empty(*shape, dtype=dt, device="meta")  # noqa: E731
     i64, f32 = torch.int64, torch.float32
     dtypes = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -112,18 +80,18 @@ def cases(tb, torch, full=False, tf32=False):
             for m, has_y in stats:
                 ht, hr = MODELS[m]
                 out.append((f"{tag} {m}{' targets' * has_y}", lambda s=mk(True), t=mk(ht), r=mk(hr),
-                            yy=y if has_y else None: tb.row_stats(s, t, r, yy, inv_temp=1.0, lam=0.7)))
+                            yy=y if has_y else None: tb.plan_row_stats(s, t, r, yy, inv_temp=1.0, lam=0.7, sms=sms)))
             out.append((f"{tag} teacher jsd", lambda s=mk(True), t=mk(True), AB=AB:
-                        tb.jsd_sums(s, t, AB, inv_temp=1.0, beta=0.5)))
+                        tb.plan_jsd_sums(s, t, AB, inv_temp=1.0, beta=0.5, sms=sms)))
             grads = [(k, m, y_, e) for k, m, y_, _ in GRAD_CASES for e in (False, True)] if full \
                 else GRAD_CASES
             for kind, m, has_y, ent in dict.fromkeys(grads):
                 ht, hr = MODELS[m]
                 out.append((f"{tag} {m} {kind}{' targets' * has_y}{' entropy' * ent}",
                             lambda s=mk(True), t=mk(ht), r=mk(hr), yy=y if has_y else None, kind=kind,
-                            ent=ent, rs=rs, g=g: tb.grad_logits(
+                            ent=ent, rs=rs, g=g: tb.plan_grad_logits(
                                 s, t, r, yy, rs, g, kind=kind, inv_temp=1.0, lam=0.7, beta=0.5, out=s,
-                                with_entropy=ent)))
+                                with_entropy=ent, sms=sms)))
     fdtypes = [(dn, dt, False) for dn, dt in dtypes.items()] + ([("fp32-tf32", f32, True)] if tf32 else [])
     for N, V, d in (FUSED_SHAPES if full else FUSED_SHAPES[:1]):
         for dn, dt, allow_tf32 in fdtypes:
@@ -136,10 +104,14 @@ def cases(tb, torch, full=False, tf32=False):
                 return (*mk(True), *mk(ht), *mk(hr))
 
             def tf(thunk, allow=allow_tf32):
-                def run():
+                def plan():  # the fp32 dot precision follows torch's TF32 setting
+                    saved = torch.backends.cuda.matmul.allow_tf32
                     torch.backends.cuda.matmul.allow_tf32 = allow
-                    thunk()
-                return run
+                    try:
+                        return thunk()
+                    finally:
+                        torch.backends.cuda.matmul.allow_tf32 = saved
+                return plan
 
             tag = f"fused {dn} N={N} V={V} d={d}"
             # bias: on in one case per kernel (the teacher one), off elsewhere, all with --full
@@ -149,32 +121,28 @@ def cases(tb, torch, full=False, tf32=False):
                 for bias in biases(m):
                     out.append((f"{tag} {m}{' bias' * bias}{' targets' * has_y}", tf(
                         lambda a=models(m, bias), yy=y if has_y else None:
-                        tb.fused_row_stats(*a, yy, inv_temp=1.0, lam=0.7))))
+                        tb.plan_fused_row_stats(*a, yy, inv_temp=1.0, lam=0.7, sms=sms))))
             for bias in biases("teacher"):
                 out.append((f"{tag} teacher{' bias' * bias} jsd", tf(
-                    lambda a=models("teacher", bias), AB=AB: tb.fused_jsd_sums(*a[:6], AB, inv_temp=1.0,
-                                                                              beta=0.5))))
+                    lambda a=models("teacher", bias), AB=AB: tb.plan_fused_jsd_sums(*a[:6], AB, inv_temp=1.0,
+                                                                                   beta=0.5, sms=sms))))
             grads = [(k, m, y_, e) for k, m, y_, _ in GRAD_CASES for e in (False, True)] if full \
                 else GRAD_CASES
             for kind, m, has_y, ent in dict.fromkeys(grads):
                 for bias in biases(m):
                     out.append((f"{tag} {m}{' bias' * bias} {kind}{' targets' * has_y}{' entropy' * ent}",
                                 tf(lambda a=models(m, bias), yy=y if has_y else None, kind=kind, ent=ent,
-                                   bias=bias, rs=rs, g=g: tb.fused_grad(
+                                   bias=bias, rs=rs, g=g: tb.plan_fused_grad(
                                        *a, yy, rs, g, kind=kind, inv_temp=1.0, lam=0.7, beta=0.5,
-                                       need_dw=True, need_db=bias, with_entropy=ent))))
+                                       need_dw=True, need_db=bias, with_entropy=ent, sms=sms))))
     return out
 
 
 def capture(tb, torch, arch, full=False, tf32=False):
-    """[(label, JITFunction, args, kwargs)] of every launch the cases make for ``arch``."""
-    sink, out = [], []
-    with _recording(tb, torch, ARCHS[arch]["sms"], sink):
-        for label, thunk in cases(tb, torch, full, tf32):
-            before = len(sink)
-            thunk()
-            out += [(label, fn, a, kw) for fn, a, kw in sink[before:]]
-    return out
+    """[(label, JITFunction, args, kwargs)] of every launch the cases plan for ``arch``."""
+    return [(label, launch.kernel, launch.args, dict(launch.constexprs, **launch.options))
+            for label, plan in cases(tb, torch, ARCHS[arch]["sms"], full, tf32)
+            for launch in plan().launches]
 
 
 def specialize(fn, args, kw, arch):
@@ -365,7 +333,7 @@ def main(argv=None):
     if tb.triton is None:
         print(f"aot: the triton backend is not importable: {tb._IMPORT_ERROR}")
         return 2
-    if any(t is not None for t in tb._TUNED.values()):
+    if tb.AUTOTUNE:
         print("aot: OPD_TRITON_AUTOTUNE=1 was set before import; unset it (heuristic configs are checked)")
         return 2
     archs = [int(x) for x in a.arch.split(",") if x.strip()]

@@ -54,9 +54,10 @@ def tile_cols(v0, end, BLOCK_V: tl.constexpr):
 
 @triton.jit
 def scaled_logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_ok, col_ok, D, stride_h, stride_w,
-                       inv_temp, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+                       post, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
-    """fp32 ``(h[rows] @ w[cols]^T + bias[cols]) * inv_temp``, ``-inf`` in padded columns.
+    """fp32 ``(h[rows] @ w[cols]^T + bias[cols]) * post``, ``-inf`` in padded columns (``post``:
+    ``scale * inv_temp``, or 1.0 for raw logits).
 
     ``rows`` and ``cols`` are int64. The hidden tile is cast to the weight's dtype for tl.dot.
     """
@@ -71,7 +72,7 @@ def scaled_logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_ok, col_ok, D, strid
         acc = tl.dot(h.to(w.dtype), tl.trans(w), acc, input_precision=PRECISION)
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    return tl.where(col_ok[None, :], acc * inv_temp, float("-inf"))
+    return tl.where(col_ok[None, :], acc * post, float("-inf"))
 
 
 @triton.jit

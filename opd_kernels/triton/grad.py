@@ -62,9 +62,10 @@ def load_row_grad_inputs(rs_ptr, g_ptr, y_ptr, rows, row_ok, V, vocab_start, HAS
 
 
 @triton.jit
-def grad_tile(a, b, cols, y, A, B, C, H, g_main, g_ent, inv_temp, beta, log_beta, log_1m_beta,
+def grad_tile(a, b, cols, y, A, B, C, H, g_main, g_ent, post, beta, log_beta, log_1m_beta,
               KIND: tl.constexpr, HAS_ENT: tl.constexpr):
-    """fp32 ``ds`` for one tile of scaled student logits ``a`` and target logits ``b``."""
+    """fp32 ``ds`` for one tile of scaled student logits ``a`` and target logits ``b``; ``post``
+    is ``da/ds`` without a cap (``scale * inv_temp``; 1.0 when the caller applies the slope)."""
     log_q = a - A[:, None]
     q = tl.exp(log_q)
     if KIND == 0:  # logprob
@@ -80,7 +81,7 @@ def grad_tile(a, b, cols, y, A, B, C, H, g_main, g_ent, inv_temp, beta, log_beta
     d = tl.where(g_main[:, None] != 0, d * g_main[:, None], 0.0)
     if HAS_ENT:
         d += tl.where(g_ent[:, None] != 0, g_ent[:, None] * tl.where(q > 0, -q * (log_q + H[:, None]), 0.0), 0.0)
-    return d * inv_temp
+    return d * post
 
 
 @triton.jit

@@ -55,7 +55,7 @@ def move_max(x, m_old):
 
 
 @triton.jit
-def moved(x, s, d, f):
+def rebased_sum(x, s, d, f):
     """``f * (x + d * s)``: a sum ``x`` of total weight ``s`` re-expressed relative to a max that
     moved by ``-d``. ``d * s`` is 0 for ``s = 0`` (d may be -inf); ``f = 0`` drops x even if +inf."""
     return tl.where(f == 0.0, 0.0, f * (x + tl.where(s == 0.0, 0.0, d * s)))
@@ -76,10 +76,10 @@ def stats_update(a, b, m_a, s_a, u_a, m_b, s_b, d_q, d_p, HAS_T: tl.constexpr):
         m_b, d_b, rb, w_b = move_max(b, m_b)
         f_b = tl.exp(d_b)
         diff = ra - rb  # (a - m_a) - (b - m_b)
-        d_q = moved(d_q, s_a, d_a - d_b, f_a) + weighted_sum(w_a, diff)
-        d_p = moved(d_p, s_b, d_b - d_a, f_b) - weighted_sum(w_b, diff)
+        d_q = rebased_sum(d_q, s_a, d_a - d_b, f_a) + weighted_sum(w_a, diff)
+        d_p = rebased_sum(d_p, s_b, d_b - d_a, f_b) - weighted_sum(w_b, diff)
         s_b = f_b * s_b + tl.sum(w_b, 1)
-    u_a = moved(u_a, s_a, d_a, f_a) + weighted_sum(w_a, ra)
+    u_a = rebased_sum(u_a, s_a, d_a, f_a) + weighted_sum(w_a, ra)
     s_a = f_a * s_a + tl.sum(w_a, 1)
     return m_a, s_a, u_a, m_b, s_b, d_q, d_p
 
@@ -116,10 +116,11 @@ def split_range(V, n_splits, BLOCK_V: tl.constexpr):
 
 
 @triton.jit
-def load_scaled(ptr, rows, cols, stride, mask, inv_temp):
-    """fp32 ``x[rows, cols] * inv_temp`` with ``-inf`` outside ``mask`` (rows are int64)."""
+def load_scaled(ptr, rows, cols, stride, mask, post):
+    """fp32 ``x[rows, cols] * post`` with ``-inf`` outside ``mask`` (rows are int64); ``post`` is
+    ``scale * inv_temp`` (``transform_consts``), or 1.0 for raw logits."""
     x = tl.load(ptr + rows[:, None] * stride + cols[None, :], mask=mask, other=float("-inf"))
-    return x.to(tl.float32) * inv_temp
+    return x.to(tl.float32) * post
 
 
 @triton.jit
