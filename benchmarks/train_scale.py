@@ -39,6 +39,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
+from subproc import write_rows  # noqa: E402
 VOCAB = 151936  # Qwen2 / Qwen2.5 / Qwen3
 CASES = ("naive-fp32-1", "fused-fp32-1", "fused-bf16-1", "fused-fp32-2")
 
@@ -182,19 +183,14 @@ def main(argv=None):
         if int(os.environ.get("RANK", "0")) == 0:
             print("@@train_scale@@ " + json.dumps(row), flush=True)
         return 0
-    rows = []
+    rows, load_at_start = [], os.getloadavg()[0]
     for case in args.cases:
         rows.append(run_case(args, case))
         r = rows[-1]
         print(f"{case:13s} N={r['batch'] * r['seq']} V={r['V']}: step {r['step_s_median']} s, peak RSS "
               f"{r['peak_rss_mb']} MB (+{r['peak_growth_mb']} MB in the step), first {r['first_step_s']} s", flush=True)
     if args.out:
-        import run
-        args.out.mkdir(parents=True, exist_ok=True)
-        data = {"meta": {"device": run.device_name(args.device), "torch": torch.__version__,
-                         "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv),
-                         "load_average_at_start": os.getloadavg()[0]}, "rows": rows}
-        (args.out / "train_scale.json").write_text(json.dumps(data, indent=1) + "\n")
+        write_rows(args.out, "train_scale.json", args.device, rows, load_average_at_start=load_at_start)
     return 0
 
 

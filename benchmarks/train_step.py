@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -32,6 +31,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+from subproc import run_worker, write_rows  # noqa: E402
 VOCAB = 151936  # Qwen2 / Qwen2.5 lm_head rows
 
 
@@ -130,23 +130,13 @@ def main(argv=None):
         return 0
     rows = []
     for prov in (["naive", "fused"] if args.provider == "both" else [args.provider]):
-        cmd = [sys.executable, __file__, "--worker", "--provider", prov] + [
-            f"--{k.replace('_', '-')}={getattr(args, k)}" for k in
-            ("batch", "seq", "vocab", "d_student", "d_teacher", "steps", "device")]
-        out = subprocess.run(cmd, capture_output=True, text=True)
-        line = [x for x in out.stdout.splitlines() if x.startswith("@@train_step@@ ")]
-        if out.returncode or not line:
-            raise SystemExit(f"{prov} failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
-        rows.append(json.loads(line[0].split(" ", 1)[1]))
+        rows.append(run_worker(__file__, "train_step", prov, {"provider": prov, **{k: getattr(args, k) for k in (
+            "batch", "seq", "vocab", "d_student", "d_teacher", "steps", "device")}}))
         r = rows[-1]
         print(f"{prov:6s} N={r['N']} V={r['V']}: step {r['step_s_median']} s (min {r['step_s_min']}, "
               f"max {r['step_s_max']}), peak +{r['peak_mb_median']} MB, first step {r['first_step_s']} s", flush=True)
     if args.out:
-        import run
-        args.out.mkdir(parents=True, exist_ok=True)
-        data = {"meta": {"device": run.device_name(args.device), "torch": torch.__version__,
-                         "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv)}, "rows": rows}
-        (args.out / "train_step.json").write_text(json.dumps(data, indent=1) + "\n")
+        write_rows(args.out, "train_step.json", args.device, rows)
     return 0
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,6 +29,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+from subproc import run_worker, write_rows  # noqa: E402
 VOCAB = 151936
 
 
@@ -130,24 +130,14 @@ def main(argv=None):
         return 0
     rows = []
     for name in (["stock", "fused"] if args.trainer == "both" else [args.trainer]):
-        cmd = [sys.executable, __file__, "--worker", "--trainer", name] + [
-            f"--{k.replace('_', '-')}={getattr(args, k)}" for k in
-            ("batch", "prompt", "completion", "vocab", "d_student", "d_teacher", "beta", "steps")]
-        out = subprocess.run(cmd, capture_output=True, text=True)
-        line = [x for x in out.stdout.splitlines() if x.startswith("@@trl_step@@ ")]
-        if out.returncode or not line:
-            raise SystemExit(f"{name} failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
-        rows.append(json.loads(line[0].split(" ", 1)[1]))
+        rows.append(run_worker(__file__, "trl_step", name, {"trainer": name, **{k: getattr(args, k) for k in (
+            "batch", "prompt", "completion", "vocab", "d_student", "d_teacher", "beta", "steps")}}))
         r = rows[-1]
         print(f"{name:5s} V={r['V']} B={r['batch']} completion={r['completion']}: step {r['step_s_median']} s, "
               f"without generation {r['no_gen_s_median']} s, peak +{r['peak_mb_median']} MB "
               f"(max {r['peak_mb_max']}), losses {r['losses']}", flush=True)
     if args.out:
-        import run
-        args.out.mkdir(parents=True, exist_ok=True)
-        data = {"meta": {"device": run.device_name("cpu"), "torch": torch.__version__,
-                         "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv)}, "rows": rows}
-        (args.out / "trl_step.json").write_text(json.dumps(data, indent=1) + "\n")
+        write_rows(args.out, "trl_step.json", "cpu", rows)
     return 0
 
 
