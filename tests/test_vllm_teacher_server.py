@@ -119,7 +119,7 @@ def test_vllm_scores_equal_the_hf_teacher(served):
     # the top-5 values, and HF's logprobs at the returned ids (ids may swap within a near-tie)
     top = got["topk_logprobs"].float()  # float64 after the tail floor (moves a logprob by <= -log(1 - 1e-6))
     torch.testing.assert_close(top[m], want_lps[m], rtol=0, atol=1e-4)
-    at_ids = R.logprobs_at(lm, h, got["topk_ids"])
+    at_ids = R.logprobs_at(lm.head, h, got["topk_ids"])
     torch.testing.assert_close(top[m], at_ids[m], rtol=0, atol=1e-4)
 
 
