@@ -268,3 +268,18 @@ class EmulatedLib:
             return self._p(None), ctypes.c_int64(0), ctypes.c_int(0)
         assert x.dim() == 2 and x.stride(1) == 1 and x.device.type == "cpu"
         return self._p(x), ctypes.c_int64(x.stride(0)), ctypes.c_int(self.CODES[x.dtype])
+
+
+def assert_same_training(stock, fused, initial, steps):
+    """TRL parity: two trainers' logged losses agree within 1e-5 (relative above 1) over ``steps``
+    steps that differ from each other, and their final weights agree and moved away from ``initial``."""
+    assert len(stock.seen) == len(fused.seen) == steps
+    assert len(set(round(x, 6) for x in stock.seen)) > 1  # the steps differ (training moved)
+    for a, b in zip(stock.seen, fused.seen):
+        assert abs(a - b) <= 1e-5 * max(1.0, abs(a)), (stock.seen, fused.seen)
+    moved = 0.0
+    for (n, p), q, p0 in zip(stock.model.named_parameters(), fused.model.parameters(), initial.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-5, msg=lambda m: f"{n}: {m}")
+        moved = max(moved, (p - p0).abs().max().item())
+    assert moved > 1e-3
+
