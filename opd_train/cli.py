@@ -28,7 +28,7 @@ import textwrap
 
 import torch
 
-from . import inputs, server_teacher, verifiers
+from . import inputs, server_teacher, verifiers, vllm_engine
 from .argtypes import domain_dir, nonneg_int, pos_float, pos_int
 from .data import EXAMPLE_ROW
 from .methods import METHODS, Method
@@ -209,6 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="use the first N vocabulary entries of student and teacher (padded vocabularies)")
 
     server_teacher.add_options(p)
+    vllm_engine.add_options(p)
     for name, cls in METHODS.items():
         if cls.add_options is not Method.add_options:
             cls.add_options(p.add_argument_group(f"{name} ({cls.paper})" if cls.paper else name))
@@ -254,6 +255,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.teacher and method.teacher is None:
         p.error(f"--teacher: {args.method} uses no teacher")
     server_teacher.check_args(args, p.error)
+    vllm_engine.check_args(args, method, p.error)
     if args.ref and args.method != "gopd":
         p.error("--ref is only used by --method gopd")
     if args.fsdp and "WORLD_SIZE" not in os.environ:

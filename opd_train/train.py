@@ -47,6 +47,7 @@ from .metrics import Metrics, summarize
 def run(args) -> dict:
     # -- setup: processes, task, models, method, optimizer, resumed state, metrics -----------------
     rank, world, device = distributed.init(args.device, always=args.fsdp)
+    own_group = dist.is_initialized()  # ours to destroy at the end (a vLLM engine may start one of its own)
     torch.set_num_threads(args.threads)
     transformers.logging.disable_progress_bar()  # no "Loading weights" bars around ours
     log = (lambda *a: tqdm.write(" ".join(map(str, a)))) if rank == 0 else (lambda *a: None)
@@ -59,6 +60,8 @@ def run(args) -> dict:
     progress = {"step": 0, "samples": 0, "train_seconds": 0.0}
     if ckpt:
         progress = checkpoint.restore(ckpt, tr, opt, method, log)
+        if tr.rollout_engine is not None:  # DCP shards are restored after the engine started
+            tr.rollout_engine.load_weights(tr.student.model)
     else:
         checkpoint.clear_old(out, rank, log)
     if rank == 0:
@@ -113,6 +116,8 @@ def run(args) -> dict:
             loss, extra = accumulate(tr, method, micros, poison=step == nan_step)
             optimizer_step(tr, opt, loss, step, out)
             method.after_step()
+        if tr.rollout_engine is not None:  # the next rollout samples from the updated student
+            tr.rollout_engine.load_weights(tr.student.model)
         dt = time.perf_counter() - t0
         row = train_row(tr, step, loss, batch, dt, progress)
         row["lr"] = opt.param_groups[0]["lr"]
@@ -135,7 +140,9 @@ def run(args) -> dict:
     if rank == 0:
         summary = summarize(metrics, out, f"{args.method} ({args.preset} preset)", len(task.eval_examples()),
                             progress["train_seconds"], log)
-    if dist.is_initialized():
+    if tr.rollout_engine is not None:
+        tr.rollout_engine.close()
+    if own_group and dist.is_initialized():
         dist.destroy_process_group()
     return summary
 

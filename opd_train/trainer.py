@@ -22,6 +22,7 @@ from .methods import METHODS
 from .benchmark import bundled_teacher
 from .models import PRETRAIN_SEED, get_pretrained
 from .server_teacher import ServerTeacher
+from .vllm_engine import VLLMEngine
 from .task import ArithmeticTask
 
 
@@ -47,6 +48,7 @@ class Trainer:
     teacher_path: str | None = None  # the external teacher's directory (G-OPD finds its base there)
     domain_teachers: dict | None = None  # domain -> R.LM (--domain-teacher), else None
     teacher_server: ServerTeacher | None = None  # --teacher-server (then teacher is None)
+    rollout_engine: VLLMEngine | None = None  # --rollout-engine vllm (else HF generate samples)
 
 
 def make_task(args):
@@ -144,7 +146,12 @@ def build(args, task, ckpt: Path | None, rank: int, world: int, device: torch.de
         lm.sharded = True
     elif world > 1:
         fwd = torch.nn.parallel.DistributedDataParallel(lm, device_ids=[device.index] if device.type == "cuda" else None)
+    engine = None
+    if getattr(args, "rollout_engine", "hf") == "vllm":  # after sharding: it is loaded from the (gathered) student
+        engine = VLLMEngine.start(student_path, student, tok, vocab_size=vocab_size, device=device, seed=args.seed + rank,
+                                  dtype="float32" if dtype is None else "bfloat16",
+                                  gpu_memory_utilization=args.vllm_gpu_memory_utilization, log=log)
     return Trainer(args, task, tok, lm, fwd, teacher_lm,
                    str(student_path), device, random.Random(f"{args.seed}-{rank}"),
                    args.max_new_tokens or task.max_answer_chars + 2, vocab_size, rank, world,
-                   str(teacher_path) if teacher_path else None, domain_teachers, server)
+                   str(teacher_path) if teacher_path else None, domain_teachers, server, engine)

@@ -33,22 +33,16 @@ import transformers as T  # noqa: E402
 from opd_train import rollout as R  # noqa: E402
 from opd_train.server_teacher import ServerTeacher  # noqa: E402
 from opd_train.task import ArithmeticTask  # noqa: E402
-from opd_train.tokenizer import build_char_tokenizer, load_tokenizer  # noqa: E402
+from opd_train.tokenizer import load_tokenizer  # noqa: E402
 from opd_train.train import main  # noqa: E402
+from vllm_models import build_qwen2_hd32  # noqa: E402
 
 SMOKE = ["--preset", "smoke", "--steps", "2", "--eval-every", "2", "--save-every", "2", "--eval-size", "16"]
 STARTUP_S = 300
 
 
 def build_teacher(path) -> None:
-    tok = build_char_tokenizer()
-    torch.manual_seed(0)
-    cfg = T.Qwen2Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                        num_attention_heads=2, num_key_value_heads=1, head_dim=32, max_position_embeddings=256,
-                        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                        pad_token_id=tok.pad_token_id, tie_word_embeddings=False, initializer_range=0.2)
-    T.Qwen2ForCausalLM(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
+    build_qwen2_hd32(path)
 
 
 def free_port() -> int:

@@ -19,6 +19,7 @@ class Method:
     paper: str | None = None        # where the method and its option defaults come from
     default_samples_per_prompt = 1
     teacher: str | None = None      # "external" (needs --teacher), "self" (the student with context) or None
+    samples_student = True          # draws completions from the student (what --rollout-engine samples)
 
     @staticmethod
     def add_options(group) -> None:
@@ -60,10 +61,13 @@ class Method:
         tr = self.tr
         exs = [ex for ex in examples for _ in range(n)]
         prompts = R.encode_prompts(tr.tok, [ex.prompt for ex in exs])
-        with autocast(tr.device, tr.student.compute_dtype):
-            comp, mask = R.generate(model or tr.student.model, tr.tok, prompts, max_new_tokens=tr.max_new_tokens,
-                                    temperature=temperature, vocab_size=tr.vocab_size,
-                                    synced=model is None and tr.student.sharded)
+        if model is None and tr.rollout_engine is not None:  # --rollout-engine vllm
+            comp, mask, _ = tr.rollout_engine.generate(prompts, max_new_tokens=tr.max_new_tokens, temperature=temperature)
+        else:
+            with autocast(tr.device, tr.student.compute_dtype):
+                comp, mask = R.generate(model or tr.student.model, tr.tok, prompts, max_new_tokens=tr.max_new_tokens,
+                                        temperature=temperature, vocab_size=tr.vocab_size,
+                                        synced=model is None and tr.student.sharded)
         texts = R.decode(tr.tok, comp, mask)
         rewards = torch.tensor([tr.task.reward(ex, t) for ex, t in zip(exs, texts)], device=tr.device)
         return {"examples": exs, "texts": texts, "rewards": rewards,

@@ -17,6 +17,7 @@ class SeqKD(Method):
     summary = "off-policy distillation: SFT on the teacher's sampled answers (sequence-level KD)"
     paper = "Kim & Rush, 2016"
     teacher = "external"
+    samples_student = False  # the teacher samples
 
     def prepare(self, examples):  # rewards: how often the teacher's samples are right
         return self.rollout(examples, 1, self.args.temperature, model=self.tr.teacher.model)

@@ -17,6 +17,7 @@ def sft_loss(lm: R.LM, s: R.Seqs, fwd=None, norm=None):
 
 class SFT(Method):
     name = "sft"
+    samples_student = False
     summary = "baseline: cross-entropy on the dataset's reference answers"
 
     def prepare(self, examples):
