@@ -22,26 +22,18 @@ from types import SimpleNamespace
 import torch
 
 
-def main(argv=None):
+def measure(model_dir, url: str, batch: int = 64, repeat: int = 5, ks=(0, 20), log=print) -> list[dict]:
+    """One row per (K, side): median seconds per call and scored tokens per second."""
     from opd_train import rollout as R
     from opd_train.server_teacher import ServerTeacher
     from opd_train.task import ArithmeticTask
     from opd_train.tokenizer import load_tokenizer
     from transformers import AutoModelForCausalLM
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True)
-    p.add_argument("--url", required=True)
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--repeat", type=int, default=5)
-    p.add_argument("--k", type=int, nargs="+", default=[0, 20])
-    p.add_argument("--threads", type=int, default=1)
-    args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    tok = load_tokenizer(args.model)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+    tok = load_tokenizer(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     params = sum(x.numel() for x in model.parameters())
-    exs = ArithmeticTask(3, "+").sample(random.Random(0), args.batch)
+    exs = ArithmeticTask(3, "+").sample(random.Random(0), batch)
     comp, mask = R.pad_completions(R.encode_answers(tok, [ex.answer for ex in exs]), tok.pad_token_id)
     s = R.pack(R.encode_prompts(tok, [ex.prompt for ex in exs]), comp, mask, tok.pad_token_id)
     n_all, n_comp = int(s.attention_mask.sum()), int(s.mask.sum())
@@ -54,23 +46,41 @@ def main(argv=None):
             if k:
                 R.teacher_topk(lm.head, h, k)
 
-    print(f"model {args.model}: {params / 1e6:.1f}M parameters; {args.batch} sequences, {n_all} tokens "
-          f"({n_comp} completion tokens) per call; {args.threads} torch thread(s) in this process")
-    for k in args.k:
-        server = ServerTeacher.connect(SimpleNamespace(teacher_server=args.url, teacher_model=None, teacher_topk=k,
+    log(f"model {model_dir}: {params / 1e6:.1f}M parameters; {batch} sequences, {n_all} tokens "
+        f"({n_comp} completion tokens) per call; {torch.get_num_threads()} torch thread(s) in this process")
+    rows = []
+    for k in ks:
+        server = ServerTeacher.connect(SimpleNamespace(teacher_server=url, teacher_model=None, teacher_topk=k,
                                                        teacher_timeout=120.0, teacher_retries=0,
                                                        method="gkd" if k else "opd", opd_loss="sampled"),
                                        tok, model.get_output_embeddings().weight.shape[0], log=lambda m: None)
         for name, fn in (("in-process", lambda: local(k)), ("server", lambda: server.score(s))):
             fn()  # warm-up
             times = []
-            for _ in range(args.repeat):
+            for _ in range(repeat):
                 t0 = time.perf_counter()
                 fn()
                 times.append(time.perf_counter() - t0)
             t = statistics.median(times)
-            print(f"K={k:<3d} {name:10s} {t * 1e3:8.1f} ms per call  {n_all / t:9.0f} tokens/s  "
-                  f"{n_comp / t:8.0f} completion tokens/s", flush=True)
+            rows.append({"k": k, "side": name, "params": params, "seconds_per_call": t, "tokens": n_all,
+                         "completion_tokens": n_comp, "tokens_per_s": n_all / t,
+                         "completion_tokens_per_s": n_comp / t, "seconds_min": min(times), "seconds_max": max(times)})
+            log(f"K={k:<3d} {name:10s} {t * 1e3:8.1f} ms per call  {n_all / t:9.0f} tokens/s  "
+                f"{n_comp / t:8.0f} completion tokens/s")
+    return rows
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True)
+    p.add_argument("--url", required=True)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--k", type=int, nargs="+", default=[0, 20])
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    measure(args.model, args.url, args.batch, args.repeat, args.k, log=lambda m: print(m, flush=True))
 
 
 if __name__ == "__main__":

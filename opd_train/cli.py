@@ -62,6 +62,10 @@ PRESETS = {
 # methods need (the default student gets 3.9% / 22% / 13% there, below its 14% plain).
 PRESETS["selfdistill"] = dict(PRESETS["default"], student=dataclasses.replace(
     PRESETS["default"]["student"], steps=1000, context_fraction=0.75))
+# The default task, teacher and budget with a student that vLLM's CPU attention runs (head_dim 32:
+# d_model 64 in two heads; the default student's is 12): HF vs vLLM rollouts (--rollout-engine).
+PRESETS["vllm"] = dict(PRESETS["default"], student=dataclasses.replace(
+    PRESETS["default"]["student"], d_model=64, heads=2, kv_heads=1, mlp=192))
 # The bundled benchmark of every method (`opd_train.compare --claims`; assets: `opd_train.benchmark`).
 # New skill: 3-digit addition. Prior skill: 3-digit subtraction, which the student learns as a plain
 # skill in pre-training (prior_accuracy measures forgetting). The student sees additions mostly with

@@ -28,6 +28,7 @@ student (on CPU: its attention supports head_dim 32, 64, 80, 96, 112, 128 and mo
 """
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
@@ -111,8 +112,14 @@ class VLLMEngine:
             state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
         else:
             state = model.state_dict()
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(list(state.items()))})
-        self.llm.reset_prefix_cache()
+        quiet = logging.getLogger("vllm")  # its per-reload INFO lines, and a warning for weightless rotary buffers
+        level = quiet.level
+        quiet.setLevel(logging.ERROR)
+        try:
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(list(state.items()))})
+            self.llm.reset_prefix_cache()
+        finally:
+            quiet.setLevel(level)
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], *, max_new_tokens: int, temperature: float = 1.0,

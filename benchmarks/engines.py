@@ -1,0 +1,180 @@
+"""Rollout and teacher-scoring throughput: HF against vLLM, on CPU, at two model sizes.
+
+    python benchmarks/engines.py [--out benchmarks/results/cpu-epyc-2c] [--repeat 5]
+
+Needs vLLM (the ``vllm`` extra, in a venv of its own: README, "Real engines"). For each size, a
+Qwen2 built from a config (random weights, the bundled character tokenizer; head_dim 32 and 64,
+which vLLM's CPU attention runs): ``tiny`` (2 layers, hidden 64) and ``mid`` (10 layers, hidden
+512, about 30M parameters):
+
+* **rollout**: one call samples one completion for each of ``--batch`` bundled-task prompts at
+  temperature 1, ``--max-new-tokens`` tokens (random weights rarely stop early), with HF
+  ``generate`` (`opd_train.rollout.generate`, KV cache) and with the colocated engine of
+  ``--rollout-engine vllm`` (`opd_train.vllm_engine.VLLMEngine`). Completion tokens per second,
+  median over ``--repeat`` calls after one warm-up; the engine's start-up and one weight sync are
+  timed too (what a run pays once, and after every optimizer step).
+* **teacher scoring**: `teacher_scoring.measure` against vLLM's OpenAI server started here on
+  127.0.0.1 (its start-up to ``/health`` timed).
+
+Writes ``OUT/engines.json`` (rows and the machine) and prints a summary. Torch runs 1 thread in
+this process (as ``opd_train --threads 1``); vLLM's CPU worker binds its own threads.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+SIZES = {  # name -> Qwen2 config fields
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                 num_key_value_heads=1, head_dim=32),
+    "mid": dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=10, num_attention_heads=8,
+                num_key_value_heads=4, head_dim=64),
+}
+
+
+def build(path: Path, fields: dict) -> None:
+    import transformers as T
+    from opd_train.tokenizer import build_char_tokenizer
+    tok = build_char_tokenizer()
+    torch.manual_seed(0)
+    cfg = T.Qwen2Config(vocab_size=len(tok), max_position_embeddings=256, bos_token_id=tok.bos_token_id,
+                        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=False,
+                        **fields)
+    T.Qwen2ForCausalLM(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+
+
+def timed(fn, repeat: int) -> list[float]:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def rollout_rows(size: str, path: Path, batch: int, max_new_tokens: int, repeat: int, log) -> list[dict]:
+    from opd_train import rollout as R
+    from opd_train.task import ArithmeticTask
+    from opd_train.tokenizer import load_tokenizer
+    from opd_train.vllm_engine import VLLMEngine
+    from transformers import AutoModelForCausalLM
+    tok = load_tokenizer(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    params = sum(p.numel() for p in model.parameters())
+    prompts = R.encode_prompts(tok, [ex.prompt for ex in ArithmeticTask(3, "+").sample(random.Random(0), batch)])
+    t0 = time.perf_counter()
+    engine = VLLMEngine.start(path, model, tok, vocab_size=None, device=torch.device("cpu"), seed=0,
+                              dtype="float32", gpu_memory_utilization=0.3, log=lambda m: None)
+    start_s = time.perf_counter() - t0
+    sync = timed(lambda: engine.load_weights(model), repeat)
+    counts = {}
+
+    def hf():
+        counts["hf"] = int(R.generate(model, tok, prompts, max_new_tokens=max_new_tokens)[1].sum())
+
+    def vllm():
+        counts["vllm"] = int(engine.generate(prompts, max_new_tokens=max_new_tokens)[1].sum())
+
+    rows = []
+    for name, fn in (("hf", hf), ("vllm", vllm)):
+        times = timed(fn, repeat)
+        t = statistics.median(times)
+        rows.append({"size": size, "params": params, "engine": name, "batch": batch, "max_new_tokens": max_new_tokens,
+                     "completion_tokens": counts[name], "seconds_per_call": t, "seconds_min": min(times),
+                     "seconds_max": max(times), "completion_tokens_per_s": counts[name] / t})
+        log(f"{size} rollout {name:5s} {t * 1e3:8.1f} ms per call  {counts[name] / t:8.0f} completion tokens/s")
+    rows[-1].update(engine_start_s=start_s, weight_sync_s=statistics.median(sync))
+    log(f"{size} vLLM engine start {start_s:.1f} s, weight sync {statistics.median(sync) * 1e3:.1f} ms")
+    engine.close()
+    return rows
+
+
+def serve(path: Path, log_path: Path) -> tuple[subprocess.Popen, str, float]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
+    t0 = time.perf_counter()
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(path),
+                                 "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--enforce-eager"],
+                                stdout=log, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    while True:
+        if proc.poll() is not None:
+            raise SystemExit(f"vLLM server exited: {log_path.read_text()[-2000:]}")
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=2) as r:
+                if r.status == 200:
+                    return proc, url, time.perf_counter() - t0
+        except OSError:
+            time.sleep(1)
+        if time.perf_counter() - t0 > 600:
+            proc.kill()
+            raise SystemExit("vLLM server not healthy after 600 s")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def main(argv=None) -> None:
+    import run
+    import teacher_scoring
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "cpu-epyc-2c")
+    p.add_argument("--sizes", nargs="+", choices=sorted(SIZES), default=["tiny", "mid"])
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--repeat", type=int, default=5)
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    log = lambda m: print(m, flush=True)  # noqa: E731
+    load0 = os.getloadavg()[0]
+    rollout, scoring, servers = [], [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for size in args.sizes:
+            path = Path(tmp) / size
+            build(path, SIZES[size])
+            rollout += rollout_rows(size, path, args.batch, args.max_new_tokens, args.repeat, log)
+            proc, url, up_s = serve(path, Path(tmp) / f"{size}.log")
+            try:
+                servers.append({"size": size, "server_start_s": up_s})
+                log(f"{size} vLLM server healthy after {up_s:.1f} s")
+                rows = teacher_scoring.measure(path, url, args.batch, args.repeat, (0, 20), log=log)
+                scoring += [{"size": size, **r} for r in rows]
+            finally:
+                stop(proc)
+    import vllm
+    meta = {"device": run.device_name("cpu"), "torch": torch.__version__, "vllm": vllm.__version__,
+            "date": time.strftime("%Y-%m-%d"), "command": " ".join(["python", *sys.argv]),
+            "load_average_at_start": load0, "load_average_at_end": os.getloadavg()[0]}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "engines.json").write_text(json.dumps({"meta": meta, "rollout": rollout, "scoring": scoring,
+                                                       "servers": servers}, indent=1) + "\n")
+    log(f"wrote {args.out / 'engines.json'}")
+
+
+if __name__ == "__main__":
+    main()
