@@ -126,3 +126,15 @@ def test_training_through_vllm(served, tmp_path, method):
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in rows if "loss" in r]
     assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
+
+
+def test_vllm_rollouts_and_a_vllm_teacher_server(served, tmp_path):
+    """Both engines at once: a colocated vLLM engine samples a head_dim-32 student (the served
+    model's weights) and the vLLM server scores its completions."""
+    assert main(["--method", "opd", *SMOKE, "--student", str(served.dir), "--teacher-server", served.url,
+                 "--rollout-engine", "vllm", "--out", str(tmp_path)]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
+    # the student is the teacher at step 1, so the sampled-token reverse KL starts at 0
+    assert abs(rows[1]["reverse_kl"]) < 1e-3
