@@ -25,47 +25,25 @@ import argparse
 import json
 import os
 import random
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-SIZES = {  # name -> Qwen2 config fields
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-                 num_key_value_heads=1, head_dim=32),
+from teacher_scoring import measure as measure_scoring, timed  # noqa: E402
+from vllm_helpers import build_qwen2, serve, stop  # noqa: E402
+
+SIZES = {  # name -> Qwen2 config fields (tests/vllm_helpers.build_qwen2)
+    "tiny": {},
     "mid": dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=10, num_attention_heads=8,
                 num_key_value_heads=4, head_dim=64),
 }
-
-
-def build(path: Path, fields: dict) -> None:
-    import transformers as T
-    from opd_train.tokenizer import build_char_tokenizer
-    tok = build_char_tokenizer()
-    torch.manual_seed(0)
-    cfg = T.Qwen2Config(vocab_size=len(tok), max_position_embeddings=256, bos_token_id=tok.bos_token_id,
-                        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=False,
-                        **fields)
-    T.Qwen2ForCausalLM(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
-
-
-def timed(fn, repeat: int) -> list[float]:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return times
 
 
 def rollout_rows(size: str, path: Path, batch: int, max_new_tokens: int, repeat: int, log) -> list[dict]:
@@ -105,43 +83,8 @@ def rollout_rows(size: str, path: Path, batch: int, max_new_tokens: int, repeat:
     return rows
 
 
-def serve(path: Path, log_path: Path) -> tuple[subprocess.Popen, str, float]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
-    t0 = time.perf_counter()
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(path),
-                                 "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--enforce-eager"],
-                                stdout=log, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
-    while True:
-        if proc.poll() is not None:
-            raise SystemExit(f"vLLM server exited: {log_path.read_text()[-2000:]}")
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=2) as r:
-                if r.status == 200:
-                    return proc, url, time.perf_counter() - t0
-        except OSError:
-            time.sleep(1)
-        if time.perf_counter() - t0 > 600:
-            proc.kill()
-            raise SystemExit("vLLM server not healthy after 600 s")
-
-
-def stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
 def main(argv=None) -> None:
     import run
-    import teacher_scoring
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "cpu-epyc-2c")
     p.add_argument("--sizes", nargs="+", choices=sorted(SIZES), default=["tiny", "mid"])
@@ -156,13 +99,13 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for size in args.sizes:
             path = Path(tmp) / size
-            build(path, SIZES[size])
+            build_qwen2(path, **SIZES[size])
             rollout += rollout_rows(size, path, args.batch, args.max_new_tokens, args.repeat, log)
             proc, url, up_s = serve(path, Path(tmp) / f"{size}.log")
             try:
                 servers.append({"size": size, "server_start_s": up_s})
                 log(f"{size} vLLM server healthy after {up_s:.1f} s")
-                rows = teacher_scoring.measure(path, url, args.batch, args.repeat, (0, 20), log=log)
+                rows = measure_scoring(path, url, args.batch, args.repeat, (0, 20), log=log)
                 scoring += [{"size": size, **r} for r in rows]
             finally:
                 stop(proc)

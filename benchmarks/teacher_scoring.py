@@ -22,6 +22,17 @@ from types import SimpleNamespace
 import torch
 
 
+def timed(fn, repeat: int) -> list[float]:
+    """Seconds of each of ``repeat`` calls of ``fn``, after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
 def measure(model_dir, url: str, batch: int = 64, repeat: int = 5, ks=(0, 20), log=print) -> list[dict]:
     """One row per (K, side): median seconds per call and scored tokens per second."""
     from opd_train import rollout as R
@@ -55,12 +66,7 @@ def measure(model_dir, url: str, batch: int = 64, repeat: int = 5, ks=(0, 20), l
                                                        method="gkd" if k else "opd", opd_loss="sampled"),
                                        tok, model.get_output_embeddings().weight.shape[0], log=lambda m: None)
         for name, fn in (("in-process", lambda: local(k)), ("server", lambda: server.score(s))):
-            fn()  # warm-up
-            times = []
-            for _ in range(repeat):
-                t0 = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - t0)
+            times = timed(fn, repeat)
             t = statistics.median(times)
             rows.append({"k": k, "side": name, "params": params, "seconds_per_call": t, "tokens": n_all,
                          "completion_tokens": n_comp, "tokens_per_s": n_all / t,

@@ -2,7 +2,7 @@
 
 Needs vLLM in a venv of its own (see tests/test_vllm_teacher_server.py for the set-up); the
 tests that need it skip without it, and the ones that check the errors a user without it sees
-run everywhere. The engine's model is a tiny head_dim-32 Qwen2 built here (`vllm_models`).
+run everywhere. The engine's model is a tiny head_dim-32 Qwen2 built here (`vllm_helpers`).
 """
 from __future__ import annotations
 
@@ -60,9 +60,9 @@ def test_unsupported_head_dim_one_line_before_training(tmp_path, capsys):
 def engine(tmp_path_factory):
     from transformers import AutoModelForCausalLM
     from opd_train.vllm_engine import VLLMEngine
-    from vllm_models import build_qwen2_hd32
+    from vllm_helpers import build_qwen2
     d = tmp_path_factory.mktemp("student") / "model"
-    build_qwen2_hd32(d, seed=1)
+    build_qwen2(d, seed=1)
     tok = load_tokenizer(d)
     model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
     eng = VLLMEngine.start(d, model, tok, vocab_size=None, device=torch.device("cpu"), seed=0, dtype="float32",

@@ -13,13 +13,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from types import SimpleNamespace
 
 import pytest
@@ -35,56 +29,25 @@ from opd_train.server_teacher import ServerTeacher  # noqa: E402
 from opd_train.task import ArithmeticTask  # noqa: E402
 from opd_train.tokenizer import load_tokenizer  # noqa: E402
 from opd_train.train import main  # noqa: E402
-from vllm_models import build_qwen2_hd32  # noqa: E402
+from vllm_helpers import build_qwen2, serve, stop  # noqa: E402
 
 SMOKE = ["--preset", "smoke", "--steps", "2", "--eval-every", "2", "--save-every", "2", "--eval-size", "16"]
-STARTUP_S = 300
-
-
-def build_teacher(path) -> None:
-    build_qwen2_hd32(path)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     d = tmp_path_factory.mktemp("vllm")
-    model_dir, log_path, port = d / "teacher", d / "server.log", free_port()
-    build_teacher(model_dir)
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
-                                 "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--enforce-eager"],
-                                stdout=log, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
+    model_dir = d / "teacher"
+    build_qwen2(model_dir)
     try:
-        t0 = time.time()
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"vLLM server exited with {proc.returncode}: {log_path.read_text()[-2000:]}")
-            try:
-                with urllib.request.urlopen(url + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.time() - t0 > STARTUP_S:
-                pytest.fail(f"vLLM server not healthy after {STARTUP_S} s: {log_path.read_text()[-2000:]}")
-            time.sleep(2)
+        proc, url, _ = serve(model_dir, d / "server.log")
+    except RuntimeError as e:
+        pytest.fail(str(e))
+    try:
         model = T.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
         yield SimpleNamespace(url=url, dir=model_dir, model=model, tok=load_tokenizer(model_dir))
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc)
 
 
 def args(url, **kw):
