@@ -50,10 +50,10 @@ def _seed():
 def compiled(monkeypatch):
     """Lower the compiled torch path's threshold to 0 (small shapes take it) and record which
     entry points ran (``"rows"``, ``"grad"``, ``"both"``)."""
-    from opd_kernels.backends import torch_compiled
+    from opd_kernels.ops import _compiled
     from opd_kernels.ops import _decide
     monkeypatch.setattr(_decide, "COMPILE_MIN_ELEMENTS", 0)
     calls = []
-    real = torch_compiled._call
-    monkeypatch.setattr(torch_compiled, "_call", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+    real = _compiled._call
+    monkeypatch.setattr(_compiled, "_call", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
     return calls

@@ -14,7 +14,7 @@ from torch import Tensor
 from .. import parallel
 from .._chunks import row_ranges
 from .._dispatch import backend
-from ..backends import torch_compiled
+from . import _compiled
 from ._decide import Decision, decide, logits_dtype
 from .._stats import finish, row_outputs
 from ._common import acc_dtype, row_slice
@@ -56,7 +56,7 @@ def rows_backward(be, s, t, r, targets, rs, g, spec: RowSpec, out=None):
 def _rows_impl(s, t, r, targets, spec):
     run = decision(s, t, r, spec)
     if run.compiled:  # row chunks through the compiled chunk math
-        outs = [torch_compiled.rows(s[i:j], row_slice(t, i, j), row_slice(r, i, j), row_slice(targets, i, j), spec)
+        outs = [_compiled.rows(s[i:j], row_slice(t, i, j), row_slice(r, i, j), row_slice(targets, i, j), spec)
                 for i, j in row_ranges(*s.shape)]
         return tuple(torch.cat(x) for x in zip(*outs))
     main, ent, rs = rows_forward(backend(run.backend), s, t, r, targets, spec)
@@ -70,7 +70,7 @@ def _backward_impl(s, t, r, targets, rs, g, spec):
         return rows_backward(backend(run.backend), s, t, r, targets, rs, g, spec)
     ds = torch.empty_like(s)
     for i, j in row_ranges(*s.shape):
-        ds[i:j] = torch_compiled.grad(s[i:j], row_slice(t, i, j), row_slice(r, i, j), row_slice(targets, i, j), rs[i:j],
+        ds[i:j] = _compiled.grad(s[i:j], row_slice(t, i, j), row_slice(r, i, j), row_slice(targets, i, j), rs[i:j],
                                       g[i:j], spec)
     return ds
 

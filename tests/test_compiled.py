@@ -1,4 +1,4 @@
-"""The compiled chunk math of the torch backend (``backends.torch_compiled``) against the
+"""The compiled chunk math of the torch backend (``ops._compiled``) against the
 float64 oracle and against the eager torch path, through the public ops.
 
 The compiled path normally starts at ``OPD_COMPILE_MIN_ELEMENTS`` logits per call; here the
@@ -10,7 +10,7 @@ import torch
 
 import opd_kernels as ok
 import reference as oracle
-from opd_kernels.backends import torch_compiled
+from opd_kernels.ops import _compiled
 from opd_kernels.ops import _decide
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -123,7 +123,7 @@ def test_logits_level_distill_and_eager_agree(compiled, monkeypatch):
 
 def test_threshold_keeps_small_calls_eager(monkeypatch):
     calls = []
-    monkeypatch.setattr(torch_compiled, "_call", lambda *a, **k: calls.append(a[0]))
+    monkeypatch.setattr(_compiled, "_call", lambda *a, **k: calls.append(a[0]))
     hs, ws, _, ht, wt = _models()
     ok.fused_linear_distill_loss(hs.float(), ws.float(), ht.float(), wt.float(), impl="torch")
     ok.fused_linear_distill_loss(hs, ws, ht, wt, impl="torch")  # float64: never compiled
