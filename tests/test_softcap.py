@@ -341,13 +341,13 @@ def test_bad_transform_errors(be, bad, match):
 
 def test_transform_pair_type_error():
     with pytest.raises(TypeError, match="tf_s must be a \\(scale, cap\\) pair, got 'x'"):
-        transform_consts("x", 1.0, "tf_s")
+        transform_consts("x", "tf_s")
 
 
 def test_transform_consts():
-    assert transform_consts(IDENTITY, 0.5) == (False, 0.0, 0.5)
-    assert transform_consts((2.0, None), 0.5) == (False, 0.0, 1.0)
-    assert transform_consts((2.0, 4.0), 0.5) == (True, 0.5, 2.0)
+    assert transform_consts(IDENTITY) == (False, 0.0, 1.0)
+    assert transform_consts((2.0, None)) == (False, 0.0, 2.0)
+    assert transform_consts((2.0, 4.0)) == (True, 0.5, 4.0)
 
 
 # ------------------------------------------------------------------------------ fused (triton)

@@ -37,7 +37,7 @@ from . import _compiled
 from ._decide import Decision, decide, logits_dtype
 from ._common import acc_dtype, row_slice
 from ._rows import rows_backward, rows_forward, rows_from_stats, upstream
-from ._spec import ROW_SPEC_SCHEMA as SPEC, RowSpec, SpecOp, pad_grads, transform_fields
+from ._spec import ROW_SPEC_SCHEMA as SPEC, RowSpec, SpecOp, pad_grads
 
 N_MODEL = 9  # tensor slots of ``models``: (h, W, b) of student, teacher, reference
 
@@ -369,9 +369,8 @@ def fl_loss(models, targets, g, spec: RowSpec):
     return loss, main
 
 
-def log_normalizer(h, w, b, *, inv_temp: float, chunk: int, impl: str, group=None, tf=None) -> Tensor:
-    """``A = logsumexp(inv_temp * T(h @ w.T + b))`` per row (over all shards), differentiable;
-    ``tf``: the model's logit transform ``(scale, cap)`` (None: identity)."""
+def log_normalizer(h, w, b, spec: RowSpec, group=None) -> Tensor:
+    """``A = logsumexp(inv_temp * T_s(h @ w.T + b))`` per row (over all shards), differentiable;
+    ``spec``: kind ``log_normalizer`` with the student's temperature, logit transform and chunk rows."""
     models = (h, w, b) + (None,) * (N_MODEL - 3)
-    spec = RowSpec("log_normalizer", inv_temp, impl=impl, chunk=chunk, **transform_fields(tf))
     return fl_rows(models, None, spec, group)[0]

@@ -18,7 +18,7 @@ from . import _compiled
 from ._decide import Decision, decide, logits_dtype
 from .._stats import finish, row_outputs
 from ._common import acc_dtype, row_slice
-from ._spec import ROW_SPEC_SCHEMA as SPEC, RowSpec, SpecOp, pad_grads, transform_fields
+from ._spec import ROW_SPEC_SCHEMA as SPEC, RowSpec, SpecOp, pad_grads
 
 
 def rows_from_stats(stats: Tensor, jsd_sums, spec: RowSpec, group=None):
@@ -133,8 +133,7 @@ def rows(s, t, r, targets, spec: RowSpec, group=None):
     return main, ent
 
 
-def log_normalizer(s, *, inv_temp: float, impl: str, group=None, tf=None) -> Tensor:
-    """``A = logsumexp(inv_temp * T(s))`` per row (over all shards), differentiable (``dA/da = q``);
-    ``tf``: the model's logit transform ``(scale, cap)`` (None: identity)."""
-    spec = RowSpec("log_normalizer", inv_temp, impl=impl, **transform_fields(tf))
+def log_normalizer(s, spec: RowSpec, group=None) -> Tensor:
+    """``A = logsumexp(inv_temp * T_s(s))`` per row (over all shards), differentiable (``dA/da = q``);
+    ``spec``: kind ``log_normalizer`` with the student's temperature and logit transform."""
     return rows(s, None, None, None, spec, group)[0]
