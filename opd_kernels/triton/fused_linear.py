@@ -266,9 +266,9 @@ def fused_grad_dw_kernel(hs, ws, bs, ht, wt, bt, hr, wr, br, y_ptr, rs_ptr, g_pt
                          HAS_CAP_T: tl.constexpr, HAS_CAP_R: tl.constexpr, PRECISION: tl.constexpr,
                          BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
     """dw[cols, :] (fp32, zero-initialised, [V, DS]) += sum over N of ds^T @ hs; db[cols] too."""
-    post_s, post_t, post_r = post_s * inv_temp, post_t * inv_temp, post_r * inv_temp  # times 1/temperature
     cols, col_ok = tile_cols(tl.program_id(0) * BLOCK_V, V, BLOCK_V)
     db = tl.zeros([BLOCK_V], tl.float32)
+    post_s, post_t, post_r = post_s * inv_temp, post_t * inv_temp, post_r * inv_temp  # times 1/temperature
     for n0 in range(0, N, BLOCK_N):
         rows = n0 + tl.arange(0, BLOCK_N)
         row_ok = rows < N

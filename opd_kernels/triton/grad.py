@@ -117,11 +117,11 @@ def grad_logits_kernel(s_ptr, t_ptr, r_ptr, y_ptr, rs_ptr, g_ptr, out_ptr,
                        HAS_CAP_T: tl.constexpr, HAS_CAP_R: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr):
     """out[rows, split columns] = ds in out's dtype (out may alias s)."""
-    post_s, post_t, post_r = post_s * inv_temp, post_t * inv_temp, post_r * inv_temp  # times 1/temperature
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     rows = rows.to(tl.int64)
     lo, hi = split_range(V, n_splits, BLOCK_V)
+    post_s, post_t, post_r = post_s * inv_temp, post_t * inv_temp, post_r * inv_temp  # times 1/temperature
     A, B, C, H, g_main, g_ent, y = load_row_grad_inputs(rs_ptr, g_ptr, y_ptr, rows, row_ok, V,
                                                         vocab_start, HAS_Y)
     for v0 in range(lo, hi, BLOCK_V):
