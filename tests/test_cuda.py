@@ -16,7 +16,6 @@ pointer (scalar fallback), V below / equal to / not a multiple of the chunk widt
 every student/teacher dtype pair, -inf logits, in-place gradients.
 """
 import ctypes
-import os
 import subprocess
 import sys
 
@@ -29,7 +28,6 @@ from helpers import (DTYPES, GPU, EmulatedLib, assert_close, assert_rel, d64, lo
                      upstream)
 from opd_kernels.backends import KINDS
 from opd_kernels.backends import cuda_backend as cb
-
 
 
 # ------------------------------------------------------------------ everywhere (CPU CI too)
