@@ -11,7 +11,6 @@ kernels' per-thread code, csrc/emulate/host_emulation.cu, built with nvcc and ru
 Every kind (logprob, forward_kl, reverse_kl, jsd, the G-OPD target) with -inf entries and a
 non-unit upstream gradient (one masked row).
 """
-import ctypes
 import math
 import os
 
@@ -23,10 +22,10 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 import reference  # noqa: E402
-from helpers import EmulatedLib  # noqa: E402
+from helpers import EmulatedTransforms  # noqa: E402
 from reference import softcap_f64  # noqa: E402
 from opd_kernels._stats import finish  # noqa: E402
-from opd_kernels.backends import IDENTITY, check_transform, transform_consts  # noqa: E402
+from opd_kernels.backends import IDENTITY, transform_consts  # noqa: E402
 from opd_kernels.backends import torch_backend  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's tl.where
@@ -49,52 +48,9 @@ BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.triton),
 
 
 # ------------------------------------------------------------------------------ backends
-class Emulated(EmulatedLib):
-    """The CUDA kernels' per-thread code (csrc/emulate/host_emulation.cu) on CPU tensors."""
-
-    NAME = "emulated"
-
-    @staticmethod
-    def _tf(**tfs):
-        """The (scale, cap) pairs as a float array, checked as the real backend checks them."""
-        vals = [v for name, tf in tfs.items() for v in check_transform(tf, name)]
-        return (ctypes.c_float * len(vals))(*vals)
-
-    def row_stats(self, s, t, r, targets, *, inv_temp, lam=1.0, vocab_start=0, tf_s=IDENTITY,
-                  tf_t=IDENTITY, tf_r=IDENTITY):
-        N, V = s.shape
-        out = torch.empty(N, 8)
-        y = None if targets is None else targets.long().contiguous()
-        self.lib.emu_row_stats_tf(*self._x(s), *self._x(t), *self._x(r)[:2], self._p(y), self._p(out),
-                                  ctypes.c_int64(N), ctypes.c_int64(V), ctypes.c_float(inv_temp),
-                                  ctypes.c_float(lam), ctypes.c_int64(vocab_start), self._tf(tf_s=tf_s, tf_t=tf_t, tf_r=tf_r))
-        return out
-
-    def jsd_sums(self, s, t, AB, *, inv_temp, beta, tf_s=IDENTITY, tf_t=IDENTITY):
-        N, V = s.shape
-        out, AB = torch.empty(N, 2), AB.float().contiguous()
-        self.lib.emu_jsd_sums_tf(*self._x(s), *self._x(t), self._p(AB), self._p(out), ctypes.c_int64(N),
-                                 ctypes.c_int64(V), ctypes.c_float(inv_temp), ctypes.c_float(beta),
-                                 self._tf(tf_s=tf_s, tf_t=tf_t))
-        return out
-
-    def grad_logits(self, s, t, r, targets, rs, g, *, kind, inv_temp, lam=1.0, beta=0.5, vocab_start=0,
-                    out=None, with_entropy=False, tf_s=IDENTITY, tf_t=IDENTITY, tf_r=IDENTITY):
-        N, V = s.shape
-        out = torch.empty_like(s, memory_format=torch.contiguous_format) if out is None else out
-        y = None if targets is None else targets.long().contiguous()
-        rs, g = rs.float().contiguous(), g.float().contiguous()
-        self.lib.emu_grad_logits_tf(ctypes.c_int(self.KIND_IDS[kind]), self._p(out), ctypes.c_int64(out.stride(0)),
-                                    *self._x(s), *self._x(t), *self._x(r)[:2], self._p(y), self._p(rs),
-                                    self._p(g), ctypes.c_int64(N), ctypes.c_int64(V), ctypes.c_float(inv_temp),
-                                    ctypes.c_float(lam), ctypes.c_float(beta), ctypes.c_int64(vocab_start),
-                                    ctypes.c_int(int(with_entropy)), self._tf(tf_s=tf_s, tf_t=tf_t, tf_r=tf_r))
-        return out
-
-
 @pytest.fixture(scope="session")
 def emulated_tf(host_emulation):
-    return Emulated(host_emulation)
+    return EmulatedTransforms(host_emulation)
 
 
 @pytest.fixture(params=BACKENDS)
