@@ -57,7 +57,7 @@ def _guards(*names):
 
 def _close(a, b, what):
     with _guards():
-        torch.testing.assert_close(a.double(), b.double(), rtol=1e-7, atol=1e-9, msg=what)
+        torch.testing.assert_close(a.double(), b.double(), **ref.tol(torch.float64, "shards"), msg=what)
 
 
 def _check(name, ours, expected, our_inputs, ref_inputs, shard_of):
