@@ -1,4 +1,6 @@
 import os
+import shutil
+import subprocess
 import sys
 
 import pytest
@@ -50,10 +52,27 @@ def _seed():
 def compiled(monkeypatch):
     """Lower the compiled torch path's threshold to 0 (small shapes take it) and record which
     entry points ran (``"rows"``, ``"grad"``, ``"both"``)."""
-    from opd_kernels.backends import torch_compiled
+    from opd_kernels.ops import _compiled
     from opd_kernels.ops import _decide
     monkeypatch.setattr(_decide, "COMPILE_MIN_ELEMENTS", 0)
     calls = []
-    real = torch_compiled._call
-    monkeypatch.setattr(torch_compiled, "_call", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+    real = _compiled._call
+    monkeypatch.setattr(_compiled, "_call", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
     return calls
+
+
+@pytest.fixture(scope="session")
+def host_emulation(tmp_path_factory):
+    """Path of csrc/emulate/host_emulation.cu built for the CPU with nvcc (the CUDA kernels'
+    per-thread code; ``helpers.EmulatedLib`` loads it); skips without nvcc."""
+    cands = [os.environ.get("CUDA_HOME", "") + "/bin/nvcc", shutil.which("nvcc") or "", "/usr/local/cuda/bin/nvcc"]
+    nvcc = next((c for c in cands if c and os.path.isfile(c) and os.access(c, os.X_OK)), None)
+    if nvcc is None:
+        pytest.skip("nvcc not found: cannot build csrc/emulate/host_emulation.cu")
+    so = str(tmp_path_factory.mktemp("emu") / "host_emulation.so")
+    src = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc", "emulate",
+                       "host_emulation.cu")
+    cmd = [nvcc, "-std=c++17", "-O2", "-shared", "-Xcompiler", "-fPIC", "--expt-relaxed-constexpr",
+           "-D__CUDA_NO_HALF_CONVERSIONS__", "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", src, "-o", so]
+    subprocess.run(cmd, check=True, timeout=900, capture_output=True)
+    return so

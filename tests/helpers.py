@@ -1,5 +1,6 @@
-"""Shared test helpers: devices, input builders, assert helpers, backend-skip helpers, and the
-checks of the backend primitives that the triton and cuda backends share.
+"""Shared test helpers: devices, input builders, assert helpers, backend-skip helpers, the
+checks of the backend primitives that the triton and cuda backends share, and the ctypes access to
+the CUDA kernels' CPU emulation (``EmulatedLib``, ``EmulatedTransforms``).
 
 Two references, two names:
 
@@ -9,11 +10,14 @@ Two references, two names:
   raw outputs (the 8 row statistics, the JSD sums, gradients for a given saved state) are only
   defined by that contract, so the triton and cuda primitives are compared with it.
 """
+import ctypes
+
 import pytest
 import torch
 
 import reference as oracle
 from opd_kernels._stats import finish
+from opd_kernels.backends import IDENTITY, check_transform
 from opd_kernels.backends import torch_backend as torch_backend_ref
 
 GPU = torch.cuda.is_available()
@@ -268,6 +272,51 @@ class EmulatedLib:
             return self._p(None), ctypes.c_int64(0), ctypes.c_int(0)
         assert x.dim() == 2 and x.stride(1) == 1 and x.device.type == "cpu"
         return self._p(x), ctypes.c_int64(x.stride(0)), ctypes.c_int(self.CODES[x.dtype])
+
+
+class EmulatedTransforms(EmulatedLib):
+    """The CUDA kernels' per-thread code (csrc/emulate/host_emulation.cu) on CPU tensors, through its
+    entry points that take the logit transforms (``emu_*_tf``; ``test_primitives.py``)."""
+
+    NAME = "emulated"
+
+    @staticmethod
+    def _tf(**tfs):
+        """The (scale, cap) pairs as a float array, checked as the real backend checks them."""
+        vals = [v for name, tf in tfs.items() for v in check_transform(tf, name)]
+        return (ctypes.c_float * len(vals))(*vals)
+
+    def row_stats(self, s, t, r, targets, *, inv_temp, lam=1.0, vocab_start=0, tf_s=IDENTITY,
+                  tf_t=IDENTITY, tf_r=IDENTITY):
+        N, V = s.shape
+        out = torch.empty(N, 8)
+        y = None if targets is None else targets.long().contiguous()
+        self.lib.emu_row_stats_tf(*self._x(s), *self._x(t), *self._x(r)[:2], self._p(y), self._p(out),
+                                  ctypes.c_int64(N), ctypes.c_int64(V), ctypes.c_float(inv_temp),
+                                  ctypes.c_float(lam), ctypes.c_int64(vocab_start),
+                                  self._tf(tf_s=tf_s, tf_t=tf_t, tf_r=tf_r))
+        return out
+
+    def jsd_sums(self, s, t, AB, *, inv_temp, beta, tf_s=IDENTITY, tf_t=IDENTITY):
+        N, V = s.shape
+        out, AB = torch.empty(N, 2), AB.float().contiguous()
+        self.lib.emu_jsd_sums_tf(*self._x(s), *self._x(t), self._p(AB), self._p(out), ctypes.c_int64(N),
+                                 ctypes.c_int64(V), ctypes.c_float(inv_temp), ctypes.c_float(beta),
+                                 self._tf(tf_s=tf_s, tf_t=tf_t))
+        return out
+
+    def grad_logits(self, s, t, r, targets, rs, g, *, kind, inv_temp, lam=1.0, beta=0.5, vocab_start=0,
+                    out=None, with_entropy=False, tf_s=IDENTITY, tf_t=IDENTITY, tf_r=IDENTITY):
+        N, V = s.shape
+        out = torch.empty_like(s, memory_format=torch.contiguous_format) if out is None else out
+        y = None if targets is None else targets.long().contiguous()
+        rs, g = rs.float().contiguous(), g.float().contiguous()
+        self.lib.emu_grad_logits_tf(ctypes.c_int(self.KIND_IDS[kind]), self._p(out), ctypes.c_int64(out.stride(0)),
+                                    *self._x(s), *self._x(t), *self._x(r)[:2], self._p(y), self._p(rs),
+                                    self._p(g), ctypes.c_int64(N), ctypes.c_int64(V), ctypes.c_float(inv_temp),
+                                    ctypes.c_float(lam), ctypes.c_float(beta), ctypes.c_int64(vocab_start),
+                                    ctypes.c_int(int(with_entropy)), self._tf(tf_s=tf_s, tf_t=tf_t, tf_r=tf_r))
+        return out
 
 
 def assert_same_training(stock, fused, initial, steps):

@@ -16,8 +16,6 @@ pointer (scalar fallback), V below / equal to / not a multiple of the chunk widt
 every student/teacher dtype pair, -inf logits, in-place gradients.
 """
 import ctypes
-import os
-import shutil
 import subprocess
 import sys
 
@@ -30,8 +28,6 @@ from helpers import (DTYPES, GPU, EmulatedLib, assert_close, assert_rel, d64, lo
                      upstream)
 from opd_kernels.backends import KINDS
 from opd_kernels.backends import cuda_backend as cb
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # ------------------------------------------------------------------ everywhere (CPU CI too)
@@ -71,11 +67,6 @@ def gpu_only(fn):
     for m in GPU_MARKS:
         fn = m(fn)
     return fn
-
-
-def _nvcc():
-    cands = [os.environ.get("CUDA_HOME", "") + "/bin/nvcc", shutil.which("nvcc") or "", "/usr/local/cuda/bin/nvcc"]
-    return next((c for c in cands if c and os.path.isfile(c) and os.access(c, os.X_OK)), None)
 
 
 class Emulated(EmulatedLib):
@@ -127,16 +118,8 @@ class Cuda:
 
 
 @pytest.fixture(scope="session")
-def emulated(tmp_path_factory):
-    nvcc = _nvcc()
-    if nvcc is None:
-        pytest.skip("nvcc not found: cannot build csrc/emulate/host_emulation.cu")
-    so = str(tmp_path_factory.mktemp("emu") / "host_emulation.so")
-    src = os.path.join(ROOT, "csrc", "emulate", "host_emulation.cu")
-    cmd = [nvcc, "-std=c++17", "-O2", "-shared", "-Xcompiler", "-fPIC", "--expt-relaxed-constexpr",
-           "-D__CUDA_NO_HALF_CONVERSIONS__", "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", src, "-o", so]
-    subprocess.run(cmd, check=True, timeout=600, capture_output=True)
-    return Emulated(so)
+def emulated(host_emulation):
+    return Emulated(host_emulation)
 
 
 @pytest.fixture(params=["emulated", pytest.param("cuda", marks=GPU_MARKS)])

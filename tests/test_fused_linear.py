@@ -1,10 +1,12 @@
 """Fused-linear ops equal the logits path; gradients w.r.t. hidden, weight, bias; no [N, V] buffers;
-a tiny HF model distilled through the fused op matches the naive full-logits loss."""
+a tiny HF model distilled through the fused op matches the naive full-logits loss; the logit
+transforms of every model (``test_*_transforms``: the ``(impl, transform, dtype)`` axis of ``transform_cases``)."""
 import pytest
 import torch
 
 import opd_kernels as ok
 import reference as oracle
+import transform_cases as tc
 from helpers import BACKENDS
 from helpers import DEV as DEVICE
 from helpers import require_impl
@@ -50,6 +52,20 @@ def test_fused_linear_distill(impl, dtype, divergence, beta, reduction, chunk):
         oracle.close(g, r, dtype, "grad")
 
 
+@pytest.mark.parametrize("impl,transform,dtype", tc.params(tc.PAIR))
+def test_fused_linear_distill_loss_transforms(impl, transform, dtype):
+    _impl(impl)
+    name, cfg = transform, tc.PAIR[transform]
+    mask = (torch.arange(tc.N) % 4 != 1).to(tc.DEV)
+    for div, red in tc.fused_runs(impl, name):
+        ours, refs = tc.leaves(tc.models(dtype)[:6], {0, 1, 2})
+        out = ok.fused_linear_distill_loss(ours[0], ours[1], ours[3], ours[4], student_bias=ours[2],
+                                           teacher_bias=ours[5], divergence=div, beta=tc.BETA, temperature=tc.TEMP,
+                                           mask=mask, reduction=red, chunk_size=4, impl=impl, **tc.kw(cfg))
+        _, _, db = tc.check(out, tc.fused_oracle(refs, cfg, div, mask, red), ours, refs, dtype)
+        assert (db[tc.BAN] == 0).all(), (div, red)
+
+
 @pytest.mark.parametrize("impl", BACKENDS)
 def test_fused_linear_matches_logits_path(impl):
     _impl(impl)
@@ -89,6 +105,21 @@ def test_fused_linear_token_logprobs(impl, T):
         oracle.close(g, r, torch.float32, "grad")
 
 
+@pytest.mark.parametrize("impl,transform,dtype", tc.params(tc.SINGLE))
+def test_fused_linear_token_logprobs_transforms(impl, transform, dtype):
+    _impl(impl)
+    cfg = tc.SINGLE[transform]
+    ours, refs = tc.leaves(tc.models(dtype)[:3], {0, 1, 2})
+    y = tc.targets(banned=tc.BAN[0])
+    lp, ent = ok.fused_linear_token_logprobs(ours[0], ours[1], y, bias=ours[2], temperature=tc.TEMP, return_entropy=True,
+                                             chunk_size=4, impl=impl, **tc.kw(cfg, True))
+    assert lp[3] == -tc.INF
+    s = refs[0] @ refs[1].T + refs[2]
+    wlp, went = oracle.token_logprobs(tc.tf(s, cfg, "student"), y.cpu(), tc.TEMP)
+    _, _, db = tc.check(torch.stack([lp, ent]), torch.stack([wlp, went]), ours, refs, dtype, torch.arange(tc.N) != 3)
+    assert (db[tc.BAN] == 0).all()
+
+
 @pytest.mark.parametrize("impl", BACKENDS)
 def test_fused_linear_gopd(impl):
     _impl(impl)
@@ -103,6 +134,21 @@ def test_fused_linear_gopd(impl):
         oracle.close(loss, expected, torch.float32)
         for g, r in zip(torch.autograd.grad(loss, (hs, ws)), torch.autograd.grad(expected, xs)):
             oracle.close(g, r, torch.float32, "grad")
+
+
+@pytest.mark.parametrize("impl,transform,dtype", tc.params(tc.GOPD, triton={"all"}))
+def test_fused_linear_gopd_loss_transforms(impl, transform, dtype):
+    _impl(impl)
+    name, cfg = transform, tc.GOPD[transform]
+    mask = (torch.arange(tc.N) % 4 != 1).to(tc.DEV)
+    for _, red in tc.fused_runs(impl, name):
+        ours, refs = tc.leaves(tc.models(dtype), {0, 1, 2})
+        hs, ws, bs, ht, wt, bt, hr, wr = ours
+        out = ok.fused_linear_gopd_loss(hs, ws, ht, wt, hr, wr, student_bias=bs, teacher_bias=bt, reward_scale=tc.LAM,
+                                        temperature=tc.TEMP, mask=mask, reduction=red, chunk_size=4, impl=impl,
+                                        **tc.kw(cfg))
+        _, _, db = tc.check(out, tc.fused_oracle(refs, cfg, "reverse_kl", mask, red, ref_model=True), ours, refs, dtype)
+        assert (db[tc.BAN] == 0).all(), red
 
 
 def test_no_full_logits_buffer(monkeypatch):
@@ -219,6 +265,22 @@ def test_fused_linear_sparse_distill(impl, dtype, divergence, beta, reduction, k
         else:
             oracle.close(g, r, dtype, "grad")
     assert (grads[1][V:] == 0).all() and (grads[2][V:] == 0).all()
+
+
+@pytest.mark.parametrize("impl,transform,dtype", tc.params(tc.SINGLE))
+def test_fused_linear_sparse_distill_loss_transforms(impl, transform, dtype):
+    _impl(impl)
+    cfg = tc.SINGLE[transform]
+    ours, refs = tc.leaves(tc.models(dtype)[:3], {0, 1, 2})
+    ids, tlp = tc.topk(2, ban_col=tc.BAN[1])
+    mask = (torch.arange(tc.N) % 4 != 1).to(tc.DEV)
+    out = ok.fused_linear_sparse_distill_loss(ours[0], ours[1], ids, tlp.to(tc.DEV, dtype), bias=ours[2],
+                                              divergence="reverse_kl", temperature=tc.TEMP, mask=mask, chunk_size=4,
+                                              impl=impl, **tc.kw(cfg, True))
+    s = refs[0] @ refs[1].T + refs[2]
+    rows = oracle.sparse_rows(tc.tf(s, cfg, "student"), ids.cpu(), tlp.to(dtype).double(), "reverse_kl", T=tc.TEMP)
+    _, _, db = tc.check(out, oracle.reduce(rows, mask.cpu(), "mean"), ours, refs, dtype)
+    assert (db[tc.BAN] == 0).all()
 
 
 def test_fused_linear_sparse_never_builds_full_logits(monkeypatch):

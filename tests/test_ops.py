@@ -1,14 +1,15 @@
-"""Every op x divergence x temperature x reduction x dtype against the float64 reference."""
+"""Every logits-level op x divergence x temperature x reduction x dtype against the float64 reference,
+and x logit transform (``test_*_transforms``: the ``(impl, transform, dtype)`` axis of ``transform_cases``)."""
 import pytest
 import torch
 
 import opd_kernels as ok
 import reference as oracle
+import transform_cases as tc
 from helpers import BACKENDS, DTYPES
 from helpers import DEV as DEVICE
 from helpers import require_impl as _impl
-from opd_kernels._stats import finish, rebase
-from opd_kernels.backends import torch_backend
+from reference import softcap_f64
 
 DIVS = [("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.5), ("jsd", 0.1), ("jsd", 0.0), ("jsd", 1.0)]
 
@@ -42,6 +43,20 @@ def test_token_logprobs(impl, dtype, T, shape):
     assert ok.token_logprobs(logits, targets, impl=impl).shape == targets.shape
 
 
+@pytest.mark.parametrize("impl,transform,dtype", tc.params(tc.SINGLE))
+def test_token_logprobs_transforms(impl, transform, dtype):
+    _impl(impl)
+    cfg = tc.SINGLE[transform]
+    (s,), (x,) = tc.leaves([tc.logits(0, dtype)], {0})
+    y = tc.targets(banned=4)
+    lp, ent = ok.token_logprobs(s, y, temperature=tc.TEMP, return_entropy=True, impl=impl, **tc.kw(cfg, True))
+    assert lp[3] == -tc.INF  # the banned target stays banned
+    wlp, went = oracle.token_logprobs(tc.tf(x, cfg, "student"), y.cpu(), tc.TEMP)
+    keep = torch.arange(tc.N) != 3
+    (gs,) = tc.check(torch.stack([lp, ent]), torch.stack([wlp, went]), [s], [x], dtype, keep)
+    assert (gs[5, 100:105] == 0).all()
+
+
 @pytest.mark.parametrize("impl", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("divergence,beta", DIVS)
@@ -63,6 +78,20 @@ def test_distill_loss(impl, dtype, divergence, beta, T, reduction):
     oracle.close(grad, rgrad, dtype, "grad")
 
 
+@pytest.mark.parametrize("impl,transform,dtype", tc.params(tc.PAIR))
+def test_distill_loss_transforms(impl, transform, dtype):
+    _impl(impl)
+    cfg = tc.PAIR[transform]
+    t = tc.logits(1, dtype)
+    for div in tc.divergences(impl):
+        (s,), (x,) = tc.leaves([tc.logits(0, dtype)], {0})
+        out = ok.distill_loss(s, t, divergence=div, beta=tc.BETA, temperature=tc.TEMP, reduction="none", impl=impl,
+                              **tc.kw(cfg))
+        want = oracle.divergence_rows(tc.tf(x, cfg, "student"), tc.tf(t.cpu(), cfg, "teacher"), div, tc.BETA, tc.TEMP)
+        (gs,) = tc.check(out, want, [s], [x], dtype)
+        assert torch.isfinite(out).all() and (gs[3, :10] == 0).all(), div
+
+
 @pytest.mark.parametrize("impl", BACKENDS)
 @pytest.mark.parametrize("lam", [1.0, 1.25, 2.5, 0.5])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
@@ -80,6 +109,19 @@ def test_gopd_loss(impl, lam, reduction):
     if lam == 1.0:  # plain OPD is reverse KL to the teacher
         oracle.close(loss, ok.distill_loss(s, t, divergence="reverse_kl", temperature=0.9, reduction=reduction,
                                            impl=impl), torch.float32)
+
+
+@pytest.mark.parametrize("impl,transform,dtype", tc.params(tc.GOPD, triton={"all"}))
+def test_gopd_loss_transforms(impl, transform, dtype):
+    _impl(impl)
+    cfg = tc.GOPD[transform]
+    t, r = tc.logits(1, dtype), tc.logits(2, dtype)
+    (s,), (x,) = tc.leaves([tc.logits(0, dtype)], {0})
+    out = ok.gopd_loss(s, t, r, reward_scale=tc.LAM, temperature=tc.TEMP, reduction="none", impl=impl, **tc.kw(cfg))
+    want = oracle.divergence_rows(tc.tf(x, cfg, "student"), tc.tf(t.cpu(), cfg, "teacher"), "reverse_kl", T=tc.TEMP,
+                                  r=tc.tf(r.cpu(), cfg, "ref"), lam=tc.LAM)
+    (gs,) = tc.check(out, want, [s], [x], dtype)
+    assert (gs[3, :10] == 0).all()
 
 
 def test_gopd_advantages():
@@ -104,6 +146,19 @@ def test_sparse_distill_loss(impl, divergence, beta, k):
     expected = oracle.reduce(oracle.sparse_rows(x, ids, tlp, divergence, beta, 1.3), mask, "mean")
     oracle.close(loss, expected, torch.float32)
     oracle.close(torch.autograd.grad(loss, s)[0], torch.autograd.grad(expected, x)[0], torch.float32, "grad")
+
+
+@pytest.mark.parametrize("impl,transform,dtype", tc.params(tc.SINGLE))
+def test_sparse_distill_loss_transforms(impl, transform, dtype):
+    _impl(impl)
+    cfg = tc.SINGLE[transform]
+    (s,), (x,) = tc.leaves([tc.logits(0, dtype)], {0})
+    ids, tlp = tc.topk(1, ban_col=2)
+    out = ok.sparse_distill_loss(s, ids, tlp.to(tc.DEV, dtype), divergence="jsd", beta=tc.BETA, temperature=tc.TEMP,
+                                 reduction="none", impl=impl, **tc.kw(cfg, True))
+    want = oracle.sparse_rows(tc.tf(x, cfg, "student"), ids.cpu(), tlp.to(dtype).double(), "jsd", tc.BETA, tc.TEMP)
+    (gs,) = tc.check(out, want, [s], [x], dtype)
+    assert (gs[3, :10] == 0).all() and (gs[5, 100:105] == 0).all()
 
 
 def test_sparse_full_topk_equals_dense():
@@ -203,6 +258,26 @@ def test_modules():
     torch.testing.assert_close(fm(h, w, ht, wt), ok.distill_loss(h @ w.T, ht @ wt.T, divergence="forward_kl"))
 
 
+def test_modules_carry_the_transforms():
+    kw = dict(student_softcap=2.0, teacher_logit_scale=0.5, teacher_softcap=3.0)
+    s, t = tc.logits(0, torch.float64), tc.logits(1, torch.float64)
+    m = ok.DistillLoss(divergence="jsd", beta=tc.BETA, temperature=tc.TEMP, **kw)
+    assert "student_softcap=2.0" in repr(m) and "student_logit_scale" not in repr(m)
+    want = oracle.divergence_rows(softcap_f64(s, 1.0, 2.0), softcap_f64(t, 0.5, 3.0), "jsd", tc.BETA, tc.TEMP).mean()
+    oracle.close(m(s, t), want, torch.float64)
+    hs, ws, bs, ht, wt, bt, *_ = tc.models(torch.float64)
+    fm = ok.FusedLinearDistillLoss(divergence="forward_kl", chunk_size=4, **kw)
+    want = oracle.divergence_rows(softcap_f64(hs @ ws.T + bs, 1.0, 2.0), softcap_f64(ht @ wt.T + bt, 0.5, 3.0),
+                                  "forward_kl").mean()
+    oracle.close(fm(hs, ws, ht, wt, student_bias=bs, teacher_bias=bt), want, torch.float64)
+
+
+def test_identity_transforms_equal_no_transform():
+    """softcap=None, logit_scale=1 is exactly the plain op (the identity costs nothing)."""
+    s, y = tc.logits(0, torch.float32), tc.targets(banned=4)
+    assert torch.equal(ok.token_logprobs(s, y, logit_scale=1.0, impl="torch"), ok.token_logprobs(s, y, impl="torch"))
+
+
 def test_torch_backend_is_default_on_cpu():
     from opd_kernels import _dispatch
     assert _dispatch.resolve("auto", torch.device("cpu")).NAME == "torch"
@@ -298,57 +373,3 @@ def test_kl_accuracy_with_logit_offset(impl, offset, scale):
             for d in ("reverse_kl", "forward_kl")}
     ours["entropy"] = ok.token_logprobs(s, y, return_entropy=True, impl=impl)[1]
     oracle.assert_not_worse_than_naive(ours, exact, s, t)
-
-
-def test_shard_merge_keeps_offset_accuracy_and_inf_semantics():
-    """Uneven vocab shards merged with ``_stats.rebase`` (what ``merge_shards`` does after its
-    MAX all-reduce): the same accuracy as one pass, and shards where a model has only -inf
-    contribute 0, or +inf where the math says so."""
-    N, V, cuts = 12, 4001, [0, 1000, 2500, 4001]
-    s = torch.randn(N, V) * 2 + 50
-    t = s + 0.01 * torch.randn_like(s)
-    s[0, :1000] = -float("inf")           # the teacher supports shard 0, the student not: forward = inf
-    t[1, 1000:2500] = -float("inf")       # the reverse: reverse = inf
-    s[2, 2500:], t[2, 2500:] = -float("inf"), -float("inf")   # both empty on shard 2
-    parts = torch.stack([torch_backend.row_stats(s[:, i:j], t[:, i:j], None, None, inv_temp=1.0)
-                         for i, j in zip(cuts, cuts[1:])])
-    m_a, m_b = parts[..., 0].amax(0), parts[..., 3].amax(0)
-    stats = rebase(parts, m_a, m_b).sum(0)
-    stats[:, 0], stats[:, 3] = m_a, m_b
-    merged = finish(stats)
-    whole = finish(torch_backend.row_stats(s, t, None, None, inv_temp=1.0))
-    exact = oracle.rows_f64(s, t)
-    assert merged.forward_kl[0] == float("inf") and merged.reverse_kl[1] == float("inf")
-    for name in ("reverse_kl", "forward_kl", "entropy"):
-        got, one, want = getattr(merged, name), getattr(whole, name), exact[name]
-        fin = torch.isfinite(want)
-        assert torch.equal(torch.isfinite(got), fin) and not got.isnan().any()
-        err = ((got[fin].double() - want[fin]).abs() / want[fin].abs()).max().item()
-        one_err = ((one[fin].double() - want[fin]).abs() / want[fin].abs()).max().item()
-        assert err <= 2 * one_err + 1e-6, f"{name}: merged {err:.2e}, one pass {one_err:.2e}"
-
-
-@pytest.mark.parametrize("kind,gopd", [("logprob", False), ("forward_kl", False), ("reverse_kl", False),
-                                       ("jsd", False), ("reverse_kl", True)])
-def test_oracle_saved_row_state_matches_the_ops(kind, gopd):
-    """The backend-primitive tests feed ``oracle.saved_row_state`` to ``grad_logits``: it must be the
-    (A, B, C, H) the ops save (``_stats.finish`` of the torch backend's statistics, C from ``jsd_sums``)."""
-    N, V, inv_temp, lam, beta = 9, 301, 1 / 0.8, 1.5, 0.35
-    s = rand(N, V, dtype=torch.float64)
-    t = None if kind == "logprob" else rand(N, V, dtype=torch.float64)
-    r = rand(N, V, dtype=torch.float64) if gopd else None
-    s[2, :20] = -float("inf")
-    if t is not None:
-        t[2, 5:30] = -float("inf")
-        s[3, 40:50], t[3, 40:50] = -float("inf"), -float("inf")
-    rows = finish(torch_backend.row_stats(s, t, r, None, inv_temp=inv_temp, lam=lam))
-    C = torch.zeros_like(rows.A)
-    if kind == "reverse_kl":
-        C = rows.reverse_kl
-    elif kind == "jsd":
-        C = torch_backend.jsd_sums(s, t, torch.stack([rows.A, rows.B], -1), inv_temp=inv_temp, beta=beta)[:, 1]
-    want = torch.stack([rows.A, rows.B, C, rows.entropy], -1)
-    got = oracle.saved_row_state(s, t, r, kind, inv_temp, lam=lam, beta=beta)
-    assert torch.equal(torch.isinf(got), torch.isinf(want))
-    fin = torch.isfinite(want)
-    oracle.close(got[fin], want[fin], torch.float64)

@@ -1,6 +1,7 @@
 """Vocab-parallel: 2 and 3 gloo processes with uneven vocabulary shards must reproduce the
 single-process float64 reference: loss, per-token values, and gradients of the local logits /
-lm_head shard and of the replicated hidden states. With a bare group the ops read no tensor on
+lm_head shard and of the replicated hidden states; without logit transforms, and with a softcap and
+a logit scale on every model (``transform`` axis). With a bare group the ops read no tensor on
 the host (``all_gather_object``, ``.item()``, ``.tolist()`` raise while they run); with a
 ``VocabShard`` (here in reverse rank order) they run no layout collective at all."""
 import contextlib
@@ -15,6 +16,7 @@ import torch.multiprocessing as mp
 
 import opd_kernels as ok
 import reference as ref
+from reference import softcap_f64
 
 N, D, DT = 23, 16, 24
 
@@ -55,7 +57,7 @@ def _guards(*names):
 
 def _close(a, b, what):
     with _guards():
-        torch.testing.assert_close(a.double(), b.double(), rtol=1e-7, atol=1e-9, msg=what)
+        torch.testing.assert_close(a.double(), b.double(), **ref.tol(torch.float64, "shards"), msg=what)
 
 
 def _check(name, ours, expected, our_inputs, ref_inputs, shard_of):
@@ -216,10 +218,71 @@ def _vocab_shard_checks(rank, world, sizes, group, S, T, y, mask, weights):
         _check("VocabShard fused sparse", ours, exp, loc, glob, [same, wshard, wshard])
 
 
-@pytest.mark.parametrize("sizes", [[600, 413], [400, 400, 213]])
-def test_vocab_parallel(sizes):
+def _transforms_worker(rank, world, port, sizes, errfile):
+    """Every op family with a softcap and a logit scale on each model (``reference.softcap_f64``, then the
+    formulas), values and gradients, with the host-read guards."""
+    N, D, DT, TEMP, LAM, BETA, INF = 9, 24, 16, 0.8, 1.4, 0.3, float("inf")
+    check = _check
+    try:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+        torch.set_num_threads(1)
+        group, Vt = dist.group.WORLD, sum(sizes)
+        lo, hi = sum(sizes[:rank]), sum(sizes[:rank + 1])
+        shard, same = (lambda x: x[..., lo:hi]), (lambda x: x)
+        g = torch.Generator().manual_seed(0)
+        rnd = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+        S, Tt, R = rnd(N, Vt) * 3, rnd(N, Vt) * 3, rnd(N, Vt) * 3
+        S[2, :4] = Tt[2, :4] = -INF  # banned, on rank 0's shard only
+        y = torch.randint(0, Vt, (N,), generator=g)
+        y[1], y[2] = -100, Vt - 1
+        cap_s, cap_t, cap_r = (2.0, 1.3), (3.0, 0.6), (1.5, 1.0)  # (softcap, logit_scale)
+        tf = lambda x, c: softcap_f64(x, c[1], c[0])  # noqa: E731
+        side = lambda p, c: {f"{p}softcap": c[0], f"{p}logit_scale": c[1]}  # noqa: E731
+        _install_guards()
+        _ACTIVE.update(("all_gather_object", "item", "tolist"))  # no host reads in the ops
+        s, x = shard(S).clone().requires_grad_(), S.clone().requires_grad_()
+        lp = ok.token_logprobs(s, y, temperature=TEMP, process_group=group, **side("", cap_s))
+        check("token_logprobs", lp, ref.token_logprobs(tf(x, cap_s), y, TEMP)[0], [s], [x], [shard])
+        s, x = shard(S).clone().requires_grad_(), S.clone().requires_grad_()
+        out = ok.distill_loss(s, shard(Tt), divergence="jsd", beta=BETA, temperature=TEMP, reduction="none",
+                              process_group=group, **side("student_", cap_s), **side("teacher_", cap_t))
+        want = ref.divergence_rows(tf(x, cap_s), tf(Tt, cap_t), "jsd", BETA, TEMP)
+        check("distill jsd", out, want, [s], [x], [shard])
+        s, x = shard(S).clone().requires_grad_(), S.clone().requires_grad_()
+        out = ok.gopd_loss(s, shard(Tt), shard(R), reward_scale=LAM, reduction="none", process_group=group,
+                           **side("student_", cap_s), **side("teacher_", cap_t), **side("ref_", cap_r))
+        want = ref.divergence_rows(tf(x, cap_s), tf(Tt, cap_t), "reverse_kl", r=tf(R, cap_r), lam=LAM)
+        check("gopd", out, want, [s], [x], [shard])
+        Hs, Ws, Ht, Wt = rnd(N, D), rnd(Vt, D) / 2, rnd(N, DT), rnd(Vt, DT) / 2
+        loc = [Hs.clone().requires_grad_(), Ws[lo:hi].clone().requires_grad_()]
+        glob = [Hs.clone().requires_grad_(), Ws.clone().requires_grad_()]
+        out = ok.fused_linear_distill_loss(loc[0], loc[1], Ht, Wt[lo:hi], divergence="reverse_kl", reduction="none",
+                                           chunk_size=4, process_group=group, **side("student_", cap_s),
+                                           **side("teacher_", cap_t))
+        want = ref.divergence_rows(tf(glob[0] @ glob[1].T, cap_s), tf(Ht @ Wt.T, cap_t), "reverse_kl")
+        check("fused reverse_kl", out, want, loc, glob, [same, lambda w: w[lo:hi]])
+        loc = [Hs.clone().requires_grad_(), Ws[lo:hi].clone().requires_grad_()]
+        glob = [Hs.clone().requires_grad_(), Ws.clone().requires_grad_()]
+        tlp, ids = torch.log_softmax(Ht @ Wt.T, -1).topk(5, -1)
+        out = ok.fused_linear_sparse_distill_loss(loc[0], loc[1], ids, tlp, divergence="jsd", reduction="none",
+                                                  chunk_size=4, process_group=group, **side("", cap_s))
+        want = ref.sparse_rows(tf(glob[0] @ glob[1].T, cap_s), ids, tlp, "jsd")
+        check("fused sparse jsd", out, want, loc, glob, [same, lambda w: w[lo:hi]])
+        dist.destroy_process_group()
+    except Exception:
+        import traceback
+        with open(errfile, "a") as f:
+            f.write(f"rank {rank}:\n{traceback.format_exc()}\n")
+        raise
+
+
+@pytest.mark.parametrize("transform,sizes", [("none", [600, 413]), ("none", [400, 400, 213]),
+                                            ("softcap", [190, 141])])
+def test_vocab_parallel(transform, sizes):
     with tempfile.NamedTemporaryFile("r", suffix=".log") as err:
         try:
-            mp.spawn(_worker, args=(len(sizes), _free_port(), sizes, err.name), nprocs=len(sizes), join=True)
+            worker = _worker if transform == "none" else _transforms_worker
+            mp.spawn(worker, args=(len(sizes), _free_port(), sizes, err.name), nprocs=len(sizes), join=True)
         except Exception as exc:
             pytest.fail(f"{exc}\n{open(err.name).read()}")

@@ -112,6 +112,44 @@ def test_accumulate_grads_modes(monkeypatch, mode):
             torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2)
 
 
+@pytest.mark.cuda
+def test_out_dtype_gemm_mode_values(monkeypatch):
+    """The CUDA chunk loop's default GEMM mode for bf16 weights, "out_dtype" (cuBLAS writes fp32 straight
+    into dh/dW), gives dh = ds W, dW = sum_chunks ds^T h, db = sum ds exactly on integer data (every
+    product and sum exact in fp32), over uneven chunks; then a bf16 fused loss that runs it matches
+    the float64 oracle."""
+    dev, bf16 = torch.device("cuda"), torch.bfloat16
+    if _fused.gemm_mode(torch.zeros(1, 1, device=dev, dtype=bf16), torch.float32) != "out_dtype":
+        pytest.skip(f"torch {torch.__version__}: the chunk loop takes out_dtype GEMMs from torch 2.12 on")
+    N, V, d = 37, 29, 16
+    g = torch.Generator().manual_seed(0)
+    gs, h, w = (torch.randint(-3, 4, shape, generator=g).double() for shape in ((N, V), (N, d), (V, d)))
+    models = (h.to(dev, bf16), w.to(dev, bf16), torch.zeros(V, device=dev, dtype=bf16)) + (None,) * 6
+    bufs = _fused.grad_buffers(models, [True, True, True], overwrite=True)
+    for n, (i, j) in enumerate([(0, 5), (5, 21), (21, N)]):
+        _fused.accumulate_grads(gs[i:j].to(dev, bf16), models[0], models[1], i, j, bufs, first=n == 0)
+    for got, want in zip(bufs, (gs @ w, gs.T @ h, gs.sum(0))):
+        assert got.dtype == torch.float32
+        assert torch.equal(got.double().cpu(), want)
+
+    modes = []
+    real = _fused.gemm_mode
+    monkeypatch.setattr(_fused, "gemm_mode", lambda w, acc: modes.append(real(w, acc)) or modes[-1])
+    hs, ws, ht, wt = (torch.randn(*shape, generator=g).to(dev, bf16).requires_grad_(k < 2)
+                      for k, shape in enumerate(((N, d), (V, d), (N, 24), (V, 24))))
+    loss = ok.fused_linear_distill_loss(hs, ws, ht, wt, divergence="jsd", chunk_size=8, impl="torch")
+    dh, dw = torch.autograd.grad(loss, (hs, ws))
+    x, y = (a.detach().double().requires_grad_() for a in (hs, ws))
+    s = x @ y.T
+    s = s + (s.detach().to(bf16).double() - s.detach())  # the logits as the bf16 GEMM rounds them
+    want = helpers.oracle.divergence_rows(s, (ht.double() @ wt.double().T).to(bf16), "jsd", 0.5).mean()
+    wdh, wdw = torch.autograd.grad(want, (x, y))
+    assert modes and set(modes) == {"out_dtype"}
+    helpers.oracle.close(loss, want, bf16)
+    for got, ref in ((dh, wdh), (dw, wdw)):  # ds is rounded to bf16 before its GEMMs: norm-wise
+        helpers.assert_rel(got.cpu(), ref, helpers.oracle.TOL[bf16]["norm"][0])
+
+
 # ------------------------------------------------------- impl="triton", both routes vs torch
 triton_backend = pytest.importorskip("opd_kernels.backends.triton_backend")
 _OK, _WHY = triton_backend.available()

@@ -1,6 +1,6 @@
 """FusedGKDTrainer in TRL's own training loop (CPU, tiny config-built models, local tokenizer):
 per-step losses and the trained weights equal stock ``GKDTrainer``'s, and a step's peak memory at a
-real vocabulary (V=151936) is lower."""
+real vocabulary (V=151936) is lower; ``gkd_loss`` passes the heads' logit transforms to the fused op."""
 import copy
 import ctypes
 import gc
@@ -22,6 +22,9 @@ from datasets import Dataset  # noqa: E402
 from tokenizers import Tokenizer, models  # noqa: E402
 
 import opd_kernels as ok  # noqa: E402
+import reference as oracle  # noqa: E402
+import transform_cases as tc  # noqa: E402
+from reference import softcap_f64  # noqa: E402
 from opd_kernels.integrations import trl as okt  # noqa: E402
 from opd_kernels.integrations.trl import FusedGKDTrainer, GKDConfig  # noqa: E402
 from trl.experimental.gkd import GKDTrainer  # noqa: E402
@@ -238,3 +241,25 @@ def test_missing_trl_fails_with_the_install_hint(monkeypatch):
         importlib.reload(okt)
     monkeypatch.undo()
     importlib.reload(okt)
+
+
+def test_trl_gkd_loss_passes_the_heads_transforms():
+    """``integrations.trl.gkd_loss`` builds its kwargs from ``hf.Head.kwargs(side)``: a Gemma-like
+    softcap student head and a Cohere-like scaled teacher head reach the fused op."""
+    require_extra("trl", "trl")
+    from opd_kernels.integrations import trl as trl_int
+    hs, ws, bs, ht, wt, bt, *_ = tc.models(torch.float64, "cpu")
+    student = ok.hf.Head(weight=ws, softcap=2.0)
+    teacher = ok.hf.Head(weight=wt, bias=bt, logit_scale=0.5)
+    assert set(student.kwargs("student")) == {"student_softcap"}
+    assert set(teacher.kwargs("teacher")) == {"teacher_bias", "teacher_logit_scale"}
+    labels = tc.targets(banned=0, dev="cpu")[None]
+    x = hs[None].clone().requires_grad_()
+    loss = trl_int.gkd_loss(x, student, ht[None], teacher, labels, beta=tc.BETA, temperature=tc.TEMP)
+    x64 = hs.clone().requires_grad_()
+    mask = labels[0] != -100
+    rows = oracle.divergence_rows(softcap_f64(x64 @ ws.T, 1.0, 2.0), softcap_f64(ht @ wt.T + bt, 0.5), "jsd", tc.BETA,
+                                  tc.TEMP)
+    want = oracle.reduce(rows, mask, "sum") / mask.sum()
+    oracle.close(loss, want, torch.float64)
+    oracle.close(torch.autograd.grad(loss, x)[0][0], torch.autograd.grad(want, x64)[0], torch.float64, "grad")

@@ -89,10 +89,10 @@ Logit transforms (every primitive above, keyword-only, default the identity)::
     ds = (d/da) * inv_temp * scale * (1 - tanh^2(scale * s / cap)) with a cap, (d/da) * inv_temp *
     scale without; at a banned (-inf) student logit the capped slope is 0 (the limit). Where the
     capped slope is exactly 0 (-inf, or tanh rounded to +-1) ds is 0 even if d/da is infinite.
-    In-kernel form (``transform_consts``): capped ``a = post * tanh(pre * x)`` with
-    ``pre = scale / cap``, ``post = cap * inv_temp`` and slope ``pre * post * (1 - tanh^2)``;
-    uncapped ``a = post * x`` with ``post = scale * inv_temp`` (so the identity transform is
-    exactly ``x * inv_temp``).
+    In-kernel form (``transform_consts``, the Triton launchers): capped ``a = inv_temp * post *
+    tanh(pre * x)`` with ``pre = scale / cap``, ``post = cap`` and slope ``inv_temp * pre * post *
+    (1 - tanh^2)``; uncapped ``a = inv_temp * post * x`` with ``post = scale`` (so the identity
+    transform is exactly ``x * inv_temp``). ``inv_temp`` reaches each kernel as its own argument.
 
 A backend is a module exposing these names plus ``NAME`` and ``available() -> (bool, reason)``.
 """
@@ -112,18 +112,18 @@ KINDS = ("logprob", "forward_kl", "reverse_kl", "jsd")
 
 
 class TransformConsts(NamedTuple):
-    """A model's logit transform folded with ``inv_temp`` (see the module docstring)."""
+    """A model's logit transform in its in-kernel form (see the module docstring)."""
     capped: bool  # cap > 0
     pre: float    # scale / cap (capped), else 0.0 (unused)
-    post: float   # cap * inv_temp (capped), else scale * inv_temp
+    post: float   # cap (capped), else scale
 
 
-def transform_consts(tf, inv_temp: float, name: str = "tf") -> TransformConsts:
-    """(capped, pre, post) of ``tf = (scale, cap)`` with the temperature folded in."""
+def transform_consts(tf, name: str = "tf") -> TransformConsts:
+    """(capped, pre, post) of ``tf = (scale, cap)``, checked (``ValueError``/``TypeError`` name ``name``)."""
     scale, cap = check_transform(tf, name)
     if cap > 0.0:
-        return TransformConsts(True, scale / cap, cap * float(inv_temp))
-    return TransformConsts(False, 0.0, scale * float(inv_temp))
+        return TransformConsts(True, scale / cap, cap)
+    return TransformConsts(False, 0.0, scale)
 
 
 def get(impl: str = "auto", device="cpu"):

@@ -13,15 +13,16 @@ Terms whose weight e^(x - m) is 0 (``-inf`` logits) are masked to 0 so that ``0 
 produces NaN.
 
 Logit transforms (``tf_s``, ``tf_t``, ``tf_r`` = (scale, cap), see ``opd_kernels.backends``) are
-applied per chunk as the logits are turned into fp32 (``_transformed``): ``post * tanh(pre * x)``
-with ``-inf`` kept ``-inf`` when capped, else ``post * x``; the identity costs nothing extra.
+applied per chunk as the logits are turned into fp32, together with the temperature (``_transformed``):
+``cap * inv_temp * tanh(scale * x / cap)`` with ``-inf`` kept ``-inf`` when capped, else
+``scale * inv_temp * x``; the identity costs nothing extra.
 """
 from __future__ import annotations
 
 import torch
 
 from .._chunks import row_ranges
-from . import IDENTITY, N_STATS, transform_consts
+from . import IDENTITY, N_STATS, check_transform
 
 NAME = "torch"
 
@@ -42,22 +43,22 @@ def _scaled(x: torch.Tensor, inv_temp: float) -> torch.Tensor:
 def _transformed(x: torch.Tensor, inv_temp: float, tf, name: str) -> torch.Tensor:
     """``inv_temp * T(x)`` in fp32 (fp64 stays): ``x`` itself for the identity on an fp32 input
     with ``inv_temp = 1`` (so callers must not write into it), otherwise a fresh buffer."""
-    k = transform_consts(tf, inv_temp, name)
-    if not k.capped:
-        return _scaled(x, k.post)
-    a = _compute_copy(x).mul(k.pre).tanh_().mul_(k.post)
+    scale, cap = check_transform(tf, name)
+    if not cap:
+        return _scaled(x, scale * inv_temp)
+    a = _compute_copy(x).mul(scale / cap).tanh_().mul_(cap * inv_temp)
     return a.masked_fill_(torch.isneginf(x), -float("inf"))  # banned stays banned
 
 
 def _transformed_slope(x: torch.Tensor, inv_temp: float, tf, name: str):
     """(``a = inv_temp * T(x)``, ``da/dx``): the slope is a float without a cap, else the tensor
-    ``pre * post * (1 - tanh^2(pre * x))`` (0 at -inf, where tanh = -1)."""
-    k = transform_consts(tf, inv_temp, name)
-    if not k.capped:
-        return _scaled(x, k.post), k.post
-    th = _compute_copy(x).mul(k.pre).tanh_()
-    a = th.mul(k.post).masked_fill_(torch.isneginf(x), -float("inf"))
-    return a, th.square_().neg_().add_(1.0).mul_(k.pre * k.post)
+    ``inv_temp * scale * (1 - tanh^2(scale * x / cap))`` (0 at -inf, where tanh = -1)."""
+    scale, cap = check_transform(tf, name)
+    if not cap:
+        return _scaled(x, scale * inv_temp), scale * inv_temp
+    th = _compute_copy(x).mul(scale / cap).tanh_()
+    a = th.mul(cap * inv_temp).masked_fill_(torch.isneginf(x), -float("inf"))
+    return a, th.square_().neg_().add_(1.0).mul_((scale / cap) * (cap * inv_temp))
 
 
 def _weighted_sum(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

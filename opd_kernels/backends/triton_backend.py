@@ -11,7 +11,7 @@ autotunes the fused-linear kernels over a few configs instead (keyed on V and th
 not on N).
 
 Logit transforms (``tf_s``/``tf_t``/``tf_r``, see ``opd_kernels.backends``) reach the kernels as
-runtime ``pre_*``/``post_*`` floats (``transform_consts``, temperature folded in) plus constexpr
+runtime ``pre_*``/``post_*`` floats (``transform_consts``) plus constexpr
 ``HAS_CAP_*`` flags, set only for a model that is present and capped, so uncapped calls launch
 the specialisations that have no transform code.
 
@@ -165,14 +165,14 @@ def _merge_splits(per_split: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _transforms(inv_temp, tfs: dict, present: dict):
+def _transforms(tfs: dict, present: dict):
     """Kernel arguments of the logit transforms: ((pre_s, post_s, pre_t, ...), {HAS_CAP_S: ...}).
 
     ``tfs`` maps "s"/"t"/"r" to (scale, cap); absent models get a flag of False (their constants
     are still checked and passed, never read)."""
     args, flags = [], {}
     for m, tf in tfs.items():
-        k = transform_consts(tf, inv_temp, f"tf_{m}")
+        k = transform_consts(tf, f"tf_{m}")
         args += [k.pre, k.post]
         flags[f"HAS_CAP_{m.upper()}"] = bool(k.capped and present[m])
     return tuple(args), flags
@@ -193,7 +193,7 @@ def plan_row_stats(s, t, r, targets, *, inv_temp, lam=1.0, vocab_start=0, tf_s=I
                    tf_r=IDENTITY, sms=None) -> Plan:
     """Outputs: the per-split stats ``[splits, N, 8]`` (``row_stats`` merges them)."""
     s, t, r = (_last_dim_contiguous(x, n) for x, n in ((s, "s"), (t, "t"), (r, "r")))
-    tfa, caps = _transforms(inv_temp, dict(s=tf_s, t=tf_t, r=tf_r), dict(s=True, t=t is not None, r=r is not None))
+    tfa, caps = _transforms(dict(s=tf_s, t=tf_t, r=tf_r), dict(s=True, t=t is not None, r=r is not None))
     N, V = s.shape
     cfg = logits_config(N, V, s.dtype.itemsize, reduction=True, interpreted=_interpreted())
     row_blocks = triton.cdiv(N, cfg.block_n)
@@ -202,7 +202,7 @@ def plan_row_stats(s, t, r, targets, *, inv_temp, lam=1.0, vocab_start=0, tf_s=I
     targets = _contiguous_or_none(targets)
     args = (s, s if t is None else t, s if r is None else r, s if targets is None else targets, per_split,
             N, V, s.stride(0), 0 if t is None else t.stride(0), 0 if r is None else r.stride(0),
-            *tfa, float(lam), int(vocab_start), splits)
+            float(inv_temp), *tfa, float(lam), int(vocab_start), splits)
     flags = dict(HAS_T=t is not None, HAS_R=r is not None, HAS_Y=targets is not None, **caps)
     return Plan((_logits_launch(row_stats_kernel, cfg, row_blocks, splits, args, flags),), (per_split,))
 
@@ -215,15 +215,15 @@ def row_stats(s, t, r, targets, **kw):
 def plan_jsd_sums(s, t, AB, *, inv_temp, beta, tf_s=IDENTITY, tf_t=IDENTITY, sms=None) -> Plan:
     """Outputs: the per-split sums ``[splits, N, 2]`` (``jsd_sums`` adds them)."""
     s, t = _last_dim_contiguous(s, "s"), _last_dim_contiguous(t, "t")
-    tfa, caps = _transforms(inv_temp, dict(s=tf_s, t=tf_t), dict(s=True, t=True))
+    tfa, caps = _transforms(dict(s=tf_s, t=tf_t), dict(s=True, t=True))
     N, V = s.shape
     cfg = logits_config(N, V, s.dtype.itemsize, reduction=True, interpreted=_interpreted())
     row_blocks = triton.cdiv(N, cfg.block_n)
     splits = _n_splits(row_blocks, triton.cdiv(V, cfg.block_v), _device_sms(s.device, sms))
     per_split = torch.empty(splits, N, 2, dtype=torch.float32, device=s.device)
     log_beta, log_1m_beta = _log_betas(beta)
-    args = (s, t, _fp32_contiguous(AB), per_split, N, V, s.stride(0), t.stride(0), *tfa, log_beta,
-            log_1m_beta, splits)
+    args = (s, t, _fp32_contiguous(AB), per_split, N, V, s.stride(0), t.stride(0), float(inv_temp), *tfa,
+            log_beta, log_1m_beta, splits)
     return Plan((_logits_launch(jsd_sums_kernel, cfg, row_blocks, splits, args, caps),), (per_split,))
 
 
@@ -238,7 +238,7 @@ def plan_grad_logits(s, t, r, targets, rs, g, *, kind, inv_temp, lam=1.0, beta=0
     """Outputs: ``(ds,)`` (``out`` when given)."""
     _check_kind(kind)
     s, t, r = (_last_dim_contiguous(x, n) for x, n in ((s, "s"), (t, "t"), (r, "r")))
-    tfa, caps = _transforms(inv_temp, dict(s=tf_s, t=tf_t, r=tf_r), dict(s=True, t=t is not None, r=r is not None))
+    tfa, caps = _transforms(dict(s=tf_s, t=tf_t, r=tf_r), dict(s=True, t=t is not None, r=r is not None))
     N, V = s.shape
     if out is None:
         out = torch.empty_like(s)
@@ -252,7 +252,7 @@ def plan_grad_logits(s, t, r, targets, rs, g, *, kind, inv_temp, lam=1.0, beta=0
     targets = _contiguous_or_none(targets)
     args = (s, s if t is None else t, s if r is None else r, s if targets is None else targets,
             _fp32_contiguous(rs), _fp32_contiguous(g), out, N, V, s.stride(0), 0 if t is None else t.stride(0),
-            0 if r is None else r.stride(0), out.stride(0), *tfa, float(lam), float(beta),
+            0 if r is None else r.stride(0), out.stride(0), float(inv_temp), *tfa, float(lam), float(beta),
             log_beta, log_1m_beta, int(vocab_start), splits)
     flags = dict(KIND=KIND_IDS[kind], HAS_T=t is not None, HAS_R=r is not None,
                  HAS_Y=targets is not None, HAS_ENT=bool(with_entropy), **caps)
@@ -298,7 +298,7 @@ def plan_fused_row_stats(hs, ws, bs, ht, wt, bt, hr, wr, br, targets, *, inv_tem
                          vocab_start=0, tf_s=IDENTITY, tf_t=IDENTITY, tf_r=IDENTITY, sms=None) -> Plan:
     """Outputs: the per-split stats ``[splits, N, 8]``."""
     ptrs, dims, strides, flags = _fused_operands(hs, ws, bs, ht, wt, bt, hr, wr, br)
-    tfa, caps = _transforms(inv_temp, dict(s=tf_s, t=tf_t, r=tf_r),
+    tfa, caps = _transforms(dict(s=tf_s, t=tf_t, r=tf_r),
                             dict(s=True, t=flags["HAS_T"], r=flags["HAS_R"]))
     N, V, device = ptrs[0].shape[0], ptrs[1].shape[0], ptrs[0].device
     cfg = fused_config(N, V, max(dims), ptrs[1].dtype.itemsize, interpreted=_interpreted())
@@ -306,7 +306,7 @@ def plan_fused_row_stats(hs, ws, bs, ht, wt, bt, hr, wr, br, targets, *, inv_tem
     per_split = torch.empty(splits, N, N_STATS, dtype=torch.float32, device=device)
     targets = _contiguous_or_none(targets)
     args = (*ptrs, ptrs[0] if targets is None else targets, per_split, N, V, *dims, *strides,
-            *tfa, float(lam), int(vocab_start), splits)
+            float(inv_temp), *tfa, float(lam), int(vocab_start), splits)
     consts = dict(flags, **caps, HAS_Y=targets is not None, PRECISION=_precision(ws, wt, wr))
     return Plan((_fused_launch(fused_row_stats_kernel, cfg, lambda bn, bv: (triton.cdiv(N, bn), splits),
                                args, consts),), (per_split,))
@@ -321,13 +321,13 @@ def plan_fused_jsd_sums(hs, ws, bs, ht, wt, bt, AB, *, inv_temp, beta, tf_s=IDEN
                         sms=None) -> Plan:
     """Outputs: the per-split sums ``[splits, N, 2]``."""
     ptrs, dims, strides, flags = _fused_operands(hs, ws, bs, ht, wt, bt, None, None, None)
-    tfa, caps = _transforms(inv_temp, dict(s=tf_s, t=tf_t), dict(s=True, t=True))
+    tfa, caps = _transforms(dict(s=tf_s, t=tf_t), dict(s=True, t=True))
     N, V, device = ptrs[0].shape[0], ptrs[1].shape[0], ptrs[0].device
     cfg = fused_config(N, V, max(dims), ptrs[1].dtype.itemsize, wide=True, interpreted=_interpreted())
     splits = _n_splits(triton.cdiv(N, cfg.block_n), triton.cdiv(V, cfg.block_v), _device_sms(device, sms))
     per_split = torch.empty(splits, N, 2, dtype=torch.float32, device=device)
     log_beta, log_1m_beta = _log_betas(beta)
-    args = (*ptrs[:6], _fp32_contiguous(AB), per_split, N, V, *dims[:2], *strides[:4], *tfa, log_beta,
+    args = (*ptrs[:6], _fp32_contiguous(AB), per_split, N, V, *dims[:2], *strides[:4], float(inv_temp), *tfa, log_beta,
             log_1m_beta, splits)
     consts = dict(HAS_BS=flags["HAS_BS"], HAS_BT=flags["HAS_BT"], **caps, PRECISION=_precision(ws, wt))
     return Plan((_fused_launch(fused_jsd_sums_kernel, cfg, lambda bn, bv: (triton.cdiv(N, bn), splits),
@@ -345,7 +345,7 @@ def plan_fused_grad(hs, ws, bs, ht, wt, bt, hr, wr, br, targets, rs, g, *, kind,
     """Outputs: ``(dh, dw or None, db or None)``; the ``dW``/``db`` kernel only when one is needed."""
     _check_kind(kind)
     ptrs, dims, strides, flags = _fused_operands(hs, ws, bs, ht, wt, bt, hr, wr, br)
-    tfa, caps = _transforms(inv_temp, dict(s=tf_s, t=tf_t, r=tf_r),
+    tfa, caps = _transforms(dict(s=tf_s, t=tf_t, r=tf_r),
                             dict(s=True, t=flags["HAS_T"], r=flags["HAS_R"]))
     N, V, device = ptrs[0].shape[0], ptrs[1].shape[0], ptrs[0].device
     cfg = fused_config(N, V, max(dims), ptrs[1].dtype.itemsize, interpreted=_interpreted())
@@ -355,7 +355,7 @@ def plan_fused_grad(hs, ws, bs, ht, wt, bt, hr, wr, br, targets, rs, g, *, kind,
     dw = torch.zeros(V, dims[0], dtype=torch.float32, device=device) if need_dw else None
     db = torch.zeros(V, dtype=torch.float32, device=device) if need_db else None
     common = (ptrs[0] if targets is None else targets, _fp32_contiguous(rs), _fp32_contiguous(g))
-    scalars = (N, V, *dims, *strides, *tfa, float(lam), float(beta), log_beta,
+    scalars = (N, V, *dims, *strides, float(inv_temp), *tfa, float(lam), float(beta), log_beta,
                log_1m_beta, int(vocab_start))
     consts = dict(flags, **caps, KIND=KIND_IDS[kind], HAS_Y=targets is not None,
                   HAS_ENT=bool(with_entropy), PRECISION=_precision(ws, wt, wr))

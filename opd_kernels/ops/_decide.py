@@ -10,7 +10,7 @@
    backend's fused ``tl.dot`` kernels (``"fused_kernels"``) or the chunk loop (``"chunked"``,
    every other backend): ``OPD_FUSED_LINEAR=kernels|chunked``, else the FLOP/byte model of
    ``ops/_route.py`` (docs/design.md).
-3. compiled: the torch backend's chunk math through ``torch.compile`` (``backends/torch_compiled.py``)
+3. compiled: the torch backend's chunk math through ``torch.compile`` (``ops/_compiled.py``)
    for CPU tensors in fp32/bf16/fp16, no process group, at least ``COMPILE_MIN_ELEMENTS`` logits
    in the call, ``OPD_TORCH_COMPILE`` not "0", and not already inside a compiled region.
 

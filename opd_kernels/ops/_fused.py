@@ -33,11 +33,11 @@ from .. import parallel
 from .._chunks import fused_row_ranges
 from .._dispatch import backend
 from ..backends import N_STATS
-from ..backends import torch_compiled
+from . import _compiled
 from ._decide import Decision, decide, logits_dtype
 from ._common import acc_dtype, row_slice
 from ._rows import rows_backward, rows_forward, rows_from_stats, upstream
-from ._spec import ROW_SPEC_SCHEMA as SPEC, RowSpec, SpecOp, pad_grads, transform_fields
+from ._spec import ROW_SPEC_SCHEMA as SPEC, RowSpec, SpecOp, pad_grads
 
 N_MODEL = 9  # tensor slots of ``models``: (h, W, b) of student, teacher, reference
 
@@ -164,7 +164,7 @@ def fl_forward(be, models, targets, spec: RowSpec, group=None, run: Decision | N
         return rows_from_stats(stats, lambda AB: be.fused_jsd_sums(*models[:6], AB, **spec.jsd_kw()), spec, group)
     prepared, ranges = _prepared(models), _ranges(models, spec)
     if run.compiled:
-        outs = [torch_compiled.rows(*_chunk_logits(prepared, i, j), row_slice(targets, i, j), spec)
+        outs = [_compiled.rows(*_chunk_logits(prepared, i, j), row_slice(targets, i, j), spec)
                 for i, j in ranges]
         return tuple(torch.cat(x) for x in zip(*outs))
     parts = [models[0].new_zeros(0, N_STATS, dtype=torch.float32)]
@@ -193,7 +193,7 @@ def fl_backward(be, models, targets, rs, g, spec: RowSpec, need, group=None, run
         for n, (i, j) in enumerate(_ranges(models, spec)):
             s, t, r = _chunk_logits(prepared, i, j)
             if run.compiled:
-                gs = torch_compiled.grad(s, t, r, row_slice(targets, i, j), rs[i:j], g[i:j], spec)
+                gs = _compiled.grad(s, t, r, row_slice(targets, i, j), rs[i:j], g[i:j], spec)
             else:  # ds in place of the logits
                 gs = rows_backward(be, s, t, r, row_slice(targets, i, j), rs[i:j], g[i:j], spec, out=s)
             accumulate_grads(gs, models[0], prepared[0][1], i, j, bufs, first=n == 0)
@@ -217,9 +217,9 @@ def fl_loss_with_grads(be, models, targets, g, spec: RowSpec, need):
         tg = row_slice(targets, i, j)
         if run.compiled:  # statistics and gradient in one compiled pass
             if any(need):
-                main, ent, gs = torch_compiled.rows_and_grad(s, t, r, tg, g[i:j], spec)
+                main, ent, gs = _compiled.rows_and_grad(s, t, r, tg, g[i:j], spec)
             else:
-                main, ent, _ = torch_compiled.rows(s, t, r, tg, spec)
+                main, ent, _ = _compiled.rows(s, t, r, tg, spec)
         else:
             main, ent, rs = rows_forward(be, s, t, r, tg, spec)
             gs = rows_backward(be, s, t, r, tg, rs, g[i:j], spec, out=s) if any(need) else None  # in place
@@ -369,9 +369,8 @@ def fl_loss(models, targets, g, spec: RowSpec):
     return loss, main
 
 
-def log_normalizer(h, w, b, *, inv_temp: float, chunk: int, impl: str, group=None, tf=None) -> Tensor:
-    """``A = logsumexp(inv_temp * T(h @ w.T + b))`` per row (over all shards), differentiable;
-    ``tf``: the model's logit transform ``(scale, cap)`` (None: identity)."""
+def log_normalizer(h, w, b, spec: RowSpec, group=None) -> Tensor:
+    """``A = logsumexp(inv_temp * T_s(h @ w.T + b))`` per row (over all shards), differentiable;
+    ``spec``: kind ``log_normalizer`` with the student's temperature, logit transform and chunk rows."""
     models = (h, w, b) + (None,) * (N_MODEL - 3)
-    spec = RowSpec("log_normalizer", inv_temp, impl=impl, chunk=chunk, **transform_fields(tf))
     return fl_rows(models, None, spec, group)[0]

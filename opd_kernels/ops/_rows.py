@@ -14,11 +14,11 @@ from torch import Tensor
 from .. import parallel
 from .._chunks import row_ranges
 from .._dispatch import backend
-from ..backends import torch_compiled
+from . import _compiled
 from ._decide import Decision, decide, logits_dtype
 from .._stats import finish, row_outputs
 from ._common import acc_dtype, row_slice
-from ._spec import ROW_SPEC_SCHEMA as SPEC, RowSpec, SpecOp, pad_grads, transform_fields
+from ._spec import ROW_SPEC_SCHEMA as SPEC, RowSpec, SpecOp, pad_grads
 
 
 def rows_from_stats(stats: Tensor, jsd_sums, spec: RowSpec, group=None):
@@ -56,7 +56,7 @@ def rows_backward(be, s, t, r, targets, rs, g, spec: RowSpec, out=None):
 def _rows_impl(s, t, r, targets, spec):
     run = decision(s, t, r, spec)
     if run.compiled:  # row chunks through the compiled chunk math
-        outs = [torch_compiled.rows(s[i:j], row_slice(t, i, j), row_slice(r, i, j), row_slice(targets, i, j), spec)
+        outs = [_compiled.rows(s[i:j], row_slice(t, i, j), row_slice(r, i, j), row_slice(targets, i, j), spec)
                 for i, j in row_ranges(*s.shape)]
         return tuple(torch.cat(x) for x in zip(*outs))
     main, ent, rs = rows_forward(backend(run.backend), s, t, r, targets, spec)
@@ -70,7 +70,7 @@ def _backward_impl(s, t, r, targets, rs, g, spec):
         return rows_backward(backend(run.backend), s, t, r, targets, rs, g, spec)
     ds = torch.empty_like(s)
     for i, j in row_ranges(*s.shape):
-        ds[i:j] = torch_compiled.grad(s[i:j], row_slice(t, i, j), row_slice(r, i, j), row_slice(targets, i, j), rs[i:j],
+        ds[i:j] = _compiled.grad(s[i:j], row_slice(t, i, j), row_slice(r, i, j), row_slice(targets, i, j), rs[i:j],
                                       g[i:j], spec)
     return ds
 
@@ -133,8 +133,7 @@ def rows(s, t, r, targets, spec: RowSpec, group=None):
     return main, ent
 
 
-def log_normalizer(s, *, inv_temp: float, impl: str, group=None, tf=None) -> Tensor:
-    """``A = logsumexp(inv_temp * T(s))`` per row (over all shards), differentiable (``dA/da = q``);
-    ``tf``: the model's logit transform ``(scale, cap)`` (None: identity)."""
-    spec = RowSpec("log_normalizer", inv_temp, impl=impl, **transform_fields(tf))
+def log_normalizer(s, spec: RowSpec, group=None) -> Tensor:
+    """``A = logsumexp(inv_temp * T_s(s))`` per row (over all shards), differentiable (``dA/da = q``);
+    ``spec``: kind ``log_normalizer`` with the student's temperature and logit transform."""
     return rows(s, None, None, None, spec, group)[0]

@@ -12,6 +12,8 @@ it tile by tile (gradients by the chain rule in the same tiles), ``-inf`` logits
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from .. import parallel
@@ -29,9 +31,9 @@ def model_transforms(**sides) -> tuple:
     return tuple(check_logit_transform(*v, prefix=f"{side}_") for side, v in sides.items())
 
 
-def logits_loss(s, t, r, *, kind, beta, reward_scale, temperature, mask, reduction, vocab_size, impl, group, tfs=()):
+def logits_loss(s, t, r, spec: RowSpec, *, mask, reduction, vocab_size, impl, group):
     """Shared body of ``distill_loss`` and ``gopd_loss`` (``r``: reference logits or None;
-    ``tfs``: the models' ``(scale, cap)``, student first)."""
+    ``spec``: the call's options, its backend filled in here from ``impl`` and the tensors)."""
     vocab = check_pair("student_logits", s, "teacher_logits", t, vocab_size)
     if r is not None:
         vocab = check_pair("student_logits", s, "ref_logits", r, vocab_size)
@@ -39,9 +41,7 @@ def logits_loss(s, t, r, *, kind, beta, reward_scale, temperature, mask, reducti
     lead = s.shape[:-1]
     m = flat_mask(mask, lead, s.device)
     rows = [None if x is None else rows2d(x.detach() if x is not s else x, vocab) for x in (s, t, r)]
-    spec = RowSpec(kind, 1.0 / temperature, reward_scale=reward_scale, beta=beta,
-                   impl=backend_name(impl, s.device, s, t, r),
-                   **transform_fields(*tfs))
+    spec = replace(spec, impl=backend_name(impl, s.device, s, t, r))
     main, _ = _rows.rows(*rows, None, spec, parallel.group_of(group))
     return reduce_rows(main, m, reduction, lead)
 
@@ -64,17 +64,16 @@ def distill_loss(student_logits, teacher_logits, *, divergence="reverse_kl", bet
     check_options(temperature=temperature, divergence=divergence, beta=beta, reduction=reduction)
     tfs = model_transforms(student=(student_softcap, student_logit_scale), teacher=(teacher_softcap,
                                                                                      teacher_logit_scale))
-    return logits_loss(student_logits, teacher_logits, None, kind=jsd_kind(divergence, beta), beta=beta,
-                       reward_scale=1.0, temperature=temperature, mask=mask, reduction=reduction, vocab_size=vocab_size,
-                       impl=impl, group=process_group, tfs=tfs)
+    spec = RowSpec(jsd_kind(divergence, beta), 1.0 / temperature, beta=beta, **transform_fields(*tfs))
+    return logits_loss(student_logits, teacher_logits, None, spec, mask=mask, reduction=reduction,
+                       vocab_size=vocab_size, impl=impl, group=process_group)
 
 
-def linear_loss(models, *, kind, beta, reward_scale, temperature, mask, reduction, vocab_size, chunk_size, impl, group,
-                tfs=()):
+def linear_loss(models, spec: RowSpec, *, mask, reduction, vocab_size, impl, group):
     """Shared body of the fused-linear distillation and G-OPD losses.
 
-    ``models``: [(name, hidden, weight, bias) for student, teacher (, reference)]; ``tfs``: their
-    ``(scale, cap)`` logit transforms, in that order.
+    ``models``: [(name, hidden, weight, bias) for student, teacher (, reference)]; ``spec``: the
+    call's options, its backend filled in here from ``impl`` and the tensors.
     """
     (sn, hs, ws, bs) = models[0]
     lead = hs.shape[:-1]
@@ -94,8 +93,7 @@ def linear_loss(models, *, kind, beta, reward_scale, temperature, mask, reductio
     for _, h, w, b in models[1:]:
         args += [None if x is None else x.detach() for x in linear_args(h, w, b, vocab)]
     args += [None] * (_fused.N_MODEL - len(args))
-    spec = RowSpec(kind, 1.0 / temperature, reward_scale=reward_scale, beta=beta, chunk=chunk_size or 0,
-                   impl=backend_name(impl, hs.device, *args[1::3]), **transform_fields(*tfs))
+    spec = replace(spec, impl=backend_name(impl, hs.device, *args[1::3]))
     if reduction != "none" and group is None:
         loss, _ = _fused.fl_loss(tuple(args), None, row_weights(m, reduction, acc_dtype(ws)), spec)
         return loss
@@ -121,11 +119,11 @@ def fused_linear_distill_loss(student_hidden, student_weight, teacher_hidden, te
     check_options(temperature=temperature, divergence=divergence, beta=beta, reduction=reduction)
     tfs = model_transforms(student=(student_softcap, student_logit_scale), teacher=(teacher_softcap,
                                                                                      teacher_logit_scale))
+    spec = RowSpec(jsd_kind(divergence, beta), 1.0 / temperature, beta=beta, chunk=chunk_size or 0,
+                   **transform_fields(*tfs))
     return linear_loss([("student", student_hidden, student_weight, student_bias),
-                        ("teacher", teacher_hidden, teacher_weight, teacher_bias)],
-                       kind=jsd_kind(divergence, beta), beta=beta, reward_scale=1.0, temperature=temperature, mask=mask,
-                       reduction=reduction, vocab_size=vocab_size, chunk_size=chunk_size, impl=impl,
-                       group=process_group, tfs=tfs)
+                        ("teacher", teacher_hidden, teacher_weight, teacher_bias)], spec,
+                       mask=mask, reduction=reduction, vocab_size=vocab_size, impl=impl, group=process_group)
 
 
 class DistillLoss(torch.nn.Module):

@@ -12,6 +12,7 @@ import torch
 
 from .._validate import (check_float_tensor, check_hidden_weight, check_logits, check_options, check_pair,
                          check_same_device, check_vocab)
+from ._spec import RowSpec, transform_fields
 from .distill import linear_loss, logits_loss, model_transforms
 
 
@@ -41,9 +42,9 @@ def gopd_loss(student_logits, teacher_logits, ref_logits, *, reward_scale=1.0, t
                       ref_logit_scale)
     check_pair("student_logits", student_logits, "ref_logits", ref_logits, vocab_size)
     ref_logits = None if reward_scale == 1.0 else ref_logits  # lam = 1: OPD, the reference drops out
-    return logits_loss(student_logits, teacher_logits, ref_logits, kind="reverse_kl", beta=0.5,
-                       reward_scale=float(reward_scale), temperature=temperature, mask=mask, reduction=reduction,
-                       vocab_size=vocab_size, impl=impl, group=process_group, tfs=tfs)
+    spec = RowSpec("reverse_kl", 1.0 / temperature, reward_scale=float(reward_scale), **transform_fields(*tfs))
+    return logits_loss(student_logits, teacher_logits, ref_logits, spec, mask=mask, reduction=reduction,
+                       vocab_size=vocab_size, impl=impl, group=process_group)
 
 
 def fused_linear_gopd_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, ref_hidden, ref_weight, *,
@@ -66,10 +67,10 @@ def fused_linear_gopd_loss(student_hidden, student_weight, teacher_hidden, teach
             raise ValueError(f"ref_hidden must have the leading dims of student_hidden "
                              f"{tuple(student_hidden.shape[:-1])}, got {tuple(ref_hidden.shape[:-1])}")
         check_vocab("student_weight", student_weight.shape[0], "ref_weight", ref_weight.shape[0], vocab_size)
-    return linear_loss(models,
-                       kind="reverse_kl", beta=0.5, reward_scale=float(reward_scale), temperature=temperature,
-                       mask=mask, reduction=reduction, vocab_size=vocab_size, chunk_size=chunk_size, impl=impl,
-                       group=process_group, tfs=tfs)
+    spec = RowSpec("reverse_kl", 1.0 / temperature, reward_scale=float(reward_scale), chunk=chunk_size or 0,
+                   **transform_fields(*tfs))
+    return linear_loss(models, spec, mask=mask, reduction=reduction, vocab_size=vocab_size, impl=impl,
+                       group=process_group)
 
 
 def gopd_advantages(teacher_logprobs, ref_logprobs, old_logprobs, *, reward_scale=1.0):

@@ -29,6 +29,7 @@ from .._validate import (check_hidden_weight, check_logit_transform, check_logit
                          check_targets, check_topk)
 from . import _fused, _rows
 from ._decide import backend_name
+from ._spec import RowSpec, transform_fields
 from ._common import acc_dtype, flat_mask, jsd_kind, linear_args, linear_vocab, reduce_rows, rows2d, transform_logits
 
 
@@ -92,10 +93,9 @@ def sparse_distill_loss(student_logits, teacher_topk_ids, teacher_topk_logprobs,
                                             student_logits.device)
     m = flat_mask(mask, lead, student_logits.device)
     s = rows2d(student_logits, vocab)
-    inv_temp = 1.0 / temperature
-    A = _rows.log_normalizer(s, inv_temp=inv_temp, impl=backend_name(impl, s.device, s), group=group,
-                              tf=tf)
-    a_k = torch.where(inside, transform_logits(s.gather(1, local).double(), tf) * inv_temp, 0.0)
+    spec = RowSpec("log_normalizer", 1.0 / temperature, impl=backend_name(impl, s.device, s), **transform_fields(tf))
+    A = _rows.log_normalizer(s, spec, group)
+    a_k = torch.where(inside, transform_logits(s.gather(1, local).double(), tf) * spec.inv_temp, 0.0)
     a_k = parallel.sum_across_shards(a_k, group)
     return _bucket_loss(A, a_k, teacher_topk_logprobs, total, m, divergence, beta, reduction, lead, acc_dtype(s))
 
@@ -179,11 +179,11 @@ def fused_linear_sparse_distill_loss(hidden, weight, teacher_topk_ids, teacher_t
                                             hidden.device)
     m = flat_mask(mask, lead, hidden.device)
     h, w, b = linear_args(hidden, weight, bias, vocab)
-    inv_temp = 1.0 / temperature
-    A = _fused.log_normalizer(h, w, b, inv_temp=inv_temp, chunk=chunk_size or 0,
-                              impl=backend_name(impl, hidden.device, w), group=group, tf=tf)
+    spec = RowSpec("log_normalizer", 1.0 / temperature, impl=backend_name(impl, hidden.device, w),
+                   chunk=chunk_size or 0, **transform_fields(tf))
+    A = _fused.log_normalizer(h, w, b, spec, group)
     # rows per gather chunk: [rows, k, d] fp32 near the chunk budget (chunk_size overrides)
     rows = chunk_size or rows_per_chunk(local.shape[-1] * h.shape[-1])
     a_k = _TopkLogits.apply(h, w, b, local, inside, rows, group)
-    a_k = parallel.sum_across_shards(transform_logits(a_k.double(), tf) * inv_temp, group)  # T(0) = 0 off-shard
+    a_k = parallel.sum_across_shards(transform_logits(a_k.double(), tf) * spec.inv_temp, group)  # T(0) = 0 off-shard
     return _bucket_loss(A, a_k, teacher_topk_logprobs, total, m, divergence, beta, reduction, lead, acc_dtype(w))

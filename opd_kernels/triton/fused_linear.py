@@ -30,7 +30,8 @@ thread that wrote it; their extra memory is the O(N d + V d) outputs themselves.
 tensor-core ``tl.dot`` (as autograd through a bf16 matmul would).
 
 Logit transforms (``stats.py``): each projected tile is transformed in registers --
-``tile * post`` without a softcap (``tile / tau`` for the identity), ``softcap(tile, pre, post)`` with
+``tile * post`` without a softcap (``tile * inv_temp`` for the identity; ``post`` is the model's
+factor times ``inv_temp``, formed on kernel entry), ``softcap(tile, pre, post)`` with
 one (``model_logits_tile``); the backward recomputes the raw tile and applies the chain rule in
 the same tile (``grad.py``'s ``grad_tile_capped``).
 
@@ -110,7 +111,7 @@ def target_logits_tile(ht, wt, bt, hr, wr, br, rows, cols, row_ok, col_ok, DT, D
 @triton.jit
 def fused_row_stats_kernel(hs, ws, bs, ht, wt, bt, hr, wr, br, y_ptr, out_ptr,
                            N, V, DS, DT, DR, stride_hs, stride_ws, stride_ht, stride_wt,
-                           stride_hr, stride_wr, pre_s, post_s, pre_t, post_t, pre_r, post_r,
+                           stride_hr, stride_wr, inv_temp, pre_s, post_s, pre_t, post_t, pre_r, post_r,
                            lam, vocab_start, n_splits,
                            HAS_T: tl.constexpr, HAS_R: tl.constexpr, HAS_Y: tl.constexpr,
                            HAS_BS: tl.constexpr, HAS_BT: tl.constexpr, HAS_BR: tl.constexpr,
@@ -118,6 +119,7 @@ def fused_row_stats_kernel(hs, ws, bs, ht, wt, bt, hr, wr, br, y_ptr, out_ptr,
                            HAS_CAP_R: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
                            BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
     """out[split, rows, :] = row stats (stats.py) of the projected logits over one vocab split."""
+    post_s, post_t, post_r = post_s * inv_temp, post_t * inv_temp, post_r * inv_temp  # times 1/temperature
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     rows = rows.to(tl.int64)
@@ -153,11 +155,12 @@ def fused_row_stats_kernel(hs, ws, bs, ht, wt, bt, hr, wr, br, y_ptr, out_ptr,
 @triton.jit
 def fused_jsd_sums_kernel(hs, ws, bs, ht, wt, bt, ab_ptr, out_ptr,
                           N, V, DS, DT, stride_hs, stride_ws, stride_ht, stride_wt,
-                          pre_s, post_s, pre_t, post_t, log_beta, log_1m_beta, n_splits,
+                          inv_temp, pre_s, post_s, pre_t, post_t, log_beta, log_1m_beta, n_splits,
                           HAS_BS: tl.constexpr, HAS_BT: tl.constexpr, HAS_CAP_S: tl.constexpr,
                           HAS_CAP_T: tl.constexpr, PRECISION: tl.constexpr,
                           BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
     """out[split, rows, 0:2] = (KL(p||M), KL(q||M)) (jsd.py) of the projected logits."""
+    post_s, post_t = post_s * inv_temp, post_t * inv_temp  # times 1/temperature
     rows, row_ok, lo, hi, A, B = jsd_row_block(ab_ptr, N, V, n_splits, BLOCK_N, BLOCK_V)
     acc_p = tl.zeros([BLOCK_N], tl.float32)
     acc_q = tl.zeros([BLOCK_N], tl.float32)
@@ -226,7 +229,7 @@ def add_dot(acc_ptr, acc_rows, acc_ok, lhs, x_ptr, x_rows, x_ok, stride_x, D,
 @triton.jit
 def fused_grad_dh_kernel(hs, ws, bs, ht, wt, bt, hr, wr, br, y_ptr, rs_ptr, g_ptr, dh_ptr,
                          N, V, DS, DT, DR, stride_hs, stride_ws, stride_ht, stride_wt,
-                         stride_hr, stride_wr, pre_s, post_s, pre_t, post_t, pre_r, post_r,
+                         stride_hr, stride_wr, inv_temp, pre_s, post_s, pre_t, post_t, pre_r, post_r,
                          lam, beta, log_beta, log_1m_beta, vocab_start,
                          KIND: tl.constexpr, HAS_T: tl.constexpr, HAS_R: tl.constexpr,
                          HAS_Y: tl.constexpr, HAS_ENT: tl.constexpr, HAS_BS: tl.constexpr,
@@ -234,6 +237,7 @@ def fused_grad_dh_kernel(hs, ws, bs, ht, wt, bt, hr, wr, br, y_ptr, rs_ptr, g_pt
                          HAS_CAP_T: tl.constexpr, HAS_CAP_R: tl.constexpr, PRECISION: tl.constexpr,
                          BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
     """dh[rows, :] (fp32, zero-initialised, [N, DS] contiguous) += sum over V of ds @ ws."""
+    post_s, post_t, post_r = post_s * inv_temp, post_t * inv_temp, post_r * inv_temp  # times 1/temperature
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     rows = rows.to(tl.int64)
@@ -253,7 +257,7 @@ def fused_grad_dh_kernel(hs, ws, bs, ht, wt, bt, hr, wr, br, y_ptr, rs_ptr, g_pt
 @triton.jit
 def fused_grad_dw_kernel(hs, ws, bs, ht, wt, bt, hr, wr, br, y_ptr, rs_ptr, g_ptr, dw_ptr, db_ptr,
                          N, V, DS, DT, DR, stride_hs, stride_ws, stride_ht, stride_wt,
-                         stride_hr, stride_wr, pre_s, post_s, pre_t, post_t, pre_r, post_r,
+                         stride_hr, stride_wr, inv_temp, pre_s, post_s, pre_t, post_t, pre_r, post_r,
                          lam, beta, log_beta, log_1m_beta, vocab_start,
                          NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
                          KIND: tl.constexpr, HAS_T: tl.constexpr, HAS_R: tl.constexpr,
@@ -264,6 +268,7 @@ def fused_grad_dw_kernel(hs, ws, bs, ht, wt, bt, hr, wr, br, y_ptr, rs_ptr, g_pt
     """dw[cols, :] (fp32, zero-initialised, [V, DS]) += sum over N of ds^T @ hs; db[cols] too."""
     cols, col_ok = tile_cols(tl.program_id(0) * BLOCK_V, V, BLOCK_V)
     db = tl.zeros([BLOCK_V], tl.float32)
+    post_s, post_t, post_r = post_s * inv_temp, post_t * inv_temp, post_r * inv_temp  # times 1/temperature
     for n0 in range(0, N, BLOCK_N):
         rows = n0 + tl.arange(0, BLOCK_N)
         row_ok = rows < N

@@ -110,7 +110,7 @@ def grad_tile_for(a, b, cols, y, A, B, C, H, g_main, g_ent, pre, post, beta, log
 @triton.jit
 def grad_logits_kernel(s_ptr, t_ptr, r_ptr, y_ptr, rs_ptr, g_ptr, out_ptr,
                        N, V, stride_s, stride_t, stride_r, stride_o,
-                       pre_s, post_s, pre_t, post_t, pre_r, post_r, lam, beta, log_beta,
+                       inv_temp, pre_s, post_s, pre_t, post_t, pre_r, post_r, lam, beta, log_beta,
                        log_1m_beta, vocab_start, n_splits,
                        KIND: tl.constexpr, HAS_T: tl.constexpr, HAS_R: tl.constexpr,
                        HAS_Y: tl.constexpr, HAS_ENT: tl.constexpr, HAS_CAP_S: tl.constexpr,
@@ -121,6 +121,7 @@ def grad_logits_kernel(s_ptr, t_ptr, r_ptr, y_ptr, rs_ptr, g_ptr, out_ptr,
     row_ok = rows < N
     rows = rows.to(tl.int64)
     lo, hi = split_range(V, n_splits, BLOCK_V)
+    post_s, post_t, post_r = post_s * inv_temp, post_t * inv_temp, post_r * inv_temp  # times 1/temperature
     A, B, C, H, g_main, g_ent, y = load_row_grad_inputs(rs_ptr, g_ptr, y_ptr, rows, row_ok, V,
                                                         vocab_start, HAS_Y)
     for v0 in range(lo, hi, BLOCK_V):

@@ -69,10 +69,11 @@ def store_jsd_sums(out_ptr, N, rows, row_ok, acc_p, acc_q):
 
 @triton.jit
 def jsd_sums_kernel(s_ptr, t_ptr, ab_ptr, out_ptr,
-                    N, V, stride_s, stride_t, pre_s, post_s, pre_t, post_t, log_beta,
+                    N, V, stride_s, stride_t, inv_temp, pre_s, post_s, pre_t, post_t, log_beta,
                     log_1m_beta, n_splits, HAS_CAP_S: tl.constexpr, HAS_CAP_T: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr):
     """out[split, rows, 0:2] = (KL(p||M), KL(q||M)) summed over this program's vocab split."""
+    post_s, post_t = post_s * inv_temp, post_t * inv_temp  # times 1/temperature
     rows, row_ok, lo, hi, A, B = jsd_row_block(ab_ptr, N, V, n_splits, BLOCK_N, BLOCK_V)
     acc_p = tl.zeros([BLOCK_N], tl.float32)
     acc_q = tl.zeros([BLOCK_N], tl.float32)

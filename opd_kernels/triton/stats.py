@@ -29,9 +29,11 @@ contributes 0). Nothing here is saved for backward: the backward kernels (``grad
 recompute tiles from ``A = m_a + log S_a`` and ``B = m_b + log S_b``.
 
 Logit transforms (``opd_kernels.backends``): each model's logits are transformed as they are
-loaded, in the same tile -- ``post * x`` without a cap (``post = logit_scale / tau``, exactly
-``x / tau`` for the identity) or ``post * tanh(pre * x)`` with one (``pre = scale / cap``,
-``post = cap / tau``; ``-inf`` stays ``-inf``), chosen by the constexpr ``HAS_CAP_*`` flags so
+loaded, in the same tile. Every kernel takes ``inv_temp`` (``1 / temperature``) and each model's
+``pre_*``/``post_*`` (``transform_consts``: ``post = scale`` without a cap; ``pre = scale / cap``,
+``post = cap`` with one) and multiplies each ``post_*`` by ``inv_temp`` on entry; the helpers get
+that product as ``post``: ``post * x`` without a cap (exactly ``x * inv_temp`` for the identity) or
+``post * tanh(pre * x)`` with one (``-inf`` stays ``-inf``), chosen by the constexpr ``HAS_CAP_*`` flags so
 the uncapped kernels hold no transform code. ``tanh(u) = 1 - 2 / (e^(2u) + 1)``: exact limits +-1,
 absolute error ~1e-7 (what the logits' rounding costs anyway), the same code in the interpreter.
 
@@ -167,11 +169,12 @@ def load_target(t_ptr, r_ptr, rows, cols, stride_t, stride_r, mask, pre_t, post_
 @triton.jit
 def row_stats_kernel(s_ptr, t_ptr, r_ptr, y_ptr, out_ptr,
                      N, V, stride_s, stride_t, stride_r,
-                     pre_s, post_s, pre_t, post_t, pre_r, post_r, lam, vocab_start, n_splits,
+                     inv_temp, pre_s, post_s, pre_t, post_t, pre_r, post_r, lam, vocab_start, n_splits,
                      HAS_T: tl.constexpr, HAS_R: tl.constexpr, HAS_Y: tl.constexpr,
                      HAS_CAP_S: tl.constexpr, HAS_CAP_T: tl.constexpr, HAS_CAP_R: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr):
     """out[split, rows, :] = row stats of s (and t / r) over this program's vocabulary split."""
+    post_s, post_t, post_r = post_s * inv_temp, post_t * inv_temp, post_r * inv_temp  # times 1/temperature
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     rows = rows.to(tl.int64)  # int64 before multiplying strides: N * stride may exceed 2^31

@@ -1,4 +1,4 @@
-"""The compiled chunk math of the torch backend (``backends.torch_compiled``) against the
+"""The compiled chunk math of the torch backend (``ops._compiled``) against the
 float64 oracle and against the eager torch path, through the public ops.
 
 The compiled path normally starts at ``OPD_COMPILE_MIN_ELEMENTS`` logits per call; here the
@@ -10,7 +10,8 @@ import torch
 
 import opd_kernels as ok
 import reference as oracle
-from opd_kernels.backends import torch_compiled
+import transform_cases as tc
+from opd_kernels.ops import _compiled
 from opd_kernels.ops import _decide
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -123,8 +124,32 @@ def test_logits_level_distill_and_eager_agree(compiled, monkeypatch):
 
 def test_threshold_keeps_small_calls_eager(monkeypatch):
     calls = []
-    monkeypatch.setattr(torch_compiled, "_call", lambda *a, **k: calls.append(a[0]))
+    monkeypatch.setattr(_compiled, "_call", lambda *a, **k: calls.append(a[0]))
     hs, ws, _, ht, wt = _models()
     ok.fused_linear_distill_loss(hs.float(), ws.float(), ht.float(), wt.float(), impl="torch")
     ok.fused_linear_distill_loss(hs, ws, ht, wt, impl="torch")  # float64: never compiled
     assert calls == [] and N * V < _decide.COMPILE_MIN_ELEMENTS
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_compiled_fused_scalar_loss(compiled):
+    """fp32 CPU torch above the (lowered) threshold: statistics and gradient in one compiled pass."""
+    cfg = tc.PAIR["both_s"] | tc.PAIR["cap_t"]
+    mask = torch.arange(tc.N) % 4 != 1
+    ours, refs = tc.leaves(tc.models(torch.float32, "cpu")[:6], {0, 1})
+    out = ok.fused_linear_distill_loss(ours[0], ours[1], ours[3], ours[4], student_bias=ours[2], teacher_bias=ours[5],
+                                       divergence="reverse_kl", temperature=tc.TEMP, mask=mask, impl="torch", **tc.kw(cfg))
+    tc.check(out, tc.fused_oracle(refs, cfg, "reverse_kl", mask, "mean"), ours, refs, torch.float32)
+    assert compiled == ["both"]
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_compiled_logits_token_logprobs(compiled):
+    cfg = tc.SINGLE["both"]
+    (s,), (x,) = tc.leaves([tc.logits(0, torch.float32, "cpu")], {0})
+    y = tc.targets(banned=4, dev="cpu")
+    lp = ok.token_logprobs(s, y, temperature=tc.TEMP, impl="torch", **tc.kw(cfg, True))
+    assert lp[3] == -tc.INF
+    tc.check(lp, oracle.token_logprobs(tc.tf(x, cfg, "student"), y, tc.TEMP)[0], [s], [x], torch.float32,
+           torch.arange(tc.N) != 3)
+    assert compiled == ["rows", "grad"]
