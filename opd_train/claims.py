@@ -1,7 +1,7 @@
 """``python -m opd_train.compare --claims``: the survey's headline claims, each checked over seeds.
 
 Every run is a ``python -m opd_train`` run (in this process, one after another) of the ``bench``
-preset (`opd_train.cli`; its assets: `opd_train.benchmark`) with the same student, steps,
+preset (`opd_train.cli`; its assets: `opd_train.bench_assets`) with the same student, steps,
 completions per step and seed for every method, and a warmup + cosine schedule
 (``--lr-schedule cosine --warmup-steps steps/20``). Each run's options (`RUNS`) are its method
 as the paper runs it (Dr.GRPO, SDPO with the self-distillation mask and hint feedback, SDFT with
@@ -261,7 +261,7 @@ def _task(preset: str, ops: str | None = None, eval_size: int | None = None):
 
 def assets(preset: str, log=print) -> tuple[set[str], dict]:
     """The benchmark assets a preset has (see `NEEDS`), building them if needed; and its experts' dirs."""
-    from .benchmark import bundled_experts, bundled_teacher
+    from .bench_assets import bundled_experts, bundled_teacher
 
     p, task = cli.PRESETS[preset], _task(preset)
     have = set()
@@ -281,7 +281,7 @@ def references(preset: str, eval_size: int, experts: dict) -> Refs:
     import torch
 
     from . import rollout as R
-    from .benchmark import bundled_teacher
+    from .bench_assets import bundled_teacher
     from .models import load
     from .tokenizer import load_tokenizer
 

@@ -32,7 +32,7 @@ from . import inputs, server_teacher, verifiers
 from .argtypes import domain_dir, nonneg_int, pos_float, pos_int
 from .data import EXAMPLE_ROW
 from .methods import METHODS, Method
-from .benchmark import RLSpec
+from .bench_assets import RLSpec
 from .models import ModelSpec
 from .task import ALL_CONTEXT_KINDS
 
@@ -62,7 +62,7 @@ PRESETS = {
 # methods need (the default student gets 3.9% / 22% / 13% there, below its 14% plain).
 PRESETS["selfdistill"] = dict(PRESETS["default"], student=dataclasses.replace(
     PRESETS["default"]["student"], steps=1000, context_fraction=0.75))
-# The bundled benchmark of every method (`opd_train.compare --claims`; assets: `opd_train.benchmark`).
+# The bundled benchmark of every method (`opd_train.compare --claims`; assets: `opd_train.bench_assets`).
 # New skill: 3-digit addition. Prior skill: 3-digit subtraction, which the student learns as a plain
 # skill in pre-training (prior_accuracy measures forgetting). The student sees additions mostly with
 # privileged context (solution, demonstration, feedback, hint), so it is weak on plain additions but

@@ -31,7 +31,7 @@ def prepare_models(preset: str) -> None:
     """Pre-train/cache the bundled models once, outside the timed runs."""
     import torch
 
-    from .benchmark import bundled_teacher
+    from .bench_assets import bundled_teacher
     from .models import PRETRAIN_SEED, get_pretrained
     from .task import ArithmeticTask
 

@@ -26,7 +26,7 @@ from opd_train.train import main
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ["--preset", "smoke", "--steps", "2", "--eval-every", "2", "--save-every", "2", "--eval-size", "16"]
-TIMING_KEYS = {"tokens_per_s", "time_s"}
+TIMING_KEYS = {"tokens_per_s", "time_s", "wall_s"}
 
 
 def rows(out: Path) -> list[dict]:

@@ -304,7 +304,7 @@ def test_rl_teacher_keeps_its_base_and_serves_gopd_reward_correction(tmp_path, s
     """get_rl_teacher: GRPO on the SFT teacher, cached with the SFT model as DIR/base."""
     from transformers import AutoModelForCausalLM
 
-    from opd_train.benchmark import RLSpec, get_rl_teacher
+    from opd_train.bench_assets import RLSpec, get_rl_teacher
 
     monkeypatch.setenv("OPD_TRAIN_CACHE", str(tmp_path / "cache"))  # a fresh cache: built here, not found
     for role in ("teacher", "student"):

@@ -96,7 +96,7 @@ def surrogate(lp, adv, clip):
 
 
 def oracle(method, b) -> torch.Tensor:
-    tr, a, s = method.tr, method.args, b["seqs"]
+    tr, a, s = method.tr, method.args, b.seqs
     student = tr.student.model
     lp = logprobs(student, s)
     tok_lp = gather(lp, s)
@@ -104,7 +104,7 @@ def oracle(method, b) -> torch.Tensor:
     if name in ("sft", "seqkd"):
         return -tok_lp.sum() / s.mask.sum()
     if name == "grpo":
-        per = surrogate(tok_lp, b["advantages"][:, None], a.ppo_clip)
+        per = surrogate(tok_lp, b.advantages[:, None], a.ppo_clip)
         if a.grpo_loss_norm == "max-tokens":
             return (per * s.mask).sum() / (s.mask.shape[0] * tr.max_new_tokens)
         return mean(per, s.mask)
@@ -112,14 +112,14 @@ def oracle(method, b) -> torch.Tensor:
         if name in ("gkd", "opd"):
             lp_t = logprobs(tr.teacher.model, s)
         elif name == "opsd":
-            ctx = [tr.task.with_context(ex, "solution") for ex in b["examples"]]
+            ctx = [tr.task.with_context(ex, "solution") for ex in b.examples]
             lp_t = logprobs(method.teacher.model, method.repack(s, ctx))
         elif name == "sdft":
-            ctx = [tr.task.with_context(ex, "demo") for ex in b["examples"]]
+            ctx = [tr.task.with_context(ex, "demo") for ex in b.examples]
             lp_t = logprobs(method.ema.model, method.repack(s, ctx))
         elif name == "sdpo":
             g = method.samples_per_prompt
-            ctx = teacher_contexts(tr.task, b["examples"], b["texts"], b["rewards"].tolist(), g, a.sdpo_feedback)
+            ctx = teacher_contexts(tr.task, b.examples, b.texts, b.rewards.tolist(), g, a.sdpo_feedback)
             lp_t = logprobs(method.ema.model, method.repack(s, [c[0] for c in ctx]))
         elif name == "gopd":
             lp_t, lp_r = logprobs(tr.teacher.model, s), logprobs(method.ref.model, s)
@@ -136,13 +136,13 @@ def oracle(method, b) -> torch.Tensor:
         return mean(kl(lp_t, lp), s.mask)
     if name == "sdpo":  # k+1 buckets: the student's top-k ids and the tail
         whose = lp.detach() if a.sdpo_topk_from == "student" else lp_t
-        ids = whose.topk(b["topk_ids"].shape[-1], -1).indices
-        assert torch.equal(ids, b["topk_ids"])
+        ids = whose.topk(b.topk_ids.shape[-1], -1).indices
+        assert torch.equal(ids, b.topk_ids)
         p_k, q_k = lp_t.gather(-1, ids), lp.gather(-1, ids)
         bucket = lambda x: torch.cat([x, torch.log1p(-x.exp().sum(-1, keepdim=True).clamp(max=1 - 1e-12))], -1)  # noqa: E731
-        sd = mean(jsd(bucket(p_k), bucket(q_k), a.sdpo_alpha), b["sd_mask"])
+        sd = mean(jsd(bucket(p_k), bucket(q_k), a.sdpo_alpha), b.sd_mask)
         w = a.sdpo_distill_weight
-        return sd if w == 1 else (1 - w) * mean(surrogate(tok_lp, b["advantages"][:, None], a.ppo_clip), s.mask) + w * sd
+        return sd if w == 1 else (1 - w) * mean(surrogate(tok_lp, b.advantages[:, None], a.ppo_clip), s.mask) + w * sd
     lam = a.gopd_reward_scale  # gopd
     if a.gopd_loss == "fullvocab":
         target = (lam * lp_t + (1 - lam) * lp_r).log_softmax(-1)
@@ -176,8 +176,8 @@ def test_loss_equals_the_logits_oracle(family, variant, dirs, tmp_path, float64)
     params = [p for p in method.tr.student.model.parameters() if p.requires_grad]
     assert params[0].dtype == torch.float64
     b = method.prepare(task.sample(random.Random(0), method.args.batch_size // method.samples_per_prompt))
-    if "advantages" in b:  # untrained models earn no reward: give the policy-gradient terms some signal
-        b["advantages"] = torch.randn(b["advantages"].shape, generator=torch.Generator().manual_seed(1))
+    if b.advantages is not None:  # untrained models earn no reward: give the policy-gradient terms some signal
+        b.advantages = torch.randn(b.advantages.shape, generator=torch.Generator().manual_seed(1))
     loss, _ = method.loss(b)
     got = torch.autograd.grad(loss, params, allow_unused=True)
     want_loss = oracle(method, b)

@@ -41,13 +41,13 @@ class SDFT(Method):
 
     def prepare(self, examples):
         b = self.rollout(examples, self.samples_per_prompt, self.args.temperature)
-        ctx = [self.tr.task.with_context(ex, "demo") for ex in b["examples"]]
-        b["teacher_hidden"] = self.frozen_hidden(self.ema.lm, self.repack(b["seqs"], ctx))
+        ctx = [self.tr.task.with_context(ex, "demo") for ex in b.examples]
+        b.teacher_hidden = self.frozen_hidden(self.ema.lm, self.repack(b.seqs, ctx), b)
         return b
 
     def loss(self, b):
-        s, tr = b["seqs"], self.tr
-        loss = distill_loss(tr.student, self.student_hidden(s), self.ema.lm, b["teacher_hidden"],
+        s, tr = b.seqs, self.tr
+        loss = distill_loss(tr.student, self.student_hidden(s), self.ema.lm, b.teacher_hidden,
                             divergence="forward_kl", mask=self.distilled(s), reduction="sum")
         return loss / self.norm(b), {}
 
@@ -58,7 +58,7 @@ class SDFT(Method):
         return mask
 
     def normalizers(self, b):
-        return {"tokens": self.distilled(b["seqs"]).sum()}
+        return {"tokens": self.distilled(b.seqs).sum()}
 
     def after_step(self):
         self.ema.update(self.tr.student.model)

@@ -90,38 +90,38 @@ class SDPO(Method):
     def prepare(self, examples):
         g, a = self.samples_per_prompt, self.args
         b = self.rollout(examples, g, a.temperature)
-        ctx = teacher_contexts(self.tr.task, b["examples"], b["texts"], b["rewards"].tolist(), g, a.sdpo_feedback)
+        ctx = teacher_contexts(self.tr.task, b.examples, b.texts, b.rewards.tolist(), g, a.sdpo_feedback)
         has_ctx = torch.tensor([c[1] for c in ctx], device=self.tr.device)
-        h_t = self.frozen_hidden(self.ema.lm, self.repack(b["seqs"], [c[0] for c in ctx]))
+        h_t = self.frozen_hidden(self.ema.lm, self.repack(b.seqs, [c[0] for c in ctx]), b)
         k = min(a.sdpo_topk, self.ema.lm.rows)
         if a.sdpo_topk_from == "teacher":
-            b["topk_ids"], b["topk_logprobs"] = R.teacher_topk(self.ema.lm.head, h_t, k)
+            b.topk_ids, b.topk_logprobs = R.teacher_topk(self.ema.lm.head, h_t, k)
         else:  # the sampling policy's top-k (ids carry no gradient; at epoch 1 this is the current student)
-            h_s = self.frozen_hidden(self.tr.student, b["seqs"])
-            b["topk_ids"] = R.teacher_topk(self.tr.student.head, h_s, k)[0]
-            b["topk_logprobs"] = R.logprobs_at(self.ema.lm.head, h_t, b["topk_ids"])
-        b["sd_mask"] = b["seqs"].mask & (has_ctx[:, None] if a.sdpo_mask else True)
-        b["advantages"] = group_advantages(b["rewards"], g, std_norm=False)
-        b["context_fraction"] = float(has_ctx.float().mean())
-        b["sibling_fraction"] = sum(c[2] for c in ctx) / len(ctx)
+            h_s = self.frozen_hidden(self.tr.student, b.seqs, b)
+            b.topk_ids = R.teacher_topk(self.tr.student.head, h_s, k)[0]
+            b.topk_logprobs = R.logprobs_at(self.ema.lm.head, h_t, b.topk_ids)
+        b.sd_mask = b.seqs.mask & (has_ctx[:, None] if a.sdpo_mask else True)
+        b.advantages = group_advantages(b.rewards, g, std_norm=False)
+        b.context_fraction = float(has_ctx.float().mean())
+        b.sibling_fraction = sum(c[2] for c in ctx) / len(ctx)
         return b
 
     def loss(self, b):
-        s, tr, a = b["seqs"], self.tr, self.args
+        s, tr, a = b.seqs, self.tr, self.args
         h = self.student_hidden(s)
-        per = sparse_distill_loss(tr.student, h, b["topk_ids"], b["topk_logprobs"], divergence="jsd",
+        per = sparse_distill_loss(tr.student, h, b.topk_ids, b.topk_logprobs, divergence="jsd",
                                   beta=a.sdpo_alpha, mask=s.mask, reduction="none")
         lp = R.token_logprobs(tr.student, h, s)
         old = self.old_logprobs(b, lp)
         weight = torch.exp(lp - old).clamp(max=a.sdpo_ratio_clip).detach()
-        loss = self.mean(b, weight * per, b["sd_mask"], "distilled")
+        loss = self.mean(b, weight * per, b.sd_mask, "distilled")
         if a.sdpo_distill_weight < 1:
-            pg = self.mean(b, clipped_surrogate(lp, old, b["advantages"][:, None], a.ppo_clip), s.mask)
+            pg = self.mean(b, clipped_surrogate(lp, old, b.advantages[:, None], a.ppo_clip), s.mask)
             loss = (1 - a.sdpo_distill_weight) * pg + a.sdpo_distill_weight * loss
-        return loss, {"sibling_fraction": b["sibling_fraction"], "context_fraction": b["context_fraction"]}
+        return loss, {"sibling_fraction": b.sibling_fraction, "context_fraction": b.context_fraction}
 
     def normalizers(self, b):
-        return {"tokens": b["seqs"].mask.sum(), "distilled": b["sd_mask"].sum()}
+        return {"tokens": b.seqs.mask.sum(), "distilled": b.sd_mask.sum()}
 
     def after_step(self):
         self.ema.update(self.tr.student.model)
