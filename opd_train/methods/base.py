@@ -56,6 +56,10 @@ def n_params(model: torch.nn.Module) -> int:
     return sum(p.numel() if not hasattr(p, "full_tensor") else p.full_tensor().numel() for p in model.parameters())
 
 
+# where the defaults' short bench-preset runs are recorded (cited in --help)
+MEASURED = "measured: docs/measurements/bench_defaults.json"
+
+
 class Method:
     """What the registry (`opd_train.methods.METHODS`) and the CLI read from each method class."""
     name: str                       # --method NAME; the registry key
