@@ -212,7 +212,7 @@ def test_budget_to_reach_a_target_and_not_reached():
     # verdicts over seeds with "not reached": never a made-up number
     assert V.verdict([V.ratio(never, slow, 90.0, "flops")] * 3).text == "does not hold (target not reached)"
     mixed = V.verdict([r, r, V.ratio(never, slow, 90.0, "flops")])
-    assert mixed.text == "inconclusive (target reached in 2 of 3 seeds)" and mixed.low is None
+    assert mixed.text == "inconclusive (a budget ratio in 2 of 3 seeds)" and mixed.low is None
     assert V.verdict([r] * 3).text == "holds"
 
 
@@ -239,7 +239,7 @@ def test_claims_table_from_per_seed_numbers():
     # 95% of the 60% teacher = 57%: OPD reaches it at its last evaluation (4e9 FLOPs) or never, SeqKD never
     cheaper = cells(row("| OPD is cheaper than off-policy distillation (Thinking"))
     assert cheaper[4] == "≥ 3× (baseline not reached), ≥ 3× (baseline not reached), neither reached"
-    assert cheaper[7] == "**inconclusive (target reached in 2 of 3 seeds)**"
+    assert cheaper[7] == "**inconclusive (a budget ratio in 2 of 3 seeds)**"
     without = cells(row("| OPD is cheaper than off-policy distillation, without"))
     assert without[4].startswith("≥ 1.5× (baseline not reached)")
     assert "not reached" in row("| SDPO reaches GRPO's best accuracy in fewer")  # sdpo-frozen stays at 10%

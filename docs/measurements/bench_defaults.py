@@ -1,11 +1,11 @@
 """Does every method learn with its CLI defaults on the bench preset? A short run of each.
 
-    python docs/measurements/bench_defaults.py [--steps 60] [--out runs/bench_defaults]
+    python docs/measurements/bench_defaults.py [--steps 60] [--methods M ...] [--out runs/bench_defaults]
 
 Runs ``python -m opd_train --method M --preset bench --steps STEPS --eval-every STEPS/2`` for every
 method in the registry, one after another (one CPU thread each), and writes
-``docs/measurements/bench_defaults.json``: per method the held-out accuracy (256 prompts, greedy) at
-steps 0, STEPS/2 and STEPS, with the machine's load average at the start and end of each run (the
+``docs/measurements/bench_defaults.json`` (``runs_by_steps[STEPS][M]``): per method the held-out
+accuracy (256 prompts, greedy) at steps 0, STEPS/2 and STEPS, with the machine's load average at the start and end of each run (the
 runs share the CPU with whatever else runs: a loaded machine changes the times, not the accuracies).
 """
 from __future__ import annotations
@@ -34,9 +34,9 @@ def main() -> None:
     path = ROOT / "docs" / "measurements" / "bench_defaults.json"
     result = json.loads(path.read_text()) if path.exists() else {}
     result.update(machine=f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-                  steps=a.steps, note="each run alone (one at a time), 1 CPU thread, on a machine shared with other "
-                                      "jobs (load averages below)")
-    runs = result.setdefault("runs", {})
+                  note="each run alone (one at a time), 1 CPU thread, on a machine shared with other jobs (load "
+                       "averages below: it ran under load; times are not comparable, accuracies are)")
+    runs = result.setdefault("runs_by_steps", {}).setdefault(str(a.steps), {})
     for m in a.methods:
         cmd = [sys.executable, "-m", "opd_train", "--method", m, "--preset", "bench", "--steps", str(a.steps),
                "--eval-every", str(a.steps // 2), "--out", f"{a.out}/{m}"]

@@ -16,8 +16,8 @@ The verdict over the seeds' numbers is a paired 95% interval: the seeds pair the
 same prompts), ``d`` is per seed, and the interval is ``mean ± t(0.975, n−1) · sd / √n`` (Student's
 t, `T975`). It **holds** if the whole interval is above 0, **does not hold** if it is wholly below,
 and is **inconclusive** otherwise (or with one seed). Budget claims with seeds that did not reach:
-"does not hold" if the claimed method reached the target in no seed where the baseline did,
-otherwise "inconclusive" unless every seed has a number.
+"does not hold" if no seed has a ratio and the claimed method missed the target where the baseline
+reached it, otherwise "inconclusive" unless every seed has a ratio.
 """
 from __future__ import annotations
 
@@ -135,7 +135,7 @@ def verdict(values: list) -> Verdict:
             if not nums and missed:
                 return Verdict(None, None, None, "does not hold (target not reached)")
             return Verdict(statistics.fmean(nums) if nums else None, None, None,
-                           f"inconclusive (target reached in {len(nums)} of {len(reach)} seeds)")
+                           f"inconclusive (a budget ratio in {len(nums)} of {len(reach)} seeds)")
         values = nums
     iv = interval(values)
     if iv is None:
