@@ -40,17 +40,13 @@ class Budget:
             progress.setdefault(key, 0)
         self.start = time.perf_counter() - progress["wall_s"]
 
-    def add(self, batch, prompts: int, updates: int, world: int = 1, totals: list[float] | None = None) -> None:
-        """One step: ``batch`` (this process's, `opd_train.methods.base.Batch`), ``prompts`` drawn
-        per process, ``updates`` optimizer steps on it. ``totals``: the batch's per-process counts
-        already summed over processes (``[generated, teacher_generated, scored, trained, teacher
-        sample FLOPs, score FLOPs]``), else this process's times ``world``."""
+    def add(self, totals: list[float], prompts: int, updates: int) -> None:
+        """One step: ``totals``, the batch's counts (`local`) summed over processes; ``prompts`` drawn
+        over all processes; ``updates`` optimizer steps on the batch."""
+        gen, tgen, scored, trained, tflops, sflops = totals
         p = self.progress
-        mine = [batch.generated_tokens, batch.teacher_generated_tokens, batch.scored_tokens,
-                int(batch.seqs.attention_mask.sum()), batch.teacher_sample_flops, batch.score_flops]
-        gen, tgen, scored, trained, tflops, sflops = totals if totals is not None else [x * world for x in mine]
         p["optimizer_steps"] += updates
-        p["prompts"] += prompts * world
+        p["prompts"] += prompts
         p["generated_tokens"] += int(gen)
         p["teacher_generated_tokens"] += int(tgen)
         p["scored_tokens"] += int(scored)
@@ -71,6 +67,7 @@ class Budget:
 
     @staticmethod
     def local(batch) -> list[float]:
-        """This process's counts of ``batch``, in the order `add` takes as ``totals`` (to all-reduce)."""
+        """This process's counts of ``batch`` (`opd_train.methods.base.Batch`): generated, teacher-generated,
+        scored and trained tokens, teacher sampling and scoring FLOPs (summed over processes, `add`'s ``totals``)."""
         return [float(batch.generated_tokens), float(batch.teacher_generated_tokens), float(batch.scored_tokens),
                 float(batch.seqs.attention_mask.sum()), batch.teacher_sample_flops, batch.score_flops]

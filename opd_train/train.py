@@ -167,7 +167,7 @@ def train_row(tr: trainer.Trainer, step: int, loss: torch.Tensor, batch, dt: flo
     if tr.world > 1:
         dist.all_reduce(stats)
         stats[:2] /= tr.world
-    budget.add(batch, prompts, updates, tr.world, stats[4:].tolist())
+    budget.add(stats[4:].tolist(), prompts * tr.world, updates)
     progress["samples"] += seqs.completion.shape[0] * tr.world
     progress["completion_tokens"] = progress.get("completion_tokens", 0) + int(stats[3].item())
     progress["train_seconds"] += dt

@@ -158,7 +158,7 @@ class Claim:
     target: object = None       # budget claims: (runs, Refs) -> the target accuracy (points), for the noise column
 
 
-TEACHER_CAPPED = "imperfect teacher (74% on bench): distillation is capped by it"
+TEACHER_CAPPED = "imperfect teacher (below GRPO's result on bench): distillation is capped by it"
 STRONG = "teacher stronger than GRPO's result (the paper's regime)"
 SELF = "self-teacher: the student with privileged context"
 

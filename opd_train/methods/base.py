@@ -52,8 +52,9 @@ class Batch:
 
 
 def n_params(model: torch.nn.Module) -> int:
-    """Parameter count N of a model (every parameter, embeddings included; sharded: the whole)."""
-    return sum(p.numel() if not hasattr(p, "full_tensor") else p.full_tensor().numel() for p in model.parameters())
+    """Parameter count N of a model (every parameter, embeddings included; an FSDP2 DTensor counts its
+    whole, unsharded shape)."""
+    return sum(p.numel() for p in model.parameters())
 
 
 # where the defaults' short bench-preset runs are recorded (cited in --help)
