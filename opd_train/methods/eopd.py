@@ -36,7 +36,7 @@ class EOPD(Method):
                        help="τ (nats): forward KL is added at tokens where the teacher's entropy exceeds it (not "
                             "the paper's value, which is not reproduced here: this trainer's choice)")
         g.add_argument("--eopd-forward-weight", type=pos_float, default=1.0,
-                       help="w: weight of the forward KL at high-entropy tokens (the paper adds it at weight 1)")
+                       help="w: weight of the forward KL at high-entropy tokens (this trainer's choice)")
 
     def prepare(self, examples):
         tr = self.tr
