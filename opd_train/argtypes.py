@@ -18,6 +18,7 @@ def _typed(cast, ok, what):
 
 pos_int = _typed(int, lambda v: v > 0, "a positive integer")
 nonneg_int = _typed(int, lambda v: v >= 0, "a non-negative integer")
+nonneg_float = _typed(float, lambda v: 0.0 <= v < float("inf"), "a non-negative finite number")
 pos_float = _typed(float, lambda v: v > 0 and v < float("inf"), "a positive finite number")
 unit = _typed(float, lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]")
 rate = _typed(float, lambda v: 0.0 < v <= 1.0, "a number in (0, 1]")

@@ -6,10 +6,13 @@ dataset completions. The bundled teacher and student are pre-trained (or found i
 first, so no method's wall time includes pre-training. Writes ``OUT/compare.md`` (final
 held-out accuracy, accuracy at fixed sample budgets, time in training steps and process wall
 time, tokens/s) and
-``OUT/compare.png`` (accuracy vs. samples).
+``OUT/compare.png``: accuracy against one of the budgets every run logs (`opd_train.budget`),
+``--x samples`` (training completions), ``tokens`` (generated tokens: the student's samples, or
+the teacher's for seqkd; sft generates none), ``flops`` (estimated training + sampling + teacher
+FLOPs) or ``seconds`` (seconds in training steps).
 
 ``--claims`` instead checks the survey's headline claims over several seeds (`opd_train.claims`):
-``python -m opd_train.compare --claims`` (bench preset, 3 seeds, writes
+``python -m opd_train.compare --claims`` (bench preset, 5 seeds, writes
 ``docs/compare/claims.md``) or ``--claims --preset smoke`` (a quick end-to-end check).
 """
 from __future__ import annotations
@@ -31,7 +34,7 @@ def prepare_models(preset: str) -> None:
     """Pre-train/cache the bundled models once, outside the timed runs."""
     import torch
 
-    from .benchmark import bundled_teacher
+    from .bench_assets import bundled_teacher
     from .models import PRETRAIN_SEED, get_pretrained
     from .task import ArithmeticTask
 
@@ -48,7 +51,17 @@ def accuracy_at(evals: list[dict], samples: int) -> float:
     return seen[-1]["eval_accuracy"] if seen else float("nan")
 
 
-def summarize(runs: dict[str, dict], out: Path, title: str) -> str:
+# --x -> (how to read it from an evaluation row, axis label)
+X_AXES = {
+    "samples": (lambda r: r["samples"], "training completions (samples)"),
+    "tokens": (lambda r: r["generated_tokens"] + r["teacher_generated_tokens"],
+               "generated tokens (student samples; seqkd: the teacher's)"),
+    "flops": (lambda r: r["flops"], "estimated FLOPs (training + sampling + teacher passes)"),
+    "seconds": (lambda r: r["time_s"], "seconds in training steps"),
+}
+
+
+def summarize(runs: dict[str, dict], out: Path, title: str, x: str = "samples") -> str:
     total = min(max(r["samples"] for r in run["evals"]) for run in runs.values())
     budgets = [total // 4, total // 2]
     head = ("| method | final acc. | " + " | ".join(f"acc. @ {b:,} samples" for b in budgets)
@@ -67,12 +80,12 @@ def summarize(runs: dict[str, dict], out: Path, title: str) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    read, label = X_AXES[x]
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for name, run in runs.items():
-        ax.plot([r["samples"] for r in run["evals"]], [100 * r["eval_accuracy"] for r in run["evals"]],
+        ax.plot([read(r) for r in run["evals"]], [100 * r["eval_accuracy"] for r in run["evals"]],
                 "o-", ms=3, label=name)
-    ax.set(xlabel="training completions (samples)", ylabel="held-out exact match (%)", ylim=(-2, 102),
-           title=title)
+    ax.set(xlabel=label, ylabel="held-out exact match (%)", ylim=(-2, 102), title=title)
     ax.legend(ncol=2, fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "compare.png", dpi=110)
@@ -88,7 +101,8 @@ def main(argv=None) -> int:
     p.add_argument("--claims", action="store_true", help="check the headline claims over --seeds instead")
     p.add_argument("--tune", action="store_true",
                    help="--claims: choose each run's lr from a shared grid on the validation split first")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of --claims")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4],
+                   help="seeds of --claims (the verdicts' t intervals need at least 2; 5 by default)")
     p.add_argument("--report", action="store_true",
                    help="--claims: train nothing; rebuild the tables from the runs already in --out")
     p.add_argument("--jobs", type=pos_int, default=1,
@@ -96,6 +110,9 @@ def main(argv=None) -> int:
     p.add_argument("--no-docs", action="store_true",
                    help="--claims: do not copy the results to docs/compare (never copied with --preset smoke)")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    p.add_argument("--x", choices=sorted(X_AXES), default="samples",
+                   help="the plot's x-axis: a budget every run logs (samples, generated tokens, estimated FLOPs, "
+                        "seconds in training steps)")
     p.add_argument("--steps", type=pos_int, help="steps per method (default: the preset's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="default: runs/compare (runs/claims with --claims)")
@@ -110,7 +127,7 @@ def main(argv=None) -> int:
 
         docs = None if args.no_docs or args.preset == "smoke" else Path(__file__).resolve().parents[1] / "docs" / "compare"
         print(run_claims(args.preset, args.seeds, args.steps, out, [a for a in args.extra if a != "--"], docs,
-                         tuned=args.tune, workers=args.jobs, report=args.report))
+                         tuned=args.tune, workers=args.jobs, report_only=args.report))
         print(f"wrote {out / 'claims.md'}" + (f" (and copied it to {docs})" if docs else ""))
         return 0
     out.mkdir(parents=True, exist_ok=True)
@@ -133,7 +150,7 @@ def main(argv=None) -> int:
                    "train_seconds": max(r.get("time_s", 0.0) for r in rows)}
     steps = args.steps or cli.PRESETS[args.preset]["steps"]
     title = f"opd_train.compare: {args.preset} preset, {steps} steps, seed {args.seed}"
-    print(summarize(runs, out, title))
+    print(summarize(runs, out, title, args.x))
     print(f"wrote {out / 'compare.md'} and {out / 'compare.png'}")
     return 0
 

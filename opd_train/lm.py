@@ -143,3 +143,15 @@ def logprobs_at(head: ok.hf.Head, hidden: torch.Tensor, ids: torch.Tensor, tempe
         logits = _acc(head.logits(rows)) / temperature
         out.append(logits.gather(-1, idx) - logits.logsumexp(-1, keepdim=True))
     return torch.cat(out).view(ids.shape)
+
+
+@torch.no_grad()
+def entropy(head: ok.hf.Head, hidden: torch.Tensor, temperature: float = 1.0, chunk: int = 1024) -> torch.Tensor:
+    """Entropy (nats) of ``head``'s full-vocabulary distribution at each position, ``[...]``; ``chunk``
+    rows of logits at a time, without gradient (entropy-aware OPD's teacher uncertainty)."""
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    out = []
+    for rows in flat.split(chunk):
+        lp = (_acc(head.logits(rows)) / temperature).log_softmax(-1)
+        out.append(-(lp.exp() * lp).sum(-1))
+    return torch.cat(out).view(hidden.shape[:-1])

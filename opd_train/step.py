@@ -23,16 +23,16 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
-def micro_batches(method, batch: dict, size: int | None) -> list[dict]:
-    """``batch`` (with its whole-batch counts as ``batch["norm"]``) cut into pieces of ``size`` rows."""
-    batch["norm"] = method.normalizers(batch)
-    n = batch["seqs"].completion.shape[0]
+def micro_batches(method, batch, size: int | None) -> list:
+    """``batch`` (with its whole-batch counts as ``batch.norm``) cut into pieces of ``size`` rows."""
+    batch.norm = method.normalizers(batch)
+    n = batch.seqs.completion.shape[0]
     if size is None or size >= n:
         return [batch]
     return [method.split(batch, slice(i, min(i + size, n))) for i in range(0, n, size)]
 
 
-def accumulate(tr, method, micros: list[dict], poison: bool = False) -> tuple[torch.Tensor, dict]:
+def accumulate(tr, method, micros: list, poison: bool = False) -> tuple[torch.Tensor, dict]:
     """Forward and backward of every micro-batch into the (zeroed) gradients; returns the whole batch's
     loss (detached) and the methods' extra numbers, averaged over micro-batches by their tokens.
 
@@ -40,7 +40,7 @@ def accumulate(tr, method, micros: list[dict], poison: bool = False) -> tuple[to
     ``poison`` makes the loss NaN (the ``OPD_TRAIN_TEST_NAN_STEP`` test hook).
     """
     total, extras = None, {}
-    tokens = sum(float(mb["seqs"].mask.sum()) for mb in micros)
+    tokens = sum(float(mb.seqs.mask.sum()) for mb in micros)
     for i, mb in enumerate(micros):
         last = i == len(micros) - 1
         sync = tr.student_fwd.no_sync() if not last and hasattr(tr.student_fwd, "no_sync") else nullcontext()
@@ -53,7 +53,7 @@ def accumulate(tr, method, micros: list[dict], poison: bool = False) -> tuple[to
             if torch.isfinite(loss.detach()).item():
                 loss.backward()
         total = loss.detach() if total is None else total + loss.detach()
-        share = float(mb["seqs"].mask.sum()) / tokens if tokens else 1.0 / len(micros)
+        share = float(mb.seqs.mask.sum()) / tokens if tokens else 1.0 / len(micros)
         for k, v in extra.items():
             extras[k] = extras.get(k, 0.0) + share * v
     return total, extras

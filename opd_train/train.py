@@ -9,7 +9,7 @@
         log a metrics row; every eval_every steps: held-out greedy exact match; checkpoint
 
 Setup is `opd_train.trainer.build` (task, models, tokenizer, checks); outputs in ``--out`` are
-``metrics.jsonl`` and ``curves.png`` (`opd_train.metrics`), ``args.json`` and ``ckpt/``
+``metrics.jsonl`` (every row with the run's budgets so far: `opd_train.budget`) and ``curves.png`` (`opd_train.metrics`), ``args.json`` and ``ckpt/``
 (`opd_train.checkpoint`: atomic; ``--resume`` restores everything, drops metric rows written
 after the checkpoint and continues exactly). Under ``torchrun`` the student is wrapped in DDP
 (gloo on CPU, nccl on GPU; `opd_train.distributed`); rank 0 writes metrics and checkpoints.
@@ -36,6 +36,8 @@ import transformers
 from tqdm.auto import tqdm
 
 from . import checkpoint, cli, distributed, trainer
+from .budget import Budget
+from .methods.base import n_params
 from .step import NonFiniteLoss, accumulate, micro_batches, optimizer_step
 from . import rollout as R
 from .inputs import InputError
@@ -68,6 +70,7 @@ def run(args) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         (out / "args.json").write_text(json.dumps(vars(args), default=str, indent=1))
     metrics = Metrics(out / "metrics.jsonl", rank == 0, progress["step"] if ckpt else None)
+    budget = Budget(progress, n_params(tr.student.model))
 
     prior_task = trainer.make_prior_task(args)
 
@@ -83,8 +86,9 @@ def run(args) -> dict:
                     synced=sharded)
         if rank == 0:
             acc = sum(scores) / max(1, len(scores))
-            row = {"step": step, "eval_accuracy": acc, "samples": progress["samples"],
-                   "completion_tokens": progress.get("completion_tokens", 0)}
+            row = {"step": step, "eval_accuracy": acc, "eval_size": len(exs), "samples": progress["samples"],
+                   "completion_tokens": progress.get("completion_tokens", 0), "time_s": progress["train_seconds"],
+                   **budget.row()}
             domains = {}
             for ex, score in zip(exs, scores):
                 domains.setdefault(task.domain(ex), []).append(score)
@@ -119,7 +123,7 @@ def run(args) -> dict:
         if tr.rollout_engine is not None:  # the next rollout samples from the updated student
             tr.rollout_engine.load_weights(tr.student.model)
         dt = time.perf_counter() - t0
-        row = train_row(tr, step, loss, batch, dt, progress)
+        row = train_row(tr, step, loss, batch, dt, progress, budget, prompts_per_step, args.epochs_per_batch)
         row["lr"] = opt.param_groups[0]["lr"]
         row.update(extra)
         metrics.log(row)
@@ -159,22 +163,26 @@ def lr_at(args, step: int) -> float:
     return args.lr * factor
 
 
-def train_row(tr: trainer.Trainer, step: int, loss: torch.Tensor, batch: dict, dt: float, progress: dict) -> dict:
-    """The step's metrics row (loss and reward averaged over processes, tokens/s summed); advances ``progress``."""
-    seqs = batch["seqs"]
-    stats = torch.tensor([loss.item(), batch["rewards"].mean().item() if "rewards" in batch else 0.0,
-                          float(seqs.attention_mask.sum()), float(seqs.mask.sum())], device=tr.device)
+def train_row(tr: trainer.Trainer, step: int, loss: torch.Tensor, batch, dt: float, progress: dict,
+              budget: Budget, prompts: int, updates: int) -> dict:
+    """The step's metrics row (loss and reward averaged over processes, tokens/s summed, the budgets
+    so far); advances ``progress``."""
+    seqs = batch.seqs
+    stats = torch.tensor([loss.item(), batch.rewards.mean().item() if batch.rewards is not None else 0.0,
+                          float(seqs.attention_mask.sum()), float(seqs.mask.sum()), *Budget.local(batch)],
+                         device=tr.device, dtype=torch.float64)
     if tr.world > 1:
         dist.all_reduce(stats)
         stats[:2] /= tr.world
+    budget.add(stats[4:].tolist(), prompts * tr.world, updates)
     progress["samples"] += seqs.completion.shape[0] * tr.world
     progress["completion_tokens"] = progress.get("completion_tokens", 0) + int(stats[3].item())
     progress["train_seconds"] += dt
     row = {"step": step, "loss": stats[0].item()}
-    if "rewards" in batch:
+    if batch.rewards is not None:
         row["reward"] = stats[1].item()
     row.update(tokens_per_s=stats[2].item() / dt, samples=progress["samples"],
-               completion_tokens=progress["completion_tokens"], time_s=progress["train_seconds"])
+               completion_tokens=progress["completion_tokens"], time_s=progress["train_seconds"], **budget.row())
     return row
 
 

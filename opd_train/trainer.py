@@ -19,7 +19,7 @@ from . import rollout as R
 from .data import JsonlTask
 from .inputs import InputError
 from .methods import METHODS
-from .benchmark import bundled_teacher
+from .bench_assets import bundled_teacher
 from .models import PRETRAIN_SEED, get_pretrained
 from .server_teacher import ServerTeacher
 from .vllm_engine import VLLMEngine

@@ -26,7 +26,7 @@ from opd_train.train import main
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ["--preset", "smoke", "--steps", "2", "--eval-every", "2", "--save-every", "2", "--eval-size", "16"]
-TIMING_KEYS = {"tokens_per_s", "time_s"}
+TIMING_KEYS = {"tokens_per_s", "time_s", "wall_s"}
 
 
 def rows(out: Path) -> list[dict]:
@@ -102,7 +102,7 @@ def test_training_changes_the_student(tmp_path, smoke_models):
 
 # -- resume after a hard crash ----------------------------------------------------------------
 def test_resume_after_crash_matches_uninterrupted(tmp_path, smoke_models):
-    base = ["--method", "sdpo", "--preset", "smoke", "--steps", "5", "--save-every", "2",
+    base = ["--method", "sdpo", "--sdpo-teacher", "ema", "--preset", "smoke", "--steps", "5", "--save-every", "2",
             "--eval-every", "2", "--eval-size", "16", "--lr-schedule", "cosine", "--warmup-steps", "2"]
     assert main([*base, "--out", str(tmp_path / "a")]) == 0
     # killed (os._exit) right after step 3: the checkpoint is from step 2, metrics reach step 3

@@ -10,7 +10,7 @@ import re
 import pytest
 
 from opd_train import cli, models
-from opd_train.benchmark import bundled_experts
+from opd_train.bench_assets import bundled_experts
 from opd_train.models import ModelSpec, pretrain_batch, spec_key
 from opd_train.task import ArithmeticTask
 from opd_train.tokenizer import build_char_tokenizer

@@ -12,6 +12,7 @@ import json
 import math
 import re
 import shutil
+import statistics
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ import torch
 
 import opd_kernels as ok
 from opd_train import claims, cli
+from opd_train.claims import verdict as V
 from opd_train import rollout as R
 from opd_train.methods.grpo import group_advantages
 from opd_train.methods.sdpo import teacher_contexts
@@ -156,20 +158,33 @@ def test_gopd_ref_teacher_base(tmp_path, smoke_models, capsys):
 
 # -- claims: the verdict rule, the table, the smoke run --------------------------------------------
 @pytest.mark.parametrize("values, expected", [
-    ([3.0, 4.0, 5.0], "holds"),
-    ([1.0, -1.0, 3.0], "mixed"),          # mean 1 < spread 2
+    ([3.0, 4.0, 5.0], "holds"),               # 4 ± 4.303 · 1 / √3: [1.5, 6.5]
+    ([1.0, -1.0, 3.0], "inconclusive"),
     ([-3.0, -4.0, -5.0], "does not hold"),
-    ([0.0, 0.0, 0.0], "mixed"),
-    ([-1.0, 1.0, -3.0], "mixed"),
-    ([2.0], "holds"),                     # one seed: spread 0
+    ([0.0, 0.0, 0.0], "inconclusive"),         # [0, 0]: not wholly on either side
+    ([1.0, 1.2], "inconclusive"),             # two seeds: t(0.975, 1) = 12.7 makes the interval [-0.17, 2.37]
+    ([1.0, 1.2, 0.9, 1.1, 1.0], "holds"),
+    ([2.0], "inconclusive (one seed)"),
 ])
 def test_verdict_rule(values, expected):
-    m, s, v = claims.verdict(values)
-    assert v == expected and m == pytest.approx(sum(values) / len(values))
+    v = V.verdict(values)
+    assert v.text == expected and v.mean == pytest.approx(sum(values) / len(values))
+    if len(values) > 1:
+        half = V.T975[len(values) - 2] * statistics.stdev(values) / math.sqrt(len(values))
+        assert (v.low, v.high) == pytest.approx((v.mean - half, v.mean + half))
 
 
-def fake_run(accs, samples_per_eval=100, tokens_per_eval=400, prior=None, by_domain=None):
-    rows = [{"step": i, "eval_accuracy": a, "samples": i * samples_per_eval, "completion_tokens": i * tokens_per_eval}
+def test_t_quantiles_are_the_standard_table():
+    assert V.t975(1) == 12.706 and V.t975(4) == 2.776 and V.t975(30) == 2.042 and V.t975(200) == 2.042
+    assert len(V.T975) == 30 and all(a > b for a, b in zip(V.T975, V.T975[1:]))  # decreasing in df
+
+
+def fake_run(accs, samples_per_eval=100, tokens_per_eval=400, prior=None, by_domain=None, flops_per_eval=1e9,
+             teacher_sample_share=0.0):
+    rows = [{"step": i, "eval_accuracy": a, "samples": i * samples_per_eval, "completion_tokens": i * tokens_per_eval,
+             "generated_tokens": i * tokens_per_eval, "teacher_generated_tokens": 0, "time_s": float(i),
+             "flops": i * flops_per_eval, "flops_teacher_sample": i * flops_per_eval * teacher_sample_share,
+             "eval_size": 256}
             for i, a in enumerate(accs)]
     if prior is not None:
         for r, p in zip(rows, prior):
@@ -179,26 +194,61 @@ def fake_run(accs, samples_per_eval=100, tokens_per_eval=400, prior=None, by_dom
     return rows
 
 
+def test_budget_to_reach_a_target_and_not_reached():
+    fast = fake_run([0.1, 0.5, 0.9, 0.9], flops_per_eval=1e9)
+    slow = fake_run([0.1, 0.2, 0.5, 0.9], flops_per_eval=5e9)
+    assert V.to_reach(fast, 90.0, "flops") == 2e9 and V.to_reach(slow, 90.0, "flops") == 15e9
+    r = V.ratio(fast, slow, 90.0, "flops")
+    assert r.d == pytest.approx(math.log10(7.5)) and r.text == "7.5×"
+    never = fake_run([0.1, 0.2, 0.3, 0.4])
+    assert V.to_reach(never, 90.0, "flops") is None
+    assert V.ratio(never, slow, 90.0, "flops") == V.Reach(None, "not reached", claimed_missed=True)
+    bound = V.ratio(fast, never, 90.0, "flops")  # the baseline never got there: its whole budget is a lower bound
+    assert bound.d == pytest.approx(math.log10(3e9 / 2e9)) and bound.text.startswith("≥ 1.5×")
+    assert V.ratio(never, never, 90.0, "flops").text == "neither reached"
+    # without the teacher's sampling: FLOPs − flops_teacher_sample
+    seqkd = fake_run([0.1, 0.9], flops_per_eval=10e9, teacher_sample_share=0.8)
+    assert V.to_reach(seqkd, 90.0, "flops-teacher_sample") == pytest.approx(2e9)
+    # verdicts over seeds with "not reached": never a made-up number
+    assert V.verdict([V.ratio(never, slow, 90.0, "flops")] * 3).text == "does not hold (target not reached)"
+    mixed = V.verdict([r, r, V.ratio(never, slow, 90.0, "flops")])
+    assert mixed.text == "inconclusive (a budget ratio in 2 of 3 seeds)" and mixed.low is None
+    assert V.verdict([r] * 3).text == "holds"
+
+
 def test_claims_table_from_per_seed_numbers():
-    def seed(opd_final, sft_final):
-        runs = {name: fake_run([0.1, 0.1, 0.1, 0.1, 0.1]) for name in claims.RUNS}
+    def seed(opd_final, seqkd_final):
+        runs = {name: fake_run([0.1, 0.1, 0.1, 0.1, 0.1]) for name in claims.runs.RUNS}
         runs["opd"] = fake_run([0.1, 0.3, 0.4, 0.5, opd_final])
-        runs["sft"] = fake_run([0.1, 0.2, 0.2, 0.2, sft_final])
+        runs["seqkd"] = fake_run([0.1, 0.2, 0.2, 0.2, seqkd_final], flops_per_eval=3e9, teacher_sample_share=0.5)
+        runs["grpo"] = fake_run([0.1, 0.5, 0.8, 0.9, 0.9], flops_per_eval=10e9)
+        runs["opd-strong"] = fake_run([0.1, 0.95, 0.99, 1.0, 1.0])
         return runs
 
     results = {0: seed(0.6, 0.2), 1: seed(0.7, 0.3), 2: seed(0.5, 0.2)}
-    tab, measured = claims.table(results, claims.Refs(80.0), assets=set())
+    lrs = {name: 1e-3 for name in claims.runs.RUNS}
+    tab, measured = claims.report.table(results, V.Refs(60.0), set(), lrs, 256)
     lines = tab.strip().split("\n")
-    assert len(lines) == 2 + len(claims.CLAIMS)
-    opd_sft = next(x for x in lines if x.startswith("| OPD beats SFT (on reference answers)"))
-    assert "+40.0, +40.0, +30.0" in opd_sft and "+36.7 ± 5.8" in opd_sft and "**holds**" in opd_sft
-    # OPD at 1/4 of the samples (the eval at 100 of 400) is 30%, GRPO ends at 10%
-    assert "+20.0, +20.0, +20.0" in next(x for x in lines if x.startswith("| OPD reaches GRPO"))
-    exceed = next(x for x in lines if x.startswith("| ExOPD can exceed"))
-    assert "-70.0, -70.0, -70.0" in exceed and "**does not hold**" in exceed
-    assert sum("not measured:" in x for x in lines) == sum(c.why_not(set()) is not None for c in claims.CLAIMS) == 4
-    assert [t for t, _ in measured] == [c.text for c in claims.CLAIMS if not c.why_not(set())]
-    for why in claims.ASSET_MISSING.values():  # no base, no experts, no prior skill: each says so
+    assert len(lines) == 2 + len(V.CLAIMS)
+    row = lambda prefix: next(x for x in lines if x.startswith(prefix))  # noqa: E731
+    cells = lambda line: [c.strip() for c in line.strip("|").split("|")]  # noqa: E731
+    opd_seqkd = cells(row("| OPD beats off-policy distillation at equal samples"))
+    assert opd_seqkd[4] == "+40.0, +40.0, +30.0" and opd_seqkd[5].startswith("+36.7 [")
+    assert opd_seqkd[7] == "**holds**" and opd_seqkd[3] == "opd (0.001), seqkd (0.001)"
+    assert opd_seqkd[6].startswith("±")  # the noise floor of the difference at n = 256
+    # 95% of the 60% teacher = 57%: OPD reaches it at its last evaluation (4e9 FLOPs) or never, SeqKD never
+    cheaper = cells(row("| OPD is cheaper than off-policy distillation (Thinking"))
+    assert cheaper[4] == "≥ 3× (baseline not reached), ≥ 3× (baseline not reached), neither reached"
+    assert cheaper[7] == "**inconclusive (a budget ratio in 2 of 3 seeds)**"
+    without = cells(row("| OPD is cheaper than off-policy distillation, without"))
+    assert without[4].startswith("≥ 1.5× (baseline not reached)")
+    assert "not reached" in row("| SDPO reaches GRPO's best accuracy in fewer")  # sdpo-frozen stays at 10%
+    exceed = cells(row("| ExOPD can exceed"))
+    assert exceed[4] == "-50.0, -50.0, -50.0" and exceed[7] == "**does not hold**"
+    assert sum("not measured:" in x for x in lines) == 5  # base, experts, strong, prior (two SDFT rows)
+    assert [t for t, _, _ in measured] == [c.text for c in V.CLAIMS
+                                           if not any(n in claims.runs.NEEDS for n in c.runs) and not c.needs]
+    for why in claims.runs.ASSET_MISSING.values():  # no base, no experts, no strong teacher, no prior skill
         assert f"not measured: {why}" in tab
     # with the assets, each of those claims is measured from its own runs
     for seed_runs in results.values():
@@ -207,17 +257,30 @@ def test_claims_table_from_per_seed_numbers():
         seed_runs["sdft"] = fake_run([0.1, 0.15], prior=[0.9, 0.8])   # forgets 10
         seed_runs["sdft-frozen"] = fake_run([0.1, 0.15], prior=[0.9, 0.9])  # forgets nothing
         seed_runs["multi-1.25"] = fake_run([0.1, 0.5], by_domain={"+": 0.62, "-": 0.9})
-    refs = claims.Refs(80.0, experts={"+": 64.0, "-": 95.0})
-    tab, _ = claims.table(results, refs, {"base", "prior", "experts"})
-    row = lambda prefix: next(x for x in tab.split("\n") if x.startswith(prefix))  # noqa: E731
-    assert "| +25.0, +25.0, +25.0 | +25.0 ± 0.0 | **holds** |" in row("| reward correction")
-    assert "| +30.0, +30.0, +30.0 | +30.0 ± 0.0 | **holds** |" in row("| SDFT learns")
-    assert "| +40.0, +40.0, +40.0 | +40.0 ± 0.0 | **holds** |" in row("| SDFT (frozen teacher) learns")
+    refs = V.Refs(80.0, experts={"+": 64.0, "-": 95.0})
+    tab, _ = claims.report.table(results, refs, {"base", "prior", "experts", "strong"}, lrs, 256)
+    row = lambda prefix: cells(next(x for x in tab.split("\n") if x.startswith(prefix)))  # noqa: E731
+    assert row("| reward correction")[4:6] == ["+25.0, +25.0, +25.0", "+25.0 [+25.0, +25.0]"]
+    assert row("| reward correction")[7] == "**holds**"
+    assert row("| SDFT learns")[4] == "+30.0, +30.0, +30.0" and row("| SDFT learns")[7] == "**holds**"
+    assert row("| SDFT (frozen teacher) learns")[4] == "+40.0, +40.0, +40.0"
+    # the strong teacher's OPD reaches GRPO's final 90% at the first evaluation after 0: 1e9 vs GRPO's 30e9
+    strong = row("| OPD reaches RL's accuracy")
+    assert strong[4] == "30×, 30×, 30×" and strong[5].startswith("30× [30×, 30×]") and strong[7] == "**holds**"
+    assert "at the target 90.0%" in strong[6]
     # worst domain: "-" (90 - 95 = -5) rather than "+" (62 - 64 = -2)
-    assert "| -5.0, -5.0, -5.0 | -5.0 ± 0.0 | **does not hold** |" in row("| a multi-teacher")
-    runs_md = claims.runs_table(results, refs, {name: 1e-3 for name in claims.RUNS})
-    assert "| 90.0 → 50.0 |" in next(x for x in runs_md.split("\n") if x.startswith("| sft |"))
+    assert row("| a multi-teacher")[4] == "-5.0, -5.0, -5.0" and row("| a multi-teacher")[7] == "**does not hold**"
+    runs_md = claims.report.runs_table(results, refs, lrs, tuned={"sft"})
+    sft = next(x for x in runs_md.split("\n") if x.startswith("| sft |"))
+    assert "| 90.0 → 50.0 |" in sft and "| 0.001 |" in sft
+    assert "0.001 (preset lr, not tuned)" in next(x for x in runs_md.split("\n") if x.startswith("| opd |"))
     assert "`+` 64.0%, `-` 95.0%" in runs_md and "`+` 62.0%, `-` 90.0%" in runs_md
+    assert "Held-out prompts per evaluation: 256." in runs_md
+
+
+def test_noise_floor_is_binomial():
+    assert claims.report.noise(50.0, 256) == pytest.approx(100 * math.sqrt(0.25 / 256))  # 3.1 points
+    assert claims.report.noise(100.0, 256) == 0.0 and claims.report.noise(0.0, 1024) == 0.0
 
 
 def test_claims_smoke_end_to_end(tmp_path, smoke_models):
@@ -228,25 +291,33 @@ def test_claims_smoke_end_to_end(tmp_path, smoke_models):
                          "--out", str(out)]) == 0
     md = (out / "claims.md").read_text()
     title, tab = md.split("\n\n", 1)
-    assert "smoke preset, 4 steps per run, seeds 0, 1" in title
+    assert "smoke preset, 4 steps per run, seeds 0, 1" in title and "paired 95% t interval" in title
     rows_ = [x for x in tab.strip().split("\n")[2:]]
-    assert len(rows_) == len(claims.CLAIMS)
-    for line in rows_:  # each measured row's verdict follows from its own per-seed numbers
+    assert len(rows_) == len(V.CLAIMS)
+    for line, claim in zip(rows_, V.CLAIMS):  # each measured row's verdict follows from its own per-seed numbers
         cells = [c.strip() for c in line.strip("|").split("|")]
-        if cells[2] == "—":
-            assert cells[4].startswith("not measured:")
+        if cells[4] == "—":
+            assert cells[7].startswith("not measured:")
             continue
-        values = [float(x) for x in cells[2].split(",")]
+        if claim.ratio:
+            assert len(cells[4].split(", ")) == 2
+            assert cells[7].strip("*").split(" (")[0] in ("holds", "does not hold", "inconclusive")
+            continue
+        values = [float(x) for x in cells[4].split(",")]
         assert len(values) == 2
-        assert cells[4] == f"**{claims.verdict(values)[2]}**"
-    # the smoke preset has a prior skill and domain experts, but no teacher with a kept base
-    assert sum(x.endswith(f"not measured: {claims.ASSET_MISSING['base']} |") for x in rows_) == 1
-    for name in set(claims.RUNS) - {"gopd-1.25-base"}:  # every run, per seed, with the shared schedule
+        assert cells[7] == f"**{V.verdict(values).text}**"
+    # the smoke preset has a prior skill, domain experts and a strong teacher, but no teacher with a kept base
+    assert sum(x.endswith(f"not measured: {claims.runs.ASSET_MISSING['base']} |") for x in rows_) == 1
+    for new in ("entropy-aware OPD", "IW-OPD", "student-top-k", "OPD reaches RL's", "OPSD needs fewer"):
+        assert "not measured" not in next(x for x in rows_ if new in x)
+    for name in set(claims.runs.RUNS) - {"gopd-1.25-base"}:  # every run, per seed, with the shared schedule
         args = json.loads((out / "seed1" / name / "args.json").read_text())
         assert (args["seed"], args["steps"], args["lr_schedule"]) == (1, 4, "cosine")
-        assert all("prior_accuracy" in r for r in rows(out / "seed1" / name) if "eval_accuracy" in r)
+        evals = [r for r in rows(out / "seed1" / name) if "eval_accuracy" in r]
+        assert all("prior_accuracy" in r and r["flops"] > 0 for r in evals[1:])
     multi = json.loads((out / "seed0" / "multi-1.25" / "args.json").read_text())
     assert multi["ops"] == "+-" and sorted(multi["domain_teacher"]) == ["+", "-"]
+    assert json.loads((out / "seed0" / "opd-strong" / "args.json").read_text())["teacher"]
     last = [r for r in rows(out / "seed0" / "multi-1.25") if "eval_accuracy" in r][-1]
     assert sorted(last["eval_accuracy_by_domain"]) == ["+", "-"]
     assert (out / "claims.png").stat().st_size > 0 and "| sdft |" in (out / "claims_runs.md").read_text()
@@ -286,17 +357,17 @@ def test_eval_split_validation_refused_with_own_data(tmp_path, smoke_models, cap
 
 
 def test_claims_tune_picks_the_best_validation_lr(tmp_path, smoke_models, monkeypatch):
-    monkeypatch.setattr(claims, "RUNS", {"sft": ["--method", "sft"], "opd": ["--method", "opd"]})
-    monkeypatch.setattr(claims, "LR_GRID", (1e-3, 1e-2))
+    monkeypatch.setattr(claims.runs, "RUNS", {"sft": ["--method", "sft"], "opd": ["--method", "opd"]})
+    monkeypatch.setattr(claims.runs, "LR_GRID", (1e-3, 1e-2))
     shared = ["--preset", "smoke", "--steps", "3", "--eval-size", "32"]
-    best = claims.tune(shared, tmp_path, log=lambda *a: None, workers=2)  # 2 subprocesses at once
+    best = claims.runs.tune(shared, tmp_path, log=lambda *a: None, workers=2)  # 2 subprocesses at once
     for name in ("sft", "opd"):
         finals = []
         for lr in (1e-3, 1e-2):
             d = tmp_path / "tune" / f"{name}-lr{lr:g}"
             args = json.loads((d / "args.json").read_text())
-            assert (args["eval_split"], args["lr"], args["seed"]) == ("validation", lr, claims.TUNE_SEED)
-            finals.append(claims.final(rows(d)))
+            assert (args["eval_split"], args["lr"], args["seed"]) == ("validation", lr, claims.runs.TUNE_SEED)
+            finals.append(V.final(rows(d)))
         assert best[name] == (1e-3 if finals[0] >= finals[1] else 1e-2)
 
 
@@ -304,7 +375,7 @@ def test_rl_teacher_keeps_its_base_and_serves_gopd_reward_correction(tmp_path, s
     """get_rl_teacher: GRPO on the SFT teacher, cached with the SFT model as DIR/base."""
     from transformers import AutoModelForCausalLM
 
-    from opd_train.benchmark import RLSpec, get_rl_teacher
+    from opd_train.bench_assets import RLSpec, get_rl_teacher
 
     monkeypatch.setenv("OPD_TRAIN_CACHE", str(tmp_path / "cache"))  # a fresh cache: built here, not found
     for role in ("teacher", "student"):
@@ -332,9 +403,9 @@ def test_claims_copy_to_readme_replaces_only_its_blocks(tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text("x\n<!-- compare: claims -->\nold\n<!-- compare: end -->\ny\n"
                       "<!-- compare: claims_runs -->\nold\n<!-- compare: end -->\nz\n")
-    claims.copy_to_readme(docs, readme)
+    claims.report.copy_to_readme(docs, readme)
     assert readme.read_text() == ("x\n<!-- compare: claims -->\n| a |\n|---|\n| 1 |\n<!-- compare: end -->\ny\n"
                                   "<!-- compare: claims_runs -->\n| run |\n|---|\n\nteacher 74%.\n<!-- compare: end -->\nz\n")
     readme.write_text("no blocks\n")
     with pytest.raises(ValueError, match="no block '<!-- compare: claims -->"):
-        claims.copy_to_readme(docs, readme)
+        claims.report.copy_to_readme(docs, readme)

@@ -90,13 +90,18 @@ def jsd(lp_p, lp_q, beta):
     return beta * kl(lp_p, lm) + (1 - beta) * kl(lp_q, lm)
 
 
+def bucket(lp_k):
+    """Top-k log-probs ``[..., k]`` and the tail's, ``[..., k + 1]``."""
+    return torch.cat([lp_k, torch.log1p(-lp_k.exp().sum(-1, keepdim=True).clamp(max=1 - 1e-12))], -1)
+
+
 def surrogate(lp, adv, clip):
     ratio = torch.exp(lp - lp.detach())
     return -torch.minimum(ratio * adv, ratio.clamp(1 - clip, 1 + clip) * adv)
 
 
 def oracle(method, b) -> torch.Tensor:
-    tr, a, s = method.tr, method.args, b["seqs"]
+    tr, a, s = method.tr, method.args, b.seqs
     student = tr.student.model
     lp = logprobs(student, s)
     tok_lp = gather(lp, s)
@@ -104,22 +109,22 @@ def oracle(method, b) -> torch.Tensor:
     if name in ("sft", "seqkd"):
         return -tok_lp.sum() / s.mask.sum()
     if name == "grpo":
-        per = surrogate(tok_lp, b["advantages"][:, None], a.ppo_clip)
+        per = surrogate(tok_lp, b.advantages[:, None], a.ppo_clip)
         if a.grpo_loss_norm == "max-tokens":
             return (per * s.mask).sum() / (s.mask.shape[0] * tr.max_new_tokens)
         return mean(per, s.mask)
     with torch.no_grad():
-        if name in ("gkd", "opd"):
+        if name in ("gkd", "opd", "eopd", "iwopd", "topk-rkl"):
             lp_t = logprobs(tr.teacher.model, s)
         elif name == "opsd":
-            ctx = [tr.task.with_context(ex, "solution") for ex in b["examples"]]
+            ctx = [tr.task.with_context(ex, "solution") for ex in b.examples]
             lp_t = logprobs(method.teacher.model, method.repack(s, ctx))
         elif name == "sdft":
-            ctx = [tr.task.with_context(ex, "demo") for ex in b["examples"]]
+            ctx = [tr.task.with_context(ex, "demo") for ex in b.examples]
             lp_t = logprobs(method.ema.model, method.repack(s, ctx))
         elif name == "sdpo":
             g = method.samples_per_prompt
-            ctx = teacher_contexts(tr.task, b["examples"], b["texts"], b["rewards"].tolist(), g, a.sdpo_feedback)
+            ctx = teacher_contexts(tr.task, b.examples, b.texts, b.rewards.tolist(), g, a.sdpo_feedback)
             lp_t = logprobs(method.ema.model, method.repack(s, [c[0] for c in ctx]))
         elif name == "gopd":
             lp_t, lp_r = logprobs(tr.teacher.model, s), logprobs(method.ref.model, s)
@@ -130,19 +135,31 @@ def oracle(method, b) -> torch.Tensor:
             return mean(kl(lp, lp_t), s.mask)
         adv = gather(lp_t, s) - tok_lp.detach()
         return mean(-torch.exp(tok_lp - tok_lp.detach()) * adv, s.mask)
+    if name == "eopd":  # reverse KL everywhere, forward KL where the teacher's entropy exceeds τ
+        high = (-(lp_t.exp() * lp_t).sum(-1) > a.eopd_entropy_threshold) & s.mask
+        assert 0 < high.sum() < s.mask.sum()  # both kinds of token in the batch
+        return (kl(lp, lp_t) * s.mask + a.eopd_forward_weight * kl(lp_t, lp) * high).sum() / s.mask.sum()
+    if name == "iwopd":  # sampled-token OPD, weighted by 1 + γ (1 - drift before t / total drift), as TRL writes it
+        adv = (gather(lp_t, s) - tok_lp.detach()) * s.mask
+        drift = adv.abs()
+        w = 1 + a.iwopd_gamma * (1 - (drift.cumsum(1) - drift) / drift.sum(1, keepdim=True).clamp(min=1e-8))
+        return mean(-torch.exp(tok_lp - tok_lp.detach()) * w * adv, s.mask)
+    if name == "topk-rkl":  # reverse KL over the k+1 buckets {the student's top-k, the tail}
+        ids = lp.detach().topk(min(a.topk_rkl_k, lp.shape[-1]), -1).indices
+        p_k, q_k = lp_t.gather(-1, ids), lp.gather(-1, ids)
+        return mean(kl(bucket(q_k), bucket(p_k)), s.mask)
     if name == "opsd":
         return mean(jsd(lp_t, lp, a.opsd_beta), s.mask)
     if name == "sdft":
         return mean(kl(lp_t, lp), s.mask)
     if name == "sdpo":  # k+1 buckets: the student's top-k ids and the tail
         whose = lp.detach() if a.sdpo_topk_from == "student" else lp_t
-        ids = whose.topk(b["topk_ids"].shape[-1], -1).indices
-        assert torch.equal(ids, b["topk_ids"])
+        ids = whose.topk(b.topk_ids.shape[-1], -1).indices
+        assert torch.equal(ids, b.topk_ids)
         p_k, q_k = lp_t.gather(-1, ids), lp.gather(-1, ids)
-        bucket = lambda x: torch.cat([x, torch.log1p(-x.exp().sum(-1, keepdim=True).clamp(max=1 - 1e-12))], -1)  # noqa: E731
-        sd = mean(jsd(bucket(p_k), bucket(q_k), a.sdpo_alpha), b["sd_mask"])
+        sd = mean(jsd(bucket(p_k), bucket(q_k), a.sdpo_alpha), b.sd_mask)
         w = a.sdpo_distill_weight
-        return sd if w == 1 else (1 - w) * mean(surrogate(tok_lp, b["advantages"][:, None], a.ppo_clip), s.mask) + w * sd
+        return sd if w == 1 else (1 - w) * mean(surrogate(tok_lp, b.advantages[:, None], a.ppo_clip), s.mask) + w * sd
     lam = a.gopd_reward_scale  # gopd
     if a.gopd_loss == "fullvocab":
         target = (lam * lp_t + (1 - lam) * lp_r).log_softmax(-1)
@@ -152,7 +169,8 @@ def oracle(method, b) -> torch.Tensor:
     return mean(surrogate(tok_lp, adv, a.ppo_clip), s.mask)
 
 
-VARIANTS = [["sft"], ["seqkd"], ["grpo"], ["grpo", "--grpo-loss-norm", "max-tokens"], ["gkd"], ["opd"], ["opd", "--opd-loss", "fullvocab"], ["opsd"],
+VARIANTS = [["sft"], ["seqkd"], ["grpo"], ["grpo", "--grpo-loss-norm", "max-tokens"], ["gkd"], ["opd"], ["opd", "--opd-loss", "fullvocab"],
+            ["eopd"], ["iwopd"], ["topk-rkl", "--topk-rkl-k", "5"], ["opsd"],
             ["sdft"], ["sdpo", "--sdpo-topk", "5"],
             ["sdpo", "--sdpo-topk", "5", "--sdpo-distill-weight", "0.5", "--sdpo-topk-from", "teacher"], ["gopd"], ["gopd", "--gopd-loss", "sampled"]]
 
@@ -176,8 +194,10 @@ def test_loss_equals_the_logits_oracle(family, variant, dirs, tmp_path, float64)
     params = [p for p in method.tr.student.model.parameters() if p.requires_grad]
     assert params[0].dtype == torch.float64
     b = method.prepare(task.sample(random.Random(0), method.args.batch_size // method.samples_per_prompt))
-    if "advantages" in b:  # untrained models earn no reward: give the policy-gradient terms some signal
-        b["advantages"] = torch.randn(b["advantages"].shape, generator=torch.Generator().manual_seed(1))
+    if b.advantages is not None:  # untrained models earn no reward: give the policy-gradient terms some signal
+        b.advantages = torch.randn(b.advantages.shape, generator=torch.Generator().manual_seed(1))
+    if method.name == "eopd":  # τ at the batch's median teacher entropy: forward KL on about half the tokens
+        method.args.eopd_entropy_threshold = float(b.teacher_entropy[b.seqs.mask].median())
     loss, _ = method.loss(b)
     got = torch.autograd.grad(loss, params, allow_unused=True)
     want_loss = oracle(method, b)

@@ -42,9 +42,9 @@ def close(got, want):
 def test_micro_batches_equal_one_big_batch(variant, dirs, tmp_path, float64):
     method, task = setup("gemma2", variant, dirs, tmp_path)
     batch = method.prepare(task.sample(random.Random(0), 8 // method.samples_per_prompt))
-    if "advantages" in batch:  # untrained models earn no reward: give the policy-gradient terms some signal
-        batch["advantages"] = torch.randn(batch["advantages"].shape, generator=torch.Generator().manual_seed(1))
-    assert batch["seqs"].completion.shape[0] == 8
+    if batch.advantages is not None:  # untrained models earn no reward: give the policy-gradient terms some signal
+        batch.advantages = torch.randn(batch.advantages.shape, generator=torch.Generator().manual_seed(1))
+    assert batch.seqs.completion.shape[0] == 8
     loss, grads, extra = grads_of(method, batch, None)
     assert len(micro_batches(method, batch, 3)) == 3
     loss_m, grads_m, extra_m = grads_of(method, batch, 3)
@@ -62,13 +62,13 @@ def test_gopd_domain_teachers_split_into_micro_batches(dirs, tmp_path, float64):
     method, task = setup("gemma2", ["gopd"], dirs, tmp_path)
     rows = torch.tensor([0, 2, 3, 6])
     batch = method.prepare(task.sample(random.Random(0), 2))
-    h_t = batch["groups"][""][1]
-    batch["groups"] = {"a": (rows, h_t[rows]), "b": (torch.tensor([1, 4, 5, 7]), h_t[[1, 4, 5, 7]])}
+    h_t = batch.groups[""][1]
+    batch.groups = {"a": (rows, h_t[rows]), "b": (torch.tensor([1, 4, 5, 7]), h_t[[1, 4, 5, 7]])}
     method.teachers = {"a": method.tr.teacher, "b": method.tr.teacher}
     part = method.split(batch, slice(3, 6))
-    idx, h = part["groups"]["a"]
+    idx, h = part.groups["a"]
     assert idx.tolist() == [0] and torch.equal(h, h_t[[3]])
-    assert part["groups"]["b"][0].tolist() == [1, 2]
+    assert part.groups["b"][0].tolist() == [1, 2]
     loss, grads, _ = grads_of(method, batch, None)
     loss_m, grads_m, _ = grads_of(method, batch, 3)
     torch.testing.assert_close(loss_m, loss, rtol=1e-10, atol=1e-13)
@@ -97,7 +97,7 @@ def test_bf16_fused_ops_get_bf16_and_return_fp32(variant, dirs, tmp_path, monkey
     for lm in (tr.student, tr.teacher, getattr(getattr(method, "ema", None), "lm", None)):
         if lm is not None:
             lm.compute_dtype = None
-    batch.pop("old_logprobs", None)
+    batch.old_logprobs = None
     loss32, _ = method.loss(batch)
     assert loss32.dtype == torch.float32 and float(loss) != float(loss32)
     assert float(loss) == pytest.approx(float(loss32), rel=5e-2, abs=1e-2)
@@ -123,15 +123,15 @@ def test_micro_batch_size_in_help():
 
 
 def test_served_teacher_scores_split_into_micro_batches(dirs, tmp_path, float64):
-    """A --teacher-server batch carries the teacher's top-k per row in ``batch["teacher"]`` (a dict):
+    """A --teacher-server batch carries the teacher's top-k per row in ``batch.served`` (a dict):
     micro-batches cut it by rows too, so GKD's sparse loss and gradients equal the whole batch's."""
     from opd_train import rollout as R
 
     method, task = setup("gemma2", ["gkd"], dirs, tmp_path)
     batch = method.prepare(task.sample(random.Random(0), 8 // method.samples_per_prompt))
-    ids, lps = R.teacher_topk(method.tr.teacher.head, batch.pop("teacher_hidden"), 5)
-    batch["teacher"] = {"topk_ids": ids, "topk_logprobs": lps}
-    assert method.split(batch, slice(0, 3))["teacher"]["topk_ids"].shape[0] == 3
+    ids, lps = R.teacher_topk(method.tr.teacher.head, batch.teacher_hidden, 5)
+    batch.teacher_hidden, batch.served = None, {"topk_ids": ids, "topk_logprobs": lps}
+    assert method.split(batch, slice(0, 3)).served["topk_ids"].shape[0] == 3
     loss, grads, _ = grads_of(method, batch, None)
     loss_m, grads_m, _ = grads_of(method, batch, 3)
     torch.testing.assert_close(loss_m, loss, rtol=1e-10, atol=1e-13)

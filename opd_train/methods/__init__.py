@@ -11,17 +11,21 @@ step, `after_step` (EMA teachers), metrics, evaluation and checkpoints.
 """
 from __future__ import annotations
 
-from .base import EMATeacher, Method
+from .base import Batch, EMATeacher, Method
+from .eopd import EOPD
 from .gkd import GKD
 from .gopd import GOPD
 from .grpo import GRPO
+from .iwopd import IWOPD
 from .opd import OPD
 from .opsd import OPSD
 from .sdft import SDFT
 from .sdpo import SDPO
 from .seqkd import SeqKD
 from .sft import SFT
+from .topk_rkl import TopKRKL
 
-METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (SFT, SeqKD, GRPO, GKD, OPD, OPSD, SDFT, SDPO, GOPD)}
+METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (SFT, SeqKD, GRPO, GKD, OPD, EOPD, IWOPD, TopKRKL, OPSD, SDFT,
+                                                           SDPO, GOPD)}
 
-__all__ = ["METHODS", "EMATeacher", "Method"]
+__all__ = ["METHODS", "Batch", "EMATeacher", "Method"]

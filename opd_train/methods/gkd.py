@@ -30,16 +30,17 @@ class GKD(Method):
         b = (self.rollout(examples, self.samples_per_prompt, self.args.gkd_temperature) if on_policy
              else self.reference(examples))
         if self.tr.teacher_server is not None:
-            b["teacher"] = self.tr.teacher_server.score(b["seqs"])
+            b.served = self.tr.teacher_server.score(b.seqs)
+            b.scored_tokens += int(b.seqs.attention_mask.sum())
         else:
-            b["teacher_hidden"] = self.frozen_hidden(self.tr.teacher, b["seqs"])
-        b["on_policy"] = float(on_policy)
+            b.teacher_hidden = self.frozen_hidden(self.tr.teacher, b.seqs, b)
+        b.on_policy = float(on_policy)
         return b
 
     def loss(self, b):
-        s, tr = b["seqs"], self.tr
-        if "teacher" in b:
-            return self.served_loss(self.student_hidden(s), b, "jsd", self.args.gkd_beta), {"on_policy": b["on_policy"]}
-        loss = distill_loss(tr.student, self.student_hidden(s), tr.teacher, b["teacher_hidden"],
+        s, tr = b.seqs, self.tr
+        if b.served is not None:
+            return self.served_loss(self.student_hidden(s), b, "jsd", self.args.gkd_beta), {"on_policy": b.on_policy}
+        loss = distill_loss(tr.student, self.student_hidden(s), tr.teacher, b.teacher_hidden,
                             divergence="jsd", beta=self.args.gkd_beta, mask=s.mask, reduction="sum")
-        return loss / self.norm(b), {"on_policy": b["on_policy"]}
+        return loss / self.norm(b), {"on_policy": b.on_policy}

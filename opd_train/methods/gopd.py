@@ -87,57 +87,58 @@ class GOPD(Method):
     def prepare(self, examples):
         tr = self.tr
         b = self.rollout(examples, self.samples_per_prompt, self.args.temperature)
-        s = b["seqs"]
+        s = b.seqs
         if tr.teacher_server is not None:  # --gopd-loss sampled (cli): the sampled tokens' teacher logprobs
-            b["teacher_logprobs"] = tr.teacher_server.score(s)["logprobs"]
+            b.teacher_logprobs = tr.teacher_server.score(s)["logprobs"]
+            b.scored_tokens += int(s.attention_mask.sum())
             with torch.no_grad():
-                b["ref_logprobs"] = R.token_logprobs(self.ref, self.frozen_hidden(self.ref, s), s)
+                b.ref_logprobs = R.token_logprobs(self.ref, self.frozen_hidden(self.ref, s, b), s)
             return b
         if tr.domain_teachers:  # (every domain has a teacher: checked in __init__)
-            doms = [tr.task.domain(ex) for ex in b["examples"]]
+            doms = [tr.task.domain(ex) for ex in b.examples]
             groups = {d: torch.tensor([i for i, x in enumerate(doms) if x == d], device=tr.device)
                       for d in sorted(set(doms))}
         else:
             groups = {"": slice(None)}  # every row, as views of the batch (no copies)
         # domain -> (its rows, the teacher's hidden states of those rows)
-        b["groups"] = {d: (rows, self.frozen_hidden(self.teachers[d], R.select(s, rows)))
+        b.groups = {d: (rows, self.frozen_hidden(self.teachers[d], R.select(s, rows), b))
                        for d, rows in groups.items()}
-        b["ref_hidden"] = self.frozen_hidden(self.ref, s)
+        b.ref_hidden = self.frozen_hidden(self.ref, s, b)
         if self.args.gopd_loss == "sampled":
             with torch.no_grad():
                 lp_t = None
-                for d, (rows, h_t) in b["groups"].items():
+                for d, (rows, h_t) in b.groups.items():
                     lp = R.token_logprobs(self.teachers[d], h_t, R.select(s, rows))
                     lp_t = lp.new_zeros(s.mask.shape) if lp_t is None else lp_t
                     lp_t[rows] = lp
-                b["teacher_logprobs"] = lp_t
-                b["ref_logprobs"] = R.token_logprobs(self.ref, b["ref_hidden"], s)
+                b.teacher_logprobs = lp_t
+                b.ref_logprobs = R.token_logprobs(self.ref, b.ref_hidden, s)
         return b
 
     def split(self, b, rows: slice):
         """As `Method.split`, with each domain's rows renumbered within the micro-batch."""
-        out = super().split({k: v for k, v in b.items() if k != "groups"}, rows)
+        out = super().split(b, rows)
         groups = {}
-        for d, (idx, h_t) in b["groups"].items():
+        for d, (idx, h_t) in b.groups.items():
             if isinstance(idx, slice):  # every row
                 groups[d] = (idx, h_t[rows])
             else:
                 keep = (idx >= rows.start) & (idx < rows.stop)
                 groups[d] = (idx[keep] - rows.start, h_t[keep])
-        out["groups"] = groups
+        out.groups = groups
         return out
 
     def loss(self, b):
-        s, tr, a = b["seqs"], self.tr, self.args
+        s, tr, a = b.seqs, self.tr, self.args
         h = self.student_hidden(s)
         if a.gopd_loss == "fullvocab":
             total = h.new_zeros(())
-            for d, (rows, h_t) in b["groups"].items():
+            for d, (rows, h_t) in b.groups.items():
                 total = total + gopd_loss(
-                    tr.student, h[rows], self.teachers[d], h_t, self.ref, b["ref_hidden"][rows],
+                    tr.student, h[rows], self.teachers[d], h_t, self.ref, b.ref_hidden[rows],
                     reward_scale=a.gopd_reward_scale, mask=s.mask[rows], reduction="sum")
             return total / self.norm(b), {}
         lp = R.token_logprobs(tr.student, h, s)
         old = self.old_logprobs(b, lp)
-        adv = ok.gopd_advantages(b["teacher_logprobs"], b["ref_logprobs"], old, reward_scale=a.gopd_reward_scale)
+        adv = ok.gopd_advantages(b.teacher_logprobs, b.ref_logprobs, old, reward_scale=a.gopd_reward_scale)
         return self.mean(b, clipped_surrogate(lp, old, adv, a.ppo_clip), s.mask), {}

@@ -57,21 +57,21 @@ class GRPO(Method):
     def prepare(self, examples):
         g, a = self.samples_per_prompt, self.args
         b = self.rollout(examples, g, a.temperature)
-        r = b["rewards"]
+        r = b.rewards
         if a.grpo_reward == "digits":
-            r = torch.tensor([self.tr.task.partial_reward(ex, t) for ex, t in zip(b["examples"], b["texts"])],
+            r = torch.tensor([self.tr.task.partial_reward(ex, t) for ex, t in zip(b.examples, b.texts)],
                              device=r.device)
-        b["advantages"] = group_advantages(r, g, a.grpo_std_norm)
+        b.advantages = group_advantages(r, g, a.grpo_std_norm)
         return b
 
     def loss(self, b):
-        s = b["seqs"]
+        s = b.seqs
         lp = R.token_logprobs(self.tr.student, self.student_hidden(s), s)
         old = self.old_logprobs(b, lp)
-        per = clipped_surrogate(lp, old, b["advantages"][:, None], self.args.ppo_clip)
+        per = clipped_surrogate(lp, old, b.advantages[:, None], self.args.ppo_clip)
         return self.mean(b, per, s.mask, "max_tokens" if self.args.grpo_loss_norm == "max-tokens" else "tokens"), {}
 
     def normalizers(self, b):
-        s = b["seqs"]
+        s = b.seqs
         return {"tokens": s.mask.sum(),
                 "max_tokens": torch.tensor(float(s.mask.shape[0] * self.tr.max_new_tokens), device=s.mask.device)}

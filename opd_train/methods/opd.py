@@ -36,26 +36,27 @@ class OPD(Method):
         tr = self.tr
         b = self.rollout(examples, self.samples_per_prompt, self.args.temperature)
         if tr.teacher_server is not None:  # top-k for fullvocab, only the sampled tokens' logprobs else
-            b["teacher"] = tr.teacher_server.score(b["seqs"])
-            b["teacher_logprobs"] = b["teacher"]["logprobs"]
+            b.served = tr.teacher_server.score(b.seqs)
+            b.scored_tokens += int(b.seqs.attention_mask.sum())
+            b.teacher_logprobs = b.served["logprobs"]
             return b
-        b["teacher_hidden"] = self.frozen_hidden(tr.teacher, b["seqs"])
+        b.teacher_hidden = self.frozen_hidden(tr.teacher, b.seqs, b)
         if self.args.opd_loss == "sampled":
             with torch.no_grad():
-                b["teacher_logprobs"] = R.token_logprobs(tr.teacher, b["teacher_hidden"], b["seqs"])
+                b.teacher_logprobs = R.token_logprobs(tr.teacher, b.teacher_hidden, b.seqs)
         return b
 
     def loss(self, b):
-        s, tr = b["seqs"], self.tr
+        s, tr = b.seqs, self.tr
         h = self.student_hidden(s)
-        if self.args.opd_loss == "fullvocab" and "teacher" in b:
+        if self.args.opd_loss == "fullvocab" and b.served is not None:
             return self.served_loss(h, b, "reverse_kl"), {}
         if self.args.opd_loss == "fullvocab":
-            loss = distill_loss(tr.student, h, tr.teacher, b["teacher_hidden"], divergence="reverse_kl",
+            loss = distill_loss(tr.student, h, tr.teacher, b.teacher_hidden, divergence="reverse_kl",
                                 mask=s.mask, reduction="sum")
             return loss / self.norm(b), {}
         lp = R.token_logprobs(tr.student, h, s)
         old = self.old_logprobs(b, lp)
-        adv = b["teacher_logprobs"] - old  # −(per-token reverse KL estimate), detached
+        adv = b.teacher_logprobs - old  # −(per-token reverse KL estimate), detached
         loss = self.mean(b, -torch.exp(lp - old) * adv, s.mask)
         return loss, {"reverse_kl": ((-adv * s.mask).sum() / s.mask.sum().clamp(min=1)).item()}

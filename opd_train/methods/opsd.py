@@ -43,13 +43,13 @@ class OPSD(Method):
 
     def prepare(self, examples):
         b = self.rollout(examples, self.samples_per_prompt, self.args.temperature)
-        ctx = [self.tr.task.with_context(ex, "solution") for ex in b["examples"]]
-        b["teacher_hidden"] = self.frozen_hidden(self.teacher, self.repack(b["seqs"], ctx))
+        ctx = [self.tr.task.with_context(ex, "solution") for ex in b.examples]
+        b.teacher_hidden = self.frozen_hidden(self.teacher, self.repack(b.seqs, ctx), b)
         return b
 
     def loss(self, b):
-        s, tr, a = b["seqs"], self.tr, self.args
-        per = distill_loss(tr.student, self.student_hidden(s), self.teacher, b["teacher_hidden"],
+        s, tr, a = b.seqs, self.tr, self.args
+        per = distill_loss(tr.student, self.student_hidden(s), self.teacher, b.teacher_hidden,
                            divergence=a.opsd_divergence, beta=a.opsd_beta, mask=s.mask, reduction="none")
         if a.opsd_clip is not None:
             per = per.clamp(max=a.opsd_clip)  # clipped tokens give no gradient

@@ -23,4 +23,4 @@ class SeqKD(Method):
         return self.rollout(examples, 1, self.args.temperature, model=self.tr.teacher.model)
 
     def loss(self, b):
-        return sft_loss(self.tr.student, b["seqs"], self.tr.student_fwd, self.norm(b)), {}
+        return sft_loss(self.tr.student, b.seqs, self.tr.student_fwd, self.norm(b)), {}

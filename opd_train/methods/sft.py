@@ -24,4 +24,4 @@ class SFT(Method):
         return self.reference(examples)
 
     def loss(self, b):
-        return sft_loss(self.tr.student, b["seqs"], self.tr.student_fwd, self.norm(b)), {}
+        return sft_loss(self.tr.student, b.seqs, self.tr.student_fwd, self.norm(b)), {}

@@ -10,6 +10,10 @@
   path as any GRPO run.
 * **Domain experts** (`bundled_experts`, a preset's ``experts``: domain -> ``"teacher"`` or a
   `ModelSpec`) for the multi-teacher run (``--domain-teacher``).
+* **A strong teacher** (`bundled_strong_teacher`, a preset's ``strong_teacher``: ``"teacher"`` or a
+  `ModelSpec`): a teacher better than what GRPO reaches on the student, the regime of the
+  "OPD reaches RL's accuracy at a fraction of the compute" claim (Qwen3's 32B teacher for an 8B
+  student).
 
 In the ``bench`` preset (`opd_train.cli`) the teacher is imperfect by construction: it is
 pre-trained only on additions without a carry chain (``chain_free``; 41% of held-out additions
@@ -92,3 +96,12 @@ def bundled_experts(preset: dict, task, log=print) -> dict[str, Path]:
     return {domain: bundled_teacher(preset, task, log) if spec == "teacher"
             else get_pretrained("teacher", spec, task, PRETRAIN_SEED, log)
             for domain, spec in preset.get("experts", {}).items()}
+
+
+def bundled_strong_teacher(preset: dict, task, log=print) -> Path | None:
+    """The directory of a preset's ``strong_teacher`` (``"teacher"``: the preset's teacher), or None."""
+    spec = preset.get("strong_teacher")
+    if spec is None:
+        return None
+    return bundled_teacher(preset, task, log) if spec == "teacher" else get_pretrained("teacher", spec, task,
+                                                                                         PRETRAIN_SEED, log)
