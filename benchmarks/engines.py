@@ -83,6 +83,35 @@ def rollout_rows(size: str, path: Path, batch: int, max_new_tokens: int, repeat:
     return rows
 
 
+def summary(data: dict) -> str:
+    """The README's engines table (``<!-- engines: DIR -->``; tests/test_readme.py checks it)."""
+    m = data["meta"]
+    rows = ["| model | what | HF / in-process | vLLM | vLLM ÷ HF time |", "|---|---|---|---|---|"]
+    for size in dict.fromkeys(r["size"] for r in data["rollout"]):
+        ro = {r["engine"]: r for r in data["rollout"] if r["size"] == size}
+        params = f"{size} ({ro['hf']['params'] / 1e6:.1f}M)"
+        rows.append(f"| {params} | rollout, {ro['hf']['batch']} prompts × ≤ {ro['hf']['max_new_tokens']} tokens "
+                    f"| {ro['hf']['seconds_per_call'] * 1e3:.0f} ms ({ro['hf']['completion_tokens_per_s']:.0f} tok/s) "
+                    f"| {ro['vllm']['seconds_per_call'] * 1e3:.0f} ms ({ro['vllm']['completion_tokens_per_s']:.0f} tok/s) "
+                    f"| {ro['vllm']['seconds_per_call'] / ro['hf']['seconds_per_call']:.2f}× |")
+        for k in dict.fromkeys(r["k"] for r in data["scoring"] if r["size"] == size):
+            sc = {r["side"]: r for r in data["scoring"] if r["size"] == size and r["k"] == k}
+            rows.append(f"| {params} | teacher scoring, K={k}, {sc['server']['tokens']} tokens "
+                        f"| {sc['in-process']['seconds_per_call'] * 1e3:.0f} ms "
+                        f"({sc['in-process']['tokens_per_s']:.0f} tok/s) "
+                        f"| {sc['server']['seconds_per_call'] * 1e3:.0f} ms ({sc['server']['tokens_per_s']:.0f} tok/s) "
+                        f"| {sc['server']['seconds_per_call'] / sc['in-process']['seconds_per_call']:.2f}× |")
+    starts = ", ".join(f"{r['size']} {r['engine_start_s']:.1f} s" for r in data["rollout"] if "engine_start_s" in r)
+    syncs = ", ".join(f"{r['size']} {r['weight_sync_s'] * 1e3:.0f} ms" for r in data["rollout"] if "weight_sync_s" in r)
+    ups = ", ".join(f"{r['size']} {r['server_start_s']:.0f} s" for r in data["servers"])
+    rows.append("")
+    rows.append(f"Medians of {m['command']} on {m['device']}, torch {m['torch']}, vLLM {m['vllm']}, {m['date']} "
+                f"(load average {m['load_average_at_start']:.1f} at the start, {m['load_average_at_end']:.1f} at the "
+                f"end). Paid once or per step: engine start {starts}; weight sync {syncs}; server start to "
+                f"/health {ups}.")
+    return "\n".join(rows)
+
+
 def main(argv=None) -> None:
     import run
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -75,3 +75,16 @@ def test_readme_main_job_table_is_the_committed_runs():
         assert files, f"no committed summaries match docs/measurements/{pattern}"
         assert text == readme_table([json.loads(f.read_text()) for f in files]), (
             "README main-job table differs from docs/measurements: rerun its rendering")
+
+
+ENGINES = table.readme_blocks(README, tag="engines")
+
+
+def test_readme_engines_table_matches_results():
+    """The HF-vs-vLLM throughput table is what engines.json renders to."""
+    import engines
+
+    assert ENGINES, "README.md has no <!-- engines: DIR --> block"
+    for run_dir, shown in ENGINES:
+        data = json.loads((ROOT / run_dir / "engines.json").read_text())
+        assert shown == engines.summary(data), f"README engines table differs from {run_dir}/engines.json"
