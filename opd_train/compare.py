@@ -101,6 +101,9 @@ def main(argv=None) -> int:
     p.add_argument("--claims", action="store_true", help="check the headline claims over --seeds instead")
     p.add_argument("--tune", action="store_true",
                    help="--claims: choose each run's lr from a shared grid on the validation split first")
+    p.add_argument("--tune-only", nargs="+", metavar="RUN",
+                   help="--claims --tune: tune only these runs (names as in the runs table); the others keep "
+                        "their committed lr")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4],
                    help="seeds of --claims (the verdicts' t intervals need at least 2; 5 by default)")
     p.add_argument("--report", action="store_true",
@@ -122,12 +125,14 @@ def main(argv=None) -> int:
     if args.preset is None:
         args.preset = "bench" if args.claims else "default"
     out = Path(args.out or ("runs/claims" if args.claims else "runs/compare"))
+    if args.tune_only and not (args.claims and args.tune):
+        p.error("--tune-only needs --claims --tune")
     if args.claims:
         from .claims import run_claims
 
         docs = None if args.no_docs or args.preset == "smoke" else Path(__file__).resolve().parents[1] / "docs" / "compare"
         print(run_claims(args.preset, args.seeds, args.steps, out, [a for a in args.extra if a != "--"], docs,
-                         tuned=args.tune, workers=args.jobs, report_only=args.report))
+                         tuned=args.tune, workers=args.jobs, report_only=args.report, tune_only=args.tune_only))
         print(f"wrote {out / 'claims.md'}" + (f" (and copied it to {docs})" if docs else ""))
         return 0
     out.mkdir(parents=True, exist_ok=True)

@@ -31,8 +31,9 @@ __all__ = ["report", "run_claims", "runs", "verdict"]
 
 
 def run_claims(preset: str, seeds: list[int], steps: int | None, out: Path, extra: list[str],
-               docs: Path | None, log=print, tuned: bool = False, workers: int = 1, report_only: bool = False) -> str:
-    """Tune (``tuned``), train every run per seed and write the tables; with ``report_only``, train
+               docs: Path | None, log=print, tuned: bool = False, workers: int = 1, report_only: bool = False,
+               tune_only: list[str] | None = None) -> str:
+    """Tune (``tuned``; only the runs ``tune_only`` when given, the others keeping their committed lr), train every run per seed and write the tables; with ``report_only``, train
     nothing and rebuild the tables from the runs already in ``out`` (each checked against the
     options it should have been run with)."""
     p = cli.PRESETS[preset]
@@ -44,8 +45,15 @@ def run_claims(preset: str, seeds: list[int], steps: int | None, out: Path, extr
     if tuned and report_only:
         raise ValueError("--tune with --report: a report trains nothing")
     grid = ", ".join(f"{x:g}" for x in runs.LR_GRID)
+    if tune_only and set(tune_only) - set(names):
+        raise ValueError(f"--tune-only: unknown or unmeasurable runs {sorted(set(tune_only) - set(names))}")
     if tuned:
-        lrs = runs.tune(shared, out, log, names, paths, workers)
+        lrs = runs.tune(shared, out, log, [n for n in names if not tune_only or n in tune_only], paths, workers)
+        if tune_only:
+            lrs = {**runs.tuned_lrs(preset, steps), **lrs}
+            missing = [n for n in names if n not in lrs]
+            if missing:
+                raise ValueError(f"--tune-only: runs {missing} have no committed lr; tune them too")
         if docs is not None:  # the chosen values become the committed defaults of this preset and budget
             table_ = json.loads(runs.TUNED_LRS.read_text()) if runs.TUNED_LRS.exists() else {}
             table_[preset] = {"steps": steps, "grid": list(runs.LR_GRID), "seed": runs.TUNE_SEED, "lr": lrs}
