@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM
 import opd_kernels as ok
 
 from .. import rollout as R
+from ..argtypes import rate
 from ..lm import autocast, full
 
 
@@ -208,13 +209,50 @@ class Method:
     def old_logprobs(self, batch: Batch, logprobs: torch.Tensor) -> torch.Tensor:
         """``log π_old`` of the sampled tokens: the policy that sampled them.
 
-        There is no separate inference engine, so the first update's forward runs at the
-        sampling weights and its (detached) logprobs are the sampler's; later epochs over the
-        same batch (``--epochs-per-batch``) reuse them, making importance ratios meaningful.
+        The first update's forward runs at the weights that sampled (HF ``generate`` on the
+        student, or a ``--rollout-engine vllm`` engine synced to it after every step), so its
+        (detached) logprobs are the sampler's, recomputed; the vLLM engine's own logprobs are not
+        used. Later epochs over the same batch (``--epochs-per-batch``) reuse them, making
+        importance ratios meaningful.
         """
         if batch.old_logprobs is None:
             batch.old_logprobs = logprobs.detach()
         return batch.old_logprobs
+
+
+class SelfTeacherMethod(Method):
+    """A method whose teacher is the student shown privileged context (SDFT, SDPO): the student frozen
+    at initialisation (``--NAME-teacher frozen``, the default) or, as the papers run it, an EMA of the
+    student (``--NAME-teacher ema``, rate ``--NAME-ema``). Each evaluation row logs the teacher's
+    greedy accuracy with the demonstration in context (``teacher_context_accuracy``)."""
+    teacher = "self"
+    ema_rate: float       # the paper's EMA rate per step (the --NAME-ema default)
+    ema_measured: str     # what the EMA teacher did on the bench preset (its --help)
+
+    @classmethod
+    def add_teacher_options(cls, g) -> None:
+        g.add_argument(f"--{cls.name}-teacher", choices=("ema", "frozen"), default="frozen",
+                       help=f"frozen: the initial student (default: it learns on the bench preset, {MEASURED}); "
+                            f"ema: tracks the student at --{cls.name}-ema (the paper's recipe; {cls.ema_measured})")
+        g.add_argument(f"--{cls.name}-ema", type=rate, default=cls.ema_rate, help="EMA rate of the self-teacher per step")
+
+    def __init__(self, tr):
+        super().__init__(tr)
+        opts = vars(self.args)
+        self.ema = EMATeacher(tr.student.model, opts[f"{self.name}_ema"], tr.vocab_size,
+                              frozen=opts[f"{self.name}_teacher"] == "frozen", compute_dtype=tr.student.compute_dtype)
+
+    def after_step(self):
+        self.ema.update(self.tr.student.model)
+
+    def eval_metrics(self):
+        return {"teacher_context_accuracy": self.context_accuracy(self.ema.model, "demo")}
+
+    def state_dict(self):
+        return {"ema": self.ema.state_dict()}
+
+    def load_state_dict(self, state):
+        self.ema.load_state_dict(state["ema"])
 
 
 class EMATeacher:

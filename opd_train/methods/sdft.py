@@ -18,34 +18,26 @@ warmup and cosine decay (``--lr-schedule cosine --warmup-steps N``).
 """
 from __future__ import annotations
 
-from ..argtypes import nonneg_int, rate
+from ..argtypes import nonneg_int
 from ..lm import distill_loss
-from .base import MEASURED, EMATeacher, Method
+from .base import SelfTeacherMethod
 
 
-class SDFT(Method):
+class SDFT(SelfTeacherMethod):
     name = "sdft"
     summary = "self-distillation fine-tuning: the student (frozen, or the paper's EMA), shown a demonstration, as teacher"
     paper = "Shenfeld et al., 2026"
-    teacher = "self"
+    ema_rate = 0.01
+    ema_measured = ("on the bench preset, 300 steps, 5 seeds, it ended at 81.6-87.1%% against frozen's 100%%, "
+                    "docs/compare/claims_runs.md; with an earlier pre-trained student it lost its in-context "
+                    "ability and ended near 11%%, claims_runs.md at 0ec8b3d")
 
-    @staticmethod
-    def add_options(g):
-        g.add_argument("--sdft-teacher", choices=("ema", "frozen"), default="frozen",
-                       help="frozen: the initial student (default: it learns on the bench preset, "
-                            f"{MEASURED}); ema: tracks the student at --sdft-ema (the paper's recipe; on the bench "
-                            "preset, 300 steps, 5 seeds, it ended at 81.6-87.1%% against frozen's 100%%, "
-                            "docs/compare/claims_runs.md; with an earlier pre-trained student it lost its "
-                            "in-context ability and ended near 11%%, claims_runs.md at 0ec8b3d)")
-        g.add_argument("--sdft-ema", type=rate, default=0.01, help="EMA rate of the self-teacher per step")
+    @classmethod
+    def add_options(cls, g):
+        cls.add_teacher_options(g)
         g.add_argument("--sdft-skip-tokens", type=nonneg_int, default=0,
                        help="leading completion tokens left out (the reference skips 3; bundled answers have "
                             "no preamble)")
-
-    def __init__(self, tr):
-        super().__init__(tr)
-        self.ema = EMATeacher(tr.student.model, self.args.sdft_ema, tr.vocab_size,
-                              frozen=self.args.sdft_teacher == "frozen", compute_dtype=tr.student.compute_dtype)
 
     def prepare(self, examples):
         b = self.rollout(examples, self.samples_per_prompt, self.args.temperature)
@@ -67,15 +59,3 @@ class SDFT(Method):
 
     def normalizers(self, b):
         return {"tokens": self.distilled(b.seqs).sum()}
-
-    def after_step(self):
-        self.ema.update(self.tr.student.model)
-
-    def eval_metrics(self):
-        return {"teacher_context_accuracy": self.context_accuracy(self.ema.model, "demo")}
-
-    def state_dict(self):
-        return {"ema": self.ema.state_dict()}
-
-    def load_state_dict(self, state):
-        self.ema.load_state_dict(state["ema"])

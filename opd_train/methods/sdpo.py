@@ -40,8 +40,8 @@ import torch
 
 from .. import rollout as R
 from ..lm import sparse_distill_loss
-from ..argtypes import pos_float, pos_int, rate, unit
-from .base import MEASURED, EMATeacher, Method
+from ..argtypes import pos_float, pos_int, unit
+from .base import SelfTeacherMethod
 from .grpo import clipped_surrogate, group_advantages
 
 
@@ -64,22 +64,19 @@ def teacher_contexts(task, examples, texts, rewards, group: int, feedback: str):
     return out
 
 
-class SDPO(Method):
+class SDPO(SelfTeacherMethod):
     name = "sdpo"
     summary = "self-distillation policy optimization: a self-teacher (frozen, or the paper's EMA) shown feedback or a successful sibling"
     paper = "Hübotter et al., 2026"
     default_samples_per_prompt = 8
-    teacher = "self"
+    ema_rate = 0.05
+    ema_measured = ("on the bench preset, 300 steps, 5 seeds, it ended at 64.8-75.4%% against frozen's 98.0-100%%, "
+                    "docs/compare/claims_runs.md; with an earlier pre-trained student it lost its in-context "
+                    "ability and fell to 0%%, claims_runs.md at 0ec8b3d")
 
-    @staticmethod
-    def add_options(g):
-        g.add_argument("--sdpo-teacher", choices=("ema", "frozen"), default="frozen",
-                       help="frozen: the initial student (default: it learns on the bench preset, "
-                            f"{MEASURED}); ema: tracks the student at --sdpo-ema (the paper's recipe; on the bench "
-                            "preset, 300 steps, 5 seeds, it ended at 64.8-75.4%% against frozen's 98.0-100%%, "
-                            "docs/compare/claims_runs.md; with an earlier pre-trained student it lost its "
-                            "in-context ability and fell to 0%%, claims_runs.md at 0ec8b3d)")
-        g.add_argument("--sdpo-ema", type=rate, default=0.05, help="EMA rate of the self-teacher per step")
+    @classmethod
+    def add_options(cls, g):
+        cls.add_teacher_options(g)
         g.add_argument("--sdpo-topk", type=pos_int, default=100, help="top-k ids distilled (capped at the vocabulary)")
         g.add_argument("--sdpo-topk-from", choices=("student", "teacher"), default="student",
                        help="whose top-k ids (the reference takes the student's)")
@@ -92,11 +89,6 @@ class SDPO(Method):
                        help="distil only samples with a teacher context (the reference's self_distillation_mask)")
         g.add_argument("--sdpo-distill-weight", type=unit, default=1.0,
                        help="w in (1-w) GRPO + w self-distillation (1: pure SDPO)")
-
-    def __init__(self, tr):
-        super().__init__(tr)
-        self.ema = EMATeacher(tr.student.model, self.args.sdpo_ema, tr.vocab_size,
-                              frozen=self.args.sdpo_teacher == "frozen", compute_dtype=tr.student.compute_dtype)
 
     def prepare(self, examples):
         g, a = self.samples_per_prompt, self.args
@@ -133,15 +125,3 @@ class SDPO(Method):
 
     def normalizers(self, b):
         return {"tokens": b.seqs.mask.sum(), "distilled": b.sd_mask.sum()}
-
-    def after_step(self):
-        self.ema.update(self.tr.student.model)
-
-    def eval_metrics(self):  # the self-teacher's greedy accuracy shown a right answer (a sibling's view)
-        return {"teacher_context_accuracy": self.context_accuracy(self.ema.model, "demo")}
-
-    def state_dict(self):
-        return {"ema": self.ema.state_dict()}
-
-    def load_state_dict(self, state):
-        self.ema.load_state_dict(state["ema"])
