@@ -23,6 +23,7 @@ step k is logged.
 """
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -147,6 +148,11 @@ def run(args) -> dict:
     if tr.rollout_engine is not None:
         tr.rollout_engine.close()
     if own_group and dist.is_initialized():
+        # DDP's reducer holds the process group: freed later, after a peer has exited, gloo's
+        # destructor can wait on it forever. Every process releases it here, together, first.
+        distributed.barrier(world)
+        tr.student_fwd = None
+        gc.collect()
         dist.destroy_process_group()
     return summary
 
