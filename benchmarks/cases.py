@@ -14,9 +14,10 @@ Providers:
   the warm-up; the batch dimension is marked dynamic so one compile serves every N).
 * ``torch`` / ``triton`` / ``cuda``: ``opd_kernels`` with ``impl=`` that backend.
 * peers (``peers.py``): ``liger_chunked`` (Liger-Kernel's ``chunked_loss``, torch.compile),
-  ``liger`` (Liger-Kernel's Triton ops, CUDA only), ``cce`` (Cut-Cross-Entropy), ``trl`` (TRL's
-  ``generalized_jsd_loss`` / ``selective_log_softmax`` on full logits), ``trl_chunked`` (TRL's
-  fused-linear ``trl.kernels``: chunked divergence and chunked logprobs), when importable.
+  ``liger_chunked_eager`` (the same, ``compiled=False``), ``liger`` (Liger-Kernel's Triton ops,
+  CUDA only), ``cce`` (Cut-Cross-Entropy), ``trl`` (TRL's ``generalized_jsd_loss`` /
+  ``selective_log_softmax`` on full logits), ``trl_chunked`` (TRL's fused-linear
+  ``trl.kernels``: chunked divergence and chunked logprobs), when importable.
 """
 from __future__ import annotations
 

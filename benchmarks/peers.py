@@ -11,6 +11,8 @@ quantity as ``opd_kernels`` (mean per-row divergence, or per-token logprobs), or
   ``KL(student || teacher)`` = our ``reverse_kl``, otherwise ``M = beta*teacher + (1-beta)*student``
   and ``beta*KL(teacher||M) + (1-beta)*KL(student||M)`` = our ``jsd`` with the same beta
   (checked numerically in ``test_peers.py``). Fused-linear distillation only.
+* ``liger_chunked_eager``: the same ``LigerFusedLinearJSDLoss`` with ``compiled=False`` (its chunks
+  run eagerly: no compile on the first call, no inductor kernels after it).
 * ``liger``: Liger-Kernel's Triton ops (CUDA only): ``LigerFusedLinearJSD`` (same beta
   convention), ``LigerKLDIVLoss`` (forward KL on log-probs), ``LigerJSD`` (reverse KL as beta=1,
   JSD) on ``log_softmax`` of the logits, ``Liger(FusedLinear)CrossEntropyLoss`` for token logprobs.
@@ -37,7 +39,7 @@ import os
 
 import torch
 
-PEERS = ("liger_chunked", "liger", "cce", "trl", "trl_chunked")
+PEERS = ("liger_chunked", "liger_chunked_eager", "liger", "cce", "trl", "trl_chunked")
 COMPILED = ("liger_chunked", "cce")  # compile (or JIT) on first call: their first-call time is reported
 
 
@@ -93,7 +95,7 @@ def missing(op: str, provider: str, device) -> str | None:
     """Why ``provider`` cannot run ``op`` on ``device``, known without importing it (else None)."""
     if op.endswith("gopd_loss"):
         return f"{provider} has no G-OPD loss"
-    if provider == "liger_chunked" and op != "fused_linear_distill_loss":
+    if provider in ("liger_chunked", "liger_chunked_eager") and op != "fused_linear_distill_loss":
         return f"Liger chunked_loss has no {op} (fused-linear distillation only)"
     if provider == "trl_chunked" and not op.startswith("fused_linear_"):
         return f"trl.kernels has no {op} (fused-linear divergence and token logprobs only)"
@@ -124,10 +126,10 @@ def build(op: str, divergence, provider: str, device, *, beta: float, temperatur
     if provider == "trl_chunked":
         return _trl_chunked(op, divergence, beta, temperature)
 
-    if provider == "liger_chunked":
+    if provider in ("liger_chunked", "liger_chunked_eager"):
         cls = _import("liger_chunked", "liger-kernel")
         mod = cls(weight_hard_loss=0.0, weight_soft_loss=1.0, beta=liger_beta(divergence, beta),
-                  temperature=temperature, compiled=True)
+                  temperature=temperature, compiled=provider == "liger_chunked")
         return lambda x: mod(x["student_hidden"], x["student_weight"], x["teacher_hidden"], x["teacher_weight"],
                              x["targets"])
 

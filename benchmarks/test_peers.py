@@ -18,7 +18,7 @@ TOL64 = dict(rtol=1e-11, atol=1e-11)
 # (provider, op, divergence) for every case a peer offers
 CASES = [(p, op, div) for p in peers.PEERS for op in cases.OPS for div in cases.divergences(op)
          if not op.endswith("gopd_loss")
-         and not (p == "liger_chunked" and op != "fused_linear_distill_loss")
+         and not (p in ("liger_chunked", "liger_chunked_eager") and op != "fused_linear_distill_loss")
          and not (p == "cce" and op != "fused_linear_token_logprobs")
          and not (p == "trl_chunked" and not cases.is_fused(op))]
 
@@ -36,9 +36,9 @@ def _tolerance(provider, dtype):
         return torch.float32, dict(rtol=2e-5, atol=2e-5), dict(rtol=2e-5, atol=2e-5)
     if provider == "trl_chunked":  # float32 tiles and statistics (Triton or torch) whatever the input dtype
         return torch.float32, dict(rtol=2e-5, atol=2e-6), dict(rtol=2e-5, atol=2e-6)
-    if provider == "liger" or (provider == "liger_chunked" and CUDA):  # Triton: fp32 math
+    if provider == "liger" or (provider.startswith("liger_chunked") and CUDA):  # Triton: fp32 math
         return torch.float32, dict(rtol=1e-4, atol=1e-5), dict(rtol=1e-4, atol=1e-5)
-    if provider == "liger_chunked":
+    if provider.startswith("liger_chunked"):  # compiled or eager
         # float64 throughout, except the loss: Liger sums the chunk losses into
         # torch.zeros(()) (default dtype, float32), so the returned loss is float32-rounded.
         return torch.float64, dict(rtol=1e-6, atol=1e-9), TOL64
@@ -76,6 +76,7 @@ def test_liger_beta_mapping_is_the_endpoint_convention():
 @pytest.mark.parametrize("provider,op,why", [
     ("liger_chunked", "distill_loss", "no distill_loss"),
     ("liger_chunked", "fused_linear_gopd_loss", "no G-OPD"),
+    ("liger_chunked_eager", "fused_linear_token_logprobs", "no fused_linear_token_logprobs"),
     ("cce", "fused_linear_distill_loss", "no fused_linear_distill_loss"),
     ("trl", "gopd_loss", "no G-OPD"),
     ("trl_chunked", "distill_loss", r"trl.kernels has no distill_loss \(fused-linear divergence and token logprobs"),

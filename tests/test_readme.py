@@ -88,3 +88,25 @@ def test_readme_engines_table_matches_results():
     for run_dir, shown in ENGINES:
         data = json.loads((ROOT / run_dir / "engines.json").read_text())
         assert shown == engines.summary(data), f"README engines table differs from {run_dir}/engines.json"
+
+
+RACE = table.readme_blocks(README, tag="race")
+
+
+def check_race_blocks(blocks: list[tuple[str, str]], root: Path) -> None:
+    """Each `<!-- race: DIR -->` block is what DIR/race.json renders to (benchmarks/race_report.py)."""
+    import race_report
+
+    for run_dir, shown in blocks:
+        path = root / run_dir / "race.json"
+        assert path.is_file(), f"README.md has a race block for {run_dir}, but {run_dir}/race.json is not committed"
+        data = json.loads(path.read_text())
+        assert not data["meta"].get("partial"), f"{run_dir}/race.json holds a partial (killed) race"
+        assert shown == race_report.summary(data), (
+            f"README race table differs from {run_dir}/race.json: "
+            f"run `python benchmarks/race_report.py {run_dir} --readme README.md`")
+
+
+def test_readme_race_table_matches_results():
+    """The CPU race table, where the README has one (none until a race.json is committed)."""
+    check_race_blocks(RACE, ROOT)
