@@ -49,7 +49,7 @@ def _check(out32, out64, inputs32, inputs64, up):
 
 @pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])
 def test_fused_distill_scalar_loss(compiled, divergence):
-    """reduction="mean": statistics and gradient in one compiled pass (``rows_and_grad``)."""
+    """reduction="mean": statistics and gradient in one compiled pass (``rows_and_grad_``)."""
     hs, ws, bs, ht, wt = _models()
     x32 = _f32(hs, ws, bs, ht, wt, grad=(0, 1))
     x64 = [x.clone().requires_grad_(i in (0, 1)) for i, x in enumerate((hs, ws, bs, ht, wt))]
@@ -58,7 +58,7 @@ def test_fused_distill_scalar_loss(compiled, divergence):
     s64, t64 = (x64[0] @ x64[1].T + x64[2]), x64[3] @ x64[4].T
     out64 = oracle.reduce(oracle.divergence_rows(s64, t64, divergence, beta=0.4, T=T), _mask(), "mean")
     _check(out32, out64, x32[:2], x64[:2], torch.tensor(1.7, dtype=torch.float64))
-    assert compiled == ["both"]
+    assert compiled == ["both_"]
 
 
 def test_fused_gopd_per_token(compiled):
@@ -71,7 +71,7 @@ def test_fused_gopd_per_token(compiled):
     s64, t64, r64 = x64[0] @ x64[1].T, x64[2] @ x64[3].T, x64[4] @ x64[5].T
     out64 = oracle.divergence_rows(s64, t64, "reverse_kl", T=T, r=r64, lam=1.25)
     _check(out32, out64, x32[:2], x64[:2], torch.randn(N, dtype=torch.float64))
-    assert compiled == ["rows", "grad"]
+    assert compiled == ["rows", "grad_"]
 
 
 def test_fused_token_logprobs_with_entropy(compiled):
@@ -88,7 +88,28 @@ def test_fused_token_logprobs_with_entropy(compiled):
     up = torch.randn(N, dtype=torch.float64)
     _check(torch.stack([lp32[keep], ent32[keep]]), torch.stack([lp64[keep], ent64[keep]]), x32[:2], x64[:2],
            torch.stack([up[keep], -up[keep]]))
-    assert compiled == ["rows", "grad"]
+    assert compiled == ["rows", "grad_"]  # entropy asked for: nothing kept (rule 4)
+
+
+@pytest.mark.parametrize("keep_bytes", [2**30, 0])
+def test_fused_token_logprobs_kept_gradient(compiled, monkeypatch, keep_bytes):
+    """No entropy: the unit gradient ``[N, V]`` is kept from forward (one compiled pass) and backward is
+    two GEMMs on it (rule 4); with ``KEEP_BYTES = 0`` the logits are recomputed instead. Both agree
+    with float64, for an upstream with zeros (masked rows), an ignored and a banned target, a bias."""
+    monkeypatch.setattr(_decide, "KEEP_BYTES", keep_bytes)
+    hs, ws, bs, *_ = _models()
+    y = torch.randint(0, V, (N,))
+    y[4], y[9] = -100, 3
+    x32 = _f32(hs, ws, bs, grad=(0, 1, 2))
+    x64 = [x.clone().requires_grad_() for x in (hs, ws, bs)]
+    lp32 = ok.fused_linear_token_logprobs(x32[0], x32[1], y, bias=x32[2], temperature=T, impl="torch")
+    lp64, _ = oracle.token_logprobs(x64[0] @ x64[1].T + x64[2], y, T=T)
+    assert torch.isneginf(lp32[9]) and lp32[4] == 0
+    keep = torch.arange(N) != 9
+    up = torch.randn(N, dtype=torch.float64) * _mask()
+    up[9] = 0.0
+    _check(lp32[keep], lp64[keep], x32, x64, up[keep])
+    assert compiled == (["both_"] if keep_bytes else ["rows", "grad_"])
 
 
 def test_fused_sparse_log_normalizer(compiled):
@@ -102,7 +123,7 @@ def test_fused_sparse_log_normalizer(compiled):
     out64 = oracle.reduce(oracle.sparse_rows(x64[0] @ x64[1].T, ids, tlp, "jsd"), torch.ones(N, dtype=torch.bool),
                           "mean")
     _check(out32, out64, x32, x64, torch.tensor(0.6, dtype=torch.float64))
-    assert compiled == ["rows", "grad"]
+    assert compiled == ["both_"]  # the log-normalizer's unit gradient is kept (rule 4)
 
 
 def test_logits_level_distill_and_eager_agree(compiled, monkeypatch):
@@ -140,7 +161,7 @@ def test_compiled_fused_scalar_loss(compiled):
     out = ok.fused_linear_distill_loss(ours[0], ours[1], ours[3], ours[4], student_bias=ours[2], teacher_bias=ours[5],
                                        divergence="reverse_kl", temperature=tc.TEMP, mask=mask, impl="torch", **tc.kw(cfg))
     tc.check(out, tc.fused_oracle(refs, cfg, "reverse_kl", mask, "mean"), ours, refs, torch.float32)
-    assert compiled == ["both"]
+    assert compiled == ["both_"]
 
 
 @pytest.mark.filterwarnings("ignore")

@@ -158,6 +158,7 @@ def test_no_full_logits_buffer(monkeypatch):
         fn = getattr(torch_backend, name)
         monkeypatch.setattr(torch_backend, name, lambda s, *a, _fn=fn, **k: (seen.append(s.shape), _fn(s, *a, **k))[1])
     monkeypatch.setattr(_chunks, "CHUNK_BYTES", 64 * 1000 * 4)  # 64 rows of V=1000 fp32
+    monkeypatch.setattr(_chunks, "CPU_MIN_ROWS", 1)
     N, V, d = 1000, 1000, 16
     hs, ws = rand(N, d, grad=True), rand(V, d, grad=True)
     for reduction in ("mean", "none"):
@@ -180,6 +181,7 @@ def test_chunked_path_allocates_no_NxV(monkeypatch, kind, beta):
     from opd_kernels.ops import _fused
     from opd_kernels.ops._spec import RowSpec
     monkeypatch.setattr(_chunks, "CHUNK_BYTES", 64 * 1000 * 4)  # 64 rows of V=1000 fp32
+    monkeypatch.setattr(_chunks, "CPU_MIN_ROWS", 1)
     N, V, d = 1000, 1000, 16
     models = (rand(N, d), rand(V, d), rand(V), rand(N, d), rand(V, d), None, None, None, None)
     g = torch.full((N, 2), 1.0 / N)
@@ -318,10 +320,10 @@ def test_empty_batch(divergence, reduction):
 
 def test_accumulate_low_precision_weight():
     """GEMMs run in the weight's dtype (bf16 on GPU) and accumulate into fp32 buffers."""
-    from opd_kernels.ops import _fused
+    from opd_kernels.ops import _gemm
     h, w, gs = torch.randn(5, 8), torch.randn(7, 8).bfloat16(), torch.randn(5, 7)
     bufs = (torch.zeros(5, 8), torch.zeros(7, 8), torch.zeros(7))
-    _fused.accumulate_grads(gs, h, w, 0, 5, bufs)
+    _gemm.accumulate_grads(gs, h, w, 0, 5, bufs)
     torch.testing.assert_close(bufs[1], (gs.bfloat16().T @ h.bfloat16()).float())
     torch.testing.assert_close(bufs[0], (gs.bfloat16() @ w).float())
     torch.testing.assert_close(bufs[2], gs.sum(0))

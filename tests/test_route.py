@@ -14,7 +14,7 @@ import pytest  # noqa: E402
 import helpers  # noqa: E402
 import opd_kernels as ok  # noqa: E402
 from opd_kernels import _chunks  # noqa: E402
-from opd_kernels.ops import _fused, _route  # noqa: E402
+from opd_kernels.ops import _fused, _gemm, _route  # noqa: E402
 from opd_kernels.ops._spec import RowSpec  # noqa: E402
 
 REFERENCE = [(8192, 128256, 4096), (16384, 151936, 2048)]
@@ -79,15 +79,18 @@ def test_cuda_budget_counts_every_live_buffer(monkeypatch):
     three = _chunks.fused_rows_per_chunk(V, [2, 2, 2], CUDA)
     assert two == 2048 and two % _chunks.CUDA_ROW_ALIGN == 0 and two * V * 4 <= 2**30
     assert three * V * 6 <= 2**30 < (three + _chunks.CUDA_ROW_ALIGN) * V * 6
-    assert _chunks.fused_rows_per_chunk(V, [2, 2], torch.device("cpu")) == _chunks.rows_per_chunk(V)
+    cpu = torch.device("cpu")
+    assert _chunks.fused_rows_per_chunk(V, [2, 2], cpu) == max(_chunks.rows_per_chunk(V), _chunks.CPU_MIN_ROWS)
+    assert _chunks.fused_rows_per_chunk(151936, [4, 4], cpu) == _chunks.CPU_MIN_ROWS  # the budget alone: 110
+    assert _chunks.fused_rows_per_chunk(8000, [4, 4], cpu) == _chunks.rows_per_chunk(8000) > _chunks.CPU_MIN_ROWS
     assert _chunks.fused_row_ranges(5000, V, [2, 2], CUDA, rows=999)[1] == (999, 1998)  # chunk_size= wins
 
 
 def test_gemm_modes_by_device_and_dtype():
     w32, w16 = torch.zeros(3, 2), torch.zeros(3, 2, dtype=torch.bfloat16)
-    assert _fused.gemm_mode(w32, torch.float32) == "same"
-    assert _fused.gemm_mode(w16, torch.float32) == "cast"  # CPU bf16 (the ops convert it first anyway)
-    assert _fused._compute_weight(w16).dtype == torch.float32
+    assert _gemm.gemm_mode(w32, torch.float32) == "same"
+    assert _gemm.gemm_mode(w16, torch.float32) == "cast"  # CPU bf16 (the ops convert it first anyway)
+    assert _gemm.compute_weight(w16).dtype == torch.float32
     with pytest.raises((NotImplementedError, RuntimeError)):
         torch.mm(w16, w16.T, out_dtype=torch.float32)  # why CPU never takes "out_dtype"
 
@@ -97,15 +100,15 @@ def test_accumulate_grads_modes(monkeypatch, mode):
     """Each GEMM mode gives dh = ds W, dW = sum_chunks ds^T h, db = sum ds (the "out_dtype" calls
     are checked for shapes and dtypes on meta tensors: they exist on CUDA only)."""
     N, V, d = 10, 7, 3
-    monkeypatch.setattr(_fused, "gemm_mode", lambda w, acc: mode)
+    monkeypatch.setattr(_gemm, "gemm_mode", lambda w, acc: mode)
     dev = "meta" if mode == "out_dtype" else "cpu"
     wdt = torch.float32 if mode == "same" else torch.bfloat16
     gs, h, w = torch.randn(N, V), torch.randn(N, d), torch.randn(V, d)
     gs, h, w = (x.to(wdt).float() for x in (gs, h, w))  # exactly representable in bf16
     models = (h.to(dev, wdt), w.to(dev, wdt), torch.zeros(V, device=dev)) + (None,) * 6
-    bufs = _fused.grad_buffers(models, [True, True, True], overwrite=True)
+    bufs = _gemm.grad_buffers(models, [True, True, True], overwrite=True)
     for n, (i, j) in enumerate([(0, 4), (4, 10)]):
-        _fused.accumulate_grads(gs[i:j].to(dev, wdt), models[0], models[1], i, j, bufs, first=n == 0)
+        _gemm.accumulate_grads(gs[i:j].to(dev, wdt), models[0], models[1], i, j, bufs, first=n == 0)
     assert all(b.dtype == torch.float32 for b in bufs)
     if dev == "cpu":
         for got, want in zip(bufs, (gs @ w, gs.T @ h, gs.sum(0))):
@@ -119,22 +122,22 @@ def test_out_dtype_gemm_mode_values(monkeypatch):
     product and sum exact in fp32), over uneven chunks; then a bf16 fused loss that runs it matches
     the float64 oracle."""
     dev, bf16 = torch.device("cuda"), torch.bfloat16
-    if _fused.gemm_mode(torch.zeros(1, 1, device=dev, dtype=bf16), torch.float32) != "out_dtype":
+    if _gemm.gemm_mode(torch.zeros(1, 1, device=dev, dtype=bf16), torch.float32) != "out_dtype":
         pytest.skip(f"torch {torch.__version__}: the chunk loop takes out_dtype GEMMs from torch 2.12 on")
     N, V, d = 37, 29, 16
     g = torch.Generator().manual_seed(0)
     gs, h, w = (torch.randint(-3, 4, shape, generator=g).double() for shape in ((N, V), (N, d), (V, d)))
     models = (h.to(dev, bf16), w.to(dev, bf16), torch.zeros(V, device=dev, dtype=bf16)) + (None,) * 6
-    bufs = _fused.grad_buffers(models, [True, True, True], overwrite=True)
+    bufs = _gemm.grad_buffers(models, [True, True, True], overwrite=True)
     for n, (i, j) in enumerate([(0, 5), (5, 21), (21, N)]):
-        _fused.accumulate_grads(gs[i:j].to(dev, bf16), models[0], models[1], i, j, bufs, first=n == 0)
+        _gemm.accumulate_grads(gs[i:j].to(dev, bf16), models[0], models[1], i, j, bufs, first=n == 0)
     for got, want in zip(bufs, (gs @ w, gs.T @ h, gs.sum(0))):
         assert got.dtype == torch.float32
         assert torch.equal(got.double().cpu(), want)
 
     modes = []
-    real = _fused.gemm_mode
-    monkeypatch.setattr(_fused, "gemm_mode", lambda w, acc: modes.append(real(w, acc)) or modes[-1])
+    real = _gemm.gemm_mode
+    monkeypatch.setattr(_gemm, "gemm_mode", lambda w, acc: modes.append(real(w, acc)) or modes[-1])
     hs, ws, ht, wt = (torch.randn(*shape, generator=g).to(dev, bf16).requires_grad_(k < 2)
                       for k, shape in enumerate(((N, d), (V, d), (N, 24), (V, 24))))
     loss = ok.fused_linear_distill_loss(hs, ws, ht, wt, divergence="jsd", chunk_size=8, impl="torch")

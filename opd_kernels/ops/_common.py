@@ -81,6 +81,9 @@ def linear_vocab(weight, vocab_size, group) -> int:
 
 
 def linear_args(hidden, weight, bias, vocab):
-    """(h [N, d], W[:vocab], b[:vocab]) with h flattened over the leading dims."""
+    """(h [N, d], W[:vocab], b[:vocab]) with h flattened over the leading dims; the head itself
+    when it has ``vocab`` rows (a slice would cost its backward a zero-filled ``[V, d]`` and a copy)."""
     h = hidden.reshape(-1, hidden.shape[-1])
+    if weight.shape[0] == vocab:
+        return h, weight, bias
     return h, weight[:vocab], None if bias is None else bias[:vocab]

@@ -19,10 +19,14 @@ scaled logits (``lam b_T + (1 - lam) b_ref`` for G-OPD; ``T`` the logit transfor
 
 Terms with zero weight (``q = 0`` or ``p = 0``: ``-inf`` logits) are 0, never ``0 * inf``; a
 row with ``g = 0`` (masked) gets a zero gradient even where ``d`` is infinite; a NaN gradient
-term is 0, as in the uncompiled backend. Three entry points, one per need of the ops:
+term is 0, as in the uncompiled backend. Four entry points, one per need of the ops:
 ``rows`` (forward: main, entropy and the saved row state ``rs = (A, B, C, H)``), ``grad``
-(backward from ``rs``) and ``rows_and_grad`` (the scalar-loss ops' gradient-in-forward: one pass
-yields both, so a chunk is read once instead of twice).
+(backward from ``rs``, into a new tensor: the logits-level ops, whose logits are the caller's),
+``grad_`` (the same, written over the chunk's logits: the fused-linear backward) and
+``rows_and_grad_`` (rows and the gradient over the logits in one pass, so a chunk is read once
+instead of twice: the scalar-loss ops' gradient-in-forward and the kept gradient of rule 4).
+Writing over the logits saves a ``[c, V]`` output per chunk; inductor stores the gradient into
+the input's buffer directly (``copy_`` of a graph input), after the row reductions that read it.
 
 Logit transform ``T`` per model, ``tf = (scale, cap)``: ``x -> cap tanh(scale x / cap)`` (cap > 0)
 or ``scale x``; ``-inf`` stays ``-inf``; ``T'`` is recomputed from ``s``. The transforms come from
@@ -74,7 +78,8 @@ def _weighted(w, x):
 
 def _chunk(s, t, r, y, g, rs, kind: str, want: str, inv_temp: float, lam: float, beta: float,
            entropy: bool, tf_s, tf_t, tf_r):
-    """The body of every compiled entry point (``want``: "rows" | "grad" | "both")."""
+    """The body of every compiled entry point (``want``: "rows", "grad" (returned), or "grad_" |
+    "both_" (rows and the gradient, written into ``s`` in place))."""
     a, slope = _transform(s, tf_s, inv_temp)
     b = None
     if t is not None:
@@ -82,7 +87,7 @@ def _chunk(s, t, r, y, g, rs, kind: str, want: str, inv_temp: float, lam: float,
         if r is not None:
             br, _ = _transform(r, tf_r, inv_temp)
             b = torch.where(torch.isneginf(b) | torch.isneginf(br), -math.inf, lam * b + (1.0 - lam) * br)
-    if want == "grad":
+    if want in ("grad", "grad_"):
         A, B, C, H = (x[:, None] for x in rs.unbind(-1))
     else:
         A = _lse(a)
@@ -95,15 +100,16 @@ def _chunk(s, t, r, y, g, rs, kind: str, want: str, inv_temp: float, lam: float,
     if kind == "jsd":  # log M from p and q (one log, not logaddexp's exp + log1p); M >= each
         lp_, lq_ = lb + math.log(beta), la + math.log(1.0 - beta)  # term, which bounds log M below
         lm = torch.maximum(torch.log(beta * p + (1.0 - beta) * q), torch.maximum(lp_, lq_))
-    onehot = None
+    onehot = inside = None
     if kind == "logprob":
         V = a.shape[1]
         inside = ((y >= 0) & (y < V))[:, None]
         onehot = (torch.arange(V, device=a.device)[None, :] == y[:, None]) & inside
-    if want != "grad":
+    if want not in ("grad", "grad_"):
         C = torch.zeros_like(A)
-        if kind == "logprob":
-            main = torch.where(onehot, a, 0.0).sum(-1, keepdim=True) - A
+        if kind == "logprob":  # a gather, not a masked sum over the row: one read of a_y
+            a_y = a.gather(1, torch.where(inside, y[:, None], 0))
+            main = torch.where(inside, a_y, 0.0) - A
         elif kind == "log_normalizer":
             main = A
         elif kind == "forward_kl":
@@ -126,13 +132,17 @@ def _chunk(s, t, r, y, g, rs, kind: str, want: str, inv_temp: float, lam: float,
         d = _weighted(q, la - lb - C)
     else:
         d = (1.0 - beta) * _weighted(q, la - lm - C)
-    grad = _weighted(g[:, 0:1], d)
+    grad = d if g is None else _weighted(g[:, 0:1], d)  # None: a unit upstream for main alone
     if entropy:
         grad = grad - _weighted(g[:, 1:2], _weighted(q, la + H))
     grad = torch.nan_to_num(_weighted(slope, grad) if isinstance(slope, torch.Tensor) else grad * slope, nan=0.0)
-    if want == "grad":
-        return grad
-    return main[:, 0], H[:, 0], grad
+    if want == "grad_":
+        s.copy_(grad)  # inductor stores the gradient straight into the logits buffer
+        return None
+    if want == "both_":
+        s.copy_(grad)
+        return main[:, 0], H[:, 0], torch.cat([A, B, C, H], 1)
+    return grad
 
 
 @lru_cache(maxsize=None)
@@ -160,6 +170,16 @@ def grad(s, t, r, y, rs, g, spec):
     return _call("grad", s, t, r, y, g, rs, spec)
 
 
-def rows_and_grad(s, t, r, y, g, spec):
-    """``(main, entropy, grad)`` of one chunk in one pass (the gradient-in-forward ops)."""
-    return _call("both", s, t, r, y, g, None, spec)
+def grad_(s, t, r, y, rs, g, spec):
+    """``grad`` written into ``s`` (a contiguous chunk of logits, overwritten): no ``[c, V]`` output
+    buffer (on a CPU a fresh one costs its page faults on every chunk)."""
+    _call("grad_", s, t, r, y, g, rs, spec)
+    return s
+
+
+def rows_and_grad_(s, t, r, y, g, spec):
+    """``(main, entropy, rs)`` of one chunk (``rows``), with ``d(sum_i g_i . (main_i, H_i)) / ds``
+    written into ``s`` in place: the gradient-in-forward of the scalar-loss ops, and (``g=None``:
+    ``d main_i / ds``, no entropy) the kept unit gradient of the per-token ops
+    (``_fused.fl_forward_kept``), in one pass over the chunk."""
+    return _call("both_", s, t, r, y, g, None, spec)

@@ -13,6 +13,11 @@
 3. compiled: the torch backend's chunk math through ``torch.compile`` (``ops/_compiled.py``)
    for CPU tensors in fp32/bf16/fp16, no process group, at least ``COMPILE_MIN_ELEMENTS`` logits
    in the call, ``OPD_TORCH_COMPILE`` not "0", and not already inside a compiled region.
+4. keep: a compiled chunked call of a per-token op whose logit gradient is linear in one upstream
+   value per row (kinds ``logprob`` and ``log_normalizer``, no entropy) keeps that gradient for a
+   unit upstream, ``[N, V]`` fp32, from forward to backward when it fits ``KEEP_BYTES``:
+   backward is then two GEMMs on it (3 GEMM passes in all instead of 4, no logits recomputed),
+   at the memory of one ``[N, V]`` fp32 buffer (``ops/_fused.py``, "kept gradient").
 
 The public ops ask ``decide`` for the backend before the custom-op boundary (its *name* crosses it,
 ``backend_name`` keeps it constant under ``torch.compile``); the op bodies ask it once
@@ -28,6 +33,7 @@ Triton interpreter switch)::
     OPD_TORCH_COMPILE         1        per call  0: never the compiled chunk math
     OPD_COMPILE_MIN_ELEMENTS  2**21    import    logits per call from which the chunk math is compiled
     OPD_CHUNK_BYTES           64 MiB   import    CPU chunk budget: one fp32 [rows, V] buffer (_chunks)
+    OPD_KEEP_BYTES            1 GiB    import    rule 4: largest [N, V] fp32 gradient kept for backward (0: never)
     OPD_CUDA_CHUNK_BYTES      1 GiB    import    CUDA chunk budget: all logits buffers of a chunk (_chunks)
     OPD_TRITON_AUTOTUNE       0        import    1: autotune the fused Triton kernels (backends/triton_backend.py)
 """
@@ -43,6 +49,8 @@ from .._dispatch import resolve
 from ._route import use_fused_kernels
 
 COMPILE_MIN_ELEMENTS = int(os.environ.get("OPD_COMPILE_MIN_ELEMENTS", 2**21))
+KEEP_BYTES = int(os.environ.get("OPD_KEEP_BYTES", 2**30))
+KEEP_KINDS = ("logprob", "log_normalizer")  # d main / d logits linear in one upstream value per row
 PATHS = ("logits", "fused_kernels", "chunked")
 
 
@@ -52,9 +60,10 @@ class Decision:
     backend: str   # "torch" | "triton" | "cuda"
     path: str      # "logits" ([N, V] given) | "fused_kernels" (Triton tl.dot) | "chunked" (chunk loop)
     compiled: bool  # the torch backend's chunk math through torch.compile
+    keep: bool = False  # the per-token op keeps its [N, V] logit gradient for backward (rule 4)
 
     def __str__(self) -> str:
-        return f"{self.backend}/{self.path}{'/compiled' if self.compiled else ''}"
+        return f"{self.backend}/{self.path}{'/compiled' if self.compiled else ''}{'/keep' if self.keep else ''}"
 
 
 def compile_enabled() -> bool:
@@ -62,12 +71,13 @@ def compile_enabled() -> bool:
 
 
 def decide(impl: str, device, dtype: torch.dtype, *, rows: Optional[int] = None, vocab: Optional[int] = None,
-           dims: Optional[Sequence[int]] = None, kind: str = "logprob", group=None) -> Decision:
+           dims: Optional[Sequence[int]] = None, kind: str = "logprob", entropy: bool = False,
+           group=None) -> Decision:
     """The decision for ``impl`` and tensors on ``device`` whose logits are ``dtype`` (float64 if
     any model's are). ``rows x vocab`` logits (None: not known yet, only the backend is decided);
     ``dims``: the hidden size of each model, student first, for the ops fused with the lm_head
-    (None: logits given); ``kind``: the backend kind (``jsd`` has a second pass); ``group``: the
-    process group of a vocab-parallel call."""
+    (None: logits given); ``kind``: the backend kind (``jsd`` has a second pass); ``entropy``:
+    the entropy is computed too; ``group``: the process group of a vocab-parallel call."""
     device = torch.device(device)
     # 1. backend
     backend = resolve(impl, device).NAME
@@ -90,17 +100,23 @@ def decide(impl: str, device, dtype: torch.dtype, *, rows: Optional[int] = None,
         compiled = False  # small calls stay eager: no compile time
     else:
         compiled = compile_enabled() and not torch.compiler.is_compiling()
-    return Decision(backend, path, compiled)
+    # 4. keep the unit-upstream logit gradient for backward
+    if path != "chunked" or not compiled or kind not in KEEP_KINDS or entropy:
+        keep = False
+    else:
+        keep = rows * vocab * 4 <= KEEP_BYTES
+    return Decision(backend, path, compiled, keep)
 
 
 def explain(impl: str = "auto", *, rows: int, vocab: int, hidden=None, models: int = 1, kind: str = "logprob",
-            dtype: torch.dtype = torch.float32, device="cpu") -> Decision:
+            entropy: bool = False, dtype: torch.dtype = torch.float32, device="cpu") -> Decision:
     """The ``Decision`` (backend, path, compiled) an op would take for ``rows`` tokens over ``vocab``
     logits in ``dtype`` on ``device``: on logits ``[rows, vocab]``, or with ``hidden`` (an int, or
     one per model) for the ops fused with the lm_head; ``models``: 1 (logprobs), 2 (distillation),
-    3 (G-OPD with a reference); ``kind``: ``logprob`` | ``forward_kl`` | ``reverse_kl`` | ``jsd``."""
+    3 (G-OPD with a reference); ``kind``: ``logprob`` | ``forward_kl`` | ``reverse_kl`` | ``jsd``;
+    ``entropy``: the entropy is asked for too."""
     dims = None if hidden is None else tuple(hidden) if isinstance(hidden, (tuple, list)) else (int(hidden),) * models
-    return decide(impl, device, dtype, rows=rows, vocab=vocab, dims=dims, kind=kind)
+    return decide(impl, device, dtype, rows=rows, vocab=vocab, dims=dims, kind=kind, entropy=entropy)
 
 
 def logits_dtype(*tensors) -> torch.dtype:

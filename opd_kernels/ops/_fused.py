@@ -30,10 +30,9 @@ import torch
 from torch import Tensor
 
 from .. import parallel
-from .._chunks import fused_row_ranges
 from .._dispatch import backend
 from ..backends import N_STATS
-from . import _compiled
+from . import _compiled, _gemm as G
 from ._decide import Decision, decide, logits_dtype
 from ._common import acc_dtype, row_slice
 from ._rows import rows_backward, rows_forward, rows_from_stats, upstream
@@ -42,117 +41,15 @@ from ._spec import ROW_SPEC_SCHEMA as SPEC, RowSpec, SpecOp, pad_grads
 N_MODEL = 9  # tensor slots of ``models``: (h, W, b) of student, teacher, reference
 
 
-# ----------------------------------------------------------------------------- chunks and GEMMs
-def _compute_dtype(w: Tensor) -> torch.dtype:
-    """The GEMM dtype of a weight: its own, except bf16/fp16 on CPU (no fast GEMM there) -> fp32."""
-    return w.dtype if w.dtype in (torch.float32, torch.float64) or w.device.type != "cpu" else torch.float32
-
-
-def _compute_weight(w: Optional[Tensor]) -> Optional[Tensor]:
-    """Weight in its compute dtype, converted once per call."""
-    return None if w is None else w.to(_compute_dtype(w))
-
-
-def _prepared(models):
-    """Three ``(h, W, b)`` triples with ``W`` in its compute dtype."""
-    return [(models[k], _compute_weight(models[k + 1]), models[k + 2]) for k in (0, 3, 6)]
-
-
-def _chunk_logits(prepared, i, j):
-    """Logits of rows ``i:j`` for each prepared model (None where a model is absent), in the GEMM
-    dtype: bf16/fp16 on CUDA -- the row kernels read them and do fp32 math, and a bf16 GEMM rounds
-    its output to bf16 anyway, so an fp32 copy would only add memory and traffic -- and fp32/fp64
-    on CPU. The bias is added inside the GEMM (``addmm``: one rounding)."""
-    out = []
-    for h, w, b in prepared:
-        x = None if h is None else h[i:j].to(w.dtype)
-        out.append(x if x is None else x @ w.T if b is None else torch.addmm(b.to(w.dtype), x, w.T))
-    return out
-
-
-def _ranges(models, spec: RowSpec):
-    """Row chunks: every live ``[c, V]`` logits buffer together within the device's budget
-    (``_chunks.fused_row_ranges``; ``chunk_size=`` overrides)."""
-    sizes = [_compute_dtype(models[k + 1]).itemsize for k in (0, 3, 6) if models[k] is not None]
-    return fused_row_ranges(models[0].shape[0], models[1].shape[0], sizes, models[1].device, spec.chunk)
-
-
+# ----------------------------------------------------------------------------- decision
 def decision(be, models, spec: RowSpec, group=None) -> tuple[Decision, object]:
     """``_decide.decide`` for one call of ``be`` (a backend module) on ``models``, and the backend
     module it picks (``be`` itself, except float64 asked of the cuda backend: torch)."""
     present = [k for k in (0, 3, 6) if models[k] is not None]
     run = decide(be.NAME, models[1].device, logits_dtype(*(models[k + 1] for k in present), models[0]),
                  rows=models[0].shape[0], vocab=models[1].shape[0], dims=[models[k].shape[1] for k in present],
-                 kind=spec.kind, group=group)
+                 kind=spec.kind, entropy=spec.entropy, group=group)
     return run, (be if run.backend == be.NAME else backend(run.backend))
-
-
-def grad_buffers(models, need, overwrite: bool = False):
-    """(dh, dW, db) accumulators in the accumulation dtype (None where not needed): zeroed, or
-    uninitialized when ``overwrite`` (the chunk loop writes every row of dh, and its first chunk
-    passes ``first=True`` to ``accumulate_grads``, which then overwrites dW and db)."""
-    hs, ws = models[:2]
-    acc = acc_dtype(ws)
-    new = hs.new_empty if overwrite and hs.shape[0] > 0 else hs.new_zeros
-    dh = new(hs.shape, dtype=acc) if need[0] else None
-    dw = new(ws.shape, dtype=acc) if need[1] else None
-    db = new(ws.shape[0], dtype=acc) if need[2] else None
-    return dh, dw, db
-
-
-_TORCH = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2])
-# torch.mm / torch.addmm(out_dtype=torch.float32) exist on CUDA since torch 2.8; an fp32 ``self``
-# (the accumulator) next to bf16/fp16 operands is accepted in the versions Liger-Kernel reports
-# using it with (2.12; PR linkedin/Liger-Kernel#1239). They raise on CPU.
-_FP32_OUT_GEMM = _TORCH >= (2, 12)
-
-
-def gemm_mode(w: Tensor, acc: torch.dtype) -> str:
-    """How ``accumulate_grads`` forms ``dh``/``dW`` in ``acc`` from GEMMs in ``w``'s dtype, chosen
-    by device, dtypes and torch version (never by catching an exception):
-
-    * ``"same"``: ``w`` is already in ``acc`` (CPU always, where weights are converted to fp32;
-      CUDA fp32/fp64): ``mm(out=)`` / ``addmm_``.
-    * ``"out_dtype"``: CUDA bf16/fp16 with torch >= 2.12: cuBLAS accumulates in fp32 and writes
-      fp32 straight into the accumulators (``mm(..., out_dtype=fp32, out=)``, ``addmm(dW, ...,
-      out_dtype=fp32, out=dW)``): no ``[V, d]`` temporary, one rounding.
-    * ``"cast"``: anything else (older torch, other accelerators): the product in ``w``'s dtype,
-      then added in ``acc`` (a ``[V, d]`` temporary per chunk)."""
-    if w.dtype == acc:
-        return "same"
-    if w.device.type == "cuda" and w.dtype in (torch.bfloat16, torch.float16) and acc == torch.float32 \
-            and _FP32_OUT_GEMM:
-        return "out_dtype"
-    return "cast"
-
-
-def accumulate_grads(gs, h, w, i, j, bufs, first: bool = False):
-    """dh[i:j] = gs @ W; dW += gs^T h; db += sum(gs) for one chunk of logit gradients ``gs``
-    (``first``: overwrite dW and db instead of adding, i.e. no zero-fill and no read of them)."""
-    dh, dw, db = bufs
-    if db is not None:
-        part = gs.sum(0, dtype=db.dtype)
-        db.copy_(part) if first else db.add_(part)
-    gs = gs.to(w.dtype)  # GEMMs in the weight's dtype (bf16 on GPU), accumulated in fp32
-    mode = gemm_mode(w, (dh if dh is not None else dw if dw is not None else gs).dtype)
-    if dh is not None:
-        if mode == "out_dtype":
-            torch.mm(gs, w, out_dtype=dh.dtype, out=dh[i:j])
-        elif mode == "same":
-            torch.mm(gs, w, out=dh[i:j])
-        else:
-            dh[i:j] = gs @ w
-    if dw is not None:
-        hc = h[i:j].to(w.dtype)
-        if mode == "out_dtype":
-            if first:
-                torch.mm(gs.T, hc, out_dtype=dw.dtype, out=dw)
-            else:
-                torch.addmm(dw, gs.T, hc, out_dtype=dw.dtype, out=dw)
-        elif mode == "same":
-            torch.mm(gs.T, hc, out=dw) if first else dw.addmm_(gs.T, hc)
-        else:
-            dw.copy_(gs.T @ hc) if first else dw.add_(gs.T @ hc)
 
 
 # ----------------------------------------------------------------------------- forward / backward
@@ -162,20 +59,20 @@ def fl_forward(be, models, targets, spec: RowSpec, group=None, run: Decision | N
     if run.path == "fused_kernels":
         stats = be.fused_row_stats(*models, targets, **spec.stats_kw(be))
         return rows_from_stats(stats, lambda AB: be.fused_jsd_sums(*models[:6], AB, **spec.jsd_kw()), spec, group)
-    prepared, ranges = _prepared(models), _ranges(models, spec)
+    prep, rng = G.prepared(models), G.ranges(models, spec)
+    bufs = G.workspace(prep, rng)
     if run.compiled:
-        outs = [_compiled.rows(*_chunk_logits(prepared, i, j), row_slice(targets, i, j), spec)
-                for i, j in ranges]
+        outs = [_compiled.rows(*G.chunk_logits(prep, i, j, bufs), row_slice(targets, i, j), spec) for i, j in rng]
         return tuple(torch.cat(x) for x in zip(*outs))
     parts = [models[0].new_zeros(0, N_STATS, dtype=torch.float32)]
-    for i, j in ranges:
-        s, t, r = _chunk_logits(prepared, i, j)
+    for i, j in rng:
+        s, t, r = G.chunk_logits(prep, i, j, bufs)
         parts.append(be.row_stats(s, t, r, row_slice(targets, i, j), **spec.stats_kw(be)))
 
     def jsd(AB):  # second pass: recompute the logits chunk by chunk
         out = [AB.new_zeros(0, 2)]
-        for i, j in ranges:
-            s, t = _chunk_logits(prepared[:2], i, j)
+        for i, j in rng:
+            s, t = G.chunk_logits(prep[:2], i, j, bufs)
             out.append(be.jsd_sums(s, t, AB[i:j], **spec.jsd_kw()))
         return torch.cat(out)
 
@@ -189,15 +86,16 @@ def fl_backward(be, models, targets, rs, g, spec: RowSpec, need, group=None, run
         tg, g = spec.grad_inputs(targets, g)
         dh, dw, db = be.fused_grad(*models, tg, rs, g, need_dw=need[1], need_db=need[2], **spec.grad_kw())
     else:
-        prepared, bufs = _prepared(models), grad_buffers(models, need, overwrite=True)
-        for n, (i, j) in enumerate(_ranges(models, spec)):
-            s, t, r = _chunk_logits(prepared, i, j)
-            if run.compiled:
-                gs = _compiled.grad(s, t, r, row_slice(targets, i, j), rs[i:j], g[i:j], spec)
-            else:  # ds in place of the logits
+        prep, rng = G.prepared(models), G.ranges(models, spec)
+        bufs, grads = G.workspace(prep, rng), G.grad_buffers(models, need, overwrite=True)
+        for n, (i, j) in enumerate(rng):
+            s, t, r = G.chunk_logits(prep, i, j, bufs)
+            if run.compiled:  # ds in place of the logits
+                gs = _compiled.grad_(s, t, r, row_slice(targets, i, j), rs[i:j], g[i:j], spec)
+            else:
                 gs = rows_backward(be, s, t, r, row_slice(targets, i, j), rs[i:j], g[i:j], spec, out=s)
-            accumulate_grads(gs, models[0], prepared[0][1], i, j, bufs, first=n == 0)
-        dh, dw, db = bufs
+            G.accumulate_grads(gs, models[0], prep[0][1], i, j, grads, first=n == 0)
+        dh, dw, db = grads
     if group is not None and dh is not None:
         parallel.all_reduce_sum(dh, group)  # every rank holds a vocab shard's share of dL/dh
     return dh, dw, db
@@ -210,23 +108,56 @@ def fl_loss_with_grads(be, models, targets, g, spec: RowSpec, need):
         main, ent, rs = fl_forward(be, models, targets, spec, run=run)
         grads = fl_backward(be, models, targets, rs, g, spec, need, run=run) if any(need) else (None, None, None)
         return main, ent, grads
-    prepared, bufs = _prepared(models), grad_buffers(models, need, overwrite=True)
+    prep, rng = G.prepared(models), G.ranges(models, spec)
+    bufs, grads = G.workspace(prep, rng), G.grad_buffers(models, need, overwrite=True)
     mains, ents = [g.new_zeros(0)], [g.new_zeros(0)]
-    for n, (i, j) in enumerate(_ranges(models, spec)):
-        s, t, r = _chunk_logits(prepared, i, j)
+    for n, (i, j) in enumerate(rng):
+        s, t, r = G.chunk_logits(prep, i, j, bufs)
         tg = row_slice(targets, i, j)
-        if run.compiled:  # statistics and gradient in one compiled pass
-            if any(need):
-                main, ent, gs = _compiled.rows_and_grad(s, t, r, tg, g[i:j], spec)
-            else:
-                main, ent, _ = _compiled.rows(s, t, r, tg, spec)
+        gs = s if any(need) else None  # the gradient, in place of the logits
+        if run.compiled and gs is not None:  # statistics and gradient in one compiled pass
+            main, ent, _ = _compiled.rows_and_grad_(s, t, r, tg, g[i:j], spec)
+        elif run.compiled:
+            main, ent, _ = _compiled.rows(s, t, r, tg, spec)
         else:
             main, ent, rs = rows_forward(be, s, t, r, tg, spec)
-            gs = rows_backward(be, s, t, r, tg, rs, g[i:j], spec, out=s) if any(need) else None  # in place
+            if gs is not None:
+                gs = rows_backward(be, s, t, r, tg, rs, g[i:j], spec, out=s)
         mains.append(main), ents.append(ent)
-        if any(need):
-            accumulate_grads(gs, models[0], prepared[0][1], i, j, bufs, first=n == 0)
-    return torch.cat(mains), torch.cat(ents), bufs
+        if gs is not None:
+            G.accumulate_grads(gs, models[0], prep[0][1], i, j, grads, first=n == 0)
+    return torch.cat(mains), torch.cat(ents), grads
+
+
+# ----------------------------------------------------------------------------- kept gradient (rule 4)
+def fl_forward_kept(models, targets, spec: RowSpec):
+    """``(main, entropy, D)`` of a per-token op (student only, ``_decide.KEEP_KINDS``): ``D = d main
+    / d logits`` for a unit upstream, ``[N, V]`` in the GEMM dtype. One GEMM writes the logits into
+    ``D`` and one compiled pass overwrites them with the gradient, so ``D`` is the only ``[N, V]``
+    buffer; backward (``kept_grads``) is two GEMMs on it."""
+    prep = G.prepared(models)
+    h, w, _ = prep[0]
+    D = h.new_empty(h.shape[0], w.shape[0], dtype=w.dtype)
+    s, _, _ = G.chunk_logits(prep, 0, h.shape[0], [D, None, None])
+    main, ent, _ = _compiled.rows_and_grad_(s, None, None, targets, None, spec)  # g=None: d main / ds
+    return main, ent, D
+
+
+def kept_grads(models, D, g_main, need):
+    """``(dh, dW, db)`` from the kept unit gradient ``D`` and the upstream ``g_main [N]``: the logit
+    gradient is ``g_main[:, None] * D``, so ``dW = D^T (g h)``, ``db = D^T g``, ``dh = g (D W)``
+    (two GEMMs; ``g h`` lives in ``dh``'s buffer until ``dh`` overwrites it: no ``[N, V]`` temporary)."""
+    hs, w = models[0], G.compute_weight(models[1])
+    gm = g_main.to(D.dtype)[:, None]
+    buf = hs.new_empty(hs.shape, dtype=D.dtype) if need[0] or need[1] else None
+    dw = db = dh = None
+    if need[1]:
+        dw = torch.mm(D.T, torch.mul(hs.to(D.dtype), gm, out=buf))
+    if need[2]:
+        db = torch.mv(D.T, gm[:, 0])
+    if need[0]:
+        dh = torch.mm(D, w, out=buf).mul_(gm)
+    return dh, dw, db
 
 
 # ----------------------------------------------------------------------------- custom ops
@@ -304,6 +235,39 @@ fl_loss_op = SpecOp(
     _loss_impl, _loss_fake)
 
 
+def _rows_kept_impl(*xs):
+    *models, targets, spec = xs
+    return fl_forward_kept(models, targets, spec)
+
+
+def _rows_kept_fake(hs, ws, *xs):
+    N, dt = hs.shape[0], acc_dtype(ws)
+    return hs.new_empty(N, dtype=dt), hs.new_empty(N, dtype=dt), hs.new_empty(N, ws.shape[0], dtype=G.compute_dtype(ws))
+
+
+# fl_rows_kept: (main, entropy, D), D the kept [N, V] unit gradient; its backward: (dh, dw, db)
+fl_rows_kept_op = SpecOp("opd_kernels::fl_rows_kept", f"({_MODELS}, Tensor? targets, {SPEC}) -> (Tensor, Tensor, Tensor)",
+                         _rows_kept_impl, _rows_kept_fake)
+fl_kept_backward_op = SpecOp(
+    "opd_kernels::fl_kept_backward",
+    f"(Tensor hs, Tensor ws, Tensor? bs, Tensor D, Tensor g_main, bool[] need, {SPEC}) -> (Tensor, Tensor, Tensor)",
+    lambda hs, ws, bs, D, g, need, spec: _to_op(kept_grads((hs, ws, bs), D, g, need), ws),
+    lambda hs, ws, bs, D, g, need, spec: _grad_fakes(hs, ws, need))
+
+
+def _fl_rows_kept_setup(ctx, inputs, spec, output):
+    ctx.save_for_backward(*inputs[:3], output[2])
+    ctx.spec, ctx.need = spec, _need(inputs)
+    ctx.mark_non_differentiable(output[1], output[2])
+    ctx.set_materialize_grads(False)  # else autograd zero-fills an [N, V] gradient for D
+
+
+def _fl_rows_kept_bwd(ctx, g_main, _g_ent, _g_D):
+    *inputs, D = ctx.saved_tensors
+    g = torch.zeros(D.shape[0], dtype=D.dtype, device=D.device) if g_main is None else g_main
+    return _cast_grads(inputs, _from_op(fl_kept_backward_op(*inputs, D, g, ctx.need, spec=ctx.spec)))
+
+
 def _fl_rows_setup(ctx, inputs, spec, output):
     ctx.save_for_backward(*inputs, output[2])
     ctx.spec, ctx.need = spec, _need(inputs)
@@ -327,6 +291,7 @@ def _fl_loss_bwd(ctx, g_loss, *_):
 
 fl_rows_op.register_autograd(_fl_rows_bwd, _fl_rows_setup)
 fl_loss_op.register_autograd(_fl_loss_bwd, _fl_loss_setup)
+fl_rows_kept_op.register_autograd(_fl_rows_kept_bwd, _fl_rows_kept_setup)
 
 
 class _FusedRowsOverShards(torch.autograd.Function):
@@ -357,6 +322,8 @@ def fl_rows(models, targets, spec: RowSpec, group=None):
     ``targets`` are local ids (``parallel.Shard.local``)."""
     if group is not None:
         main, ent, _ = _FusedRowsOverShards.apply(*models, targets, spec, group)
+    elif decision(backend(spec.impl), models, spec)[0].keep:
+        main, ent, _ = fl_rows_kept_op(*models, targets, spec=spec)
     else:
         main, ent, _ = fl_rows_op(*models, targets, spec=spec)
     return main, ent
