@@ -49,6 +49,13 @@ from functools import lru_cache
 
 import torch
 
+# Rows per compiled call: inductor's kernel makes several passes over ALL the rows it is given
+# (one loop per row reduction, then the pointwise loop), so a call on a whole chunk streams the
+# chunk from memory once per loop; ~1 MiB per model stays in cache between the loops. Measured
+# (2-core EPYC, fp32 reverse KL fwd+bwd, N=2048, V=32000, d=256, 524-row chunks): 925 ms with
+# one call per chunk, 843 ms with 8-row calls, 867 ms with 32-row calls.
+PASS_BYTES = 2 ** 20
+
 # ----------------------------------------------------------------------------- the math
 def _transform(x, tf, inv_temp):
     """``(inv_temp * T(x), dT/dx * inv_temp)`` in fp32; the slope is a float without a cap."""
@@ -154,9 +161,24 @@ def _compiled(kind: str, want: str):
     return torch.compile(fn, dynamic=True)
 
 
+def pass_rows(V: int) -> int:
+    """Rows per compiled call: about ``PASS_BYTES`` of fp32 logits per model, at least 8 rows."""
+    return max(8, PASS_BYTES // (4 * max(1, V)))
+
+
 def _call(want, s, t, r, y, g, rs, spec):
-    return _compiled(spec.kind, want)(s, t, r, y, g, rs, spec.kind, want, spec.inv_temp, spec.reward_scale, spec.beta,
-                                      spec.entropy, *spec.tf)
+    """The compiled ``_chunk`` over ``pass_rows`` rows at a time; per-row outputs concatenated."""
+    fn, step = _compiled(spec.kind, want), pass_rows(s.shape[1])
+    outs = []
+    for i in range(0, max(1, s.shape[0]), step):  # one call even for no rows
+        j = min(s.shape[0], i + step)
+        outs.append(fn(s[i:j], *(None if x is None else x[i:j] for x in (t, r, y, g, rs)), spec.kind, want,
+                       spec.inv_temp, spec.reward_scale, spec.beta, spec.entropy, *spec.tf))
+    if want == "grad_":
+        return None
+    if want == "grad":
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
+    return tuple(x[0] if len(outs) == 1 else torch.cat(x) for x in zip(*outs))
 
 
 # ----------------------------------------------------------------------------- entry points

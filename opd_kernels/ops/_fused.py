@@ -1,4 +1,5 @@
-"""Row losses fused with the lm_head: ``logits = h @ W.T + b`` is never materialized as ``[N, V]``.
+"""Row losses fused with the lm_head: ``logits = h @ W.T + b`` is not materialized as ``[N, V]``
+(except, within ``OPD_KEEP_BYTES``, as the kept gradient of the per-token ops on CPU: rule 4).
 
 ``models`` is the flat 9-tuple ``(hs, ws, bs, ht, wt, bt, hr, wr, br)`` of student, teacher and
 reference (None where absent). Two paths, chosen per call by ``_route.use_fused_kernels`` (a
@@ -8,13 +9,18 @@ FLOP/byte model, docs/design.md; ``OPD_FUSED_LINEAR=kernels|chunked|auto`` overr
 * the chunk loop (torch, cuda, and triton where the model says so): rows in chunks
   ``h[i:j] @ W.T (+ b)`` into ``[c, V]`` buffers in the GEMM dtype (bf16 on CUDA, fp32 on CPU),
   sized by ``_chunks.fused_row_ranges`` (CUDA: all live buffers within ~1 GiB; CPU: each fp32
-  buffer within ``OPD_CHUNK_BYTES``), fed to the logits-level primitives as in ``_rows``; the
-  gradient is written in place into the student's buffer, then ``dh = ds W`` and
-  ``dW += ds^T h`` by cuBLAS/BLAS with fp32 accumulation (``accumulate_grads``).
+  buffer within ``OPD_CHUNK_BYTES``, at least 512 rows), one buffer per model reused by every
+  chunk (``_gemm.workspace``), fed to the logits-level primitives as in ``_rows`` (CPU: the
+  compiled chunk math of ``_compiled``); the gradient is written in place into the student's
+  buffer, then ``dh = ds W`` and ``dW += ds^T h`` by cuBLAS/BLAS with fp32 accumulation
+  (``_gemm.accumulate_grads``).
 
 Entry points:
 
-* ``fl_rows``: per-row ``(main, entropy)``; backward recomputes the logits chunk by chunk.
+* ``fl_rows``: per-row ``(main, entropy)``; backward recomputes the logits chunk by chunk, or,
+  where ``_decide`` rule 4 keeps it (CPU compiled path, logprob / log-normalizer, no entropy,
+  within ``OPD_KEEP_BYTES``), runs two GEMMs on the ``[N, V]`` unit gradient kept from forward:
+  3 GEMM passes instead of 4 (``fl_forward_kept``, ``kept_grads``).
 * ``fl_loss``: a scalar ``sum_i g_i . (main_i, H_i)`` without a process group. Every backend
   computes its gradients during forward and backward only scales them by ``grad_output``
   (Liger's trick): the chunked path (torch, cuda) in the same pass over the chunks, 4 GEMM
