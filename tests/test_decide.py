@@ -19,9 +19,25 @@ def test_compiled_from_the_threshold_on_cpu_never_float64(monkeypatch):
     assert ok.explain(rows=big, vocab=1).compiled
     assert not ok.explain(rows=big - 1, vocab=1).compiled
     assert not ok.explain(rows=big, vocab=1, dtype=torch.float64).compiled
-    assert ok.explain(rows=big, vocab=1, hidden=8, models=2) == ok.Decision("torch", "chunked", True)
+    assert ok.explain(rows=big, vocab=1, hidden=8, models=2, kind="reverse_kl") == ok.Decision("torch", "chunked", True)
     monkeypatch.setenv("OPD_TORCH_COMPILE", "0")
     assert not ok.explain(rows=big, vocab=1).compiled
+
+
+def test_keep_rule(monkeypatch):
+    """Rule 4: compiled chunked per-token logprob / log-normalizer without entropy, within KEEP_BYTES."""
+    monkeypatch.delenv("OPD_TORCH_COMPILE", raising=False)
+    rows, vocab = _decide.COMPILE_MIN_ELEMENTS // 4, 4
+    assert ok.explain(rows=rows, vocab=vocab, hidden=8) == ok.Decision("torch", "chunked", True, True)
+    assert ok.explain(rows=rows, vocab=vocab, hidden=8, kind="log_normalizer").keep
+    assert not ok.explain(rows=rows, vocab=vocab, hidden=8, entropy=True).keep  # dH is not linear in one g
+    assert not ok.explain(rows=rows, vocab=vocab, hidden=8, models=2, kind="reverse_kl").keep
+    assert not ok.explain(rows=rows, vocab=vocab).keep  # logits given: nothing to keep
+    assert not ok.explain(rows=rows, vocab=vocab, hidden=8, dtype=torch.float64).keep  # not compiled
+    assert not ok.explain(rows=rows - 1, vocab=vocab, hidden=8).keep  # below the compile threshold
+    monkeypatch.setattr(_decide, "KEEP_BYTES", rows * vocab * 4 - 1)
+    assert not ok.explain(rows=rows, vocab=vocab, hidden=8).keep
+    assert str(ok.explain(rows=rows, vocab=vocab * 2, hidden=8, kind="reverse_kl")) == "torch/chunked/compiled"
 
 
 def test_float64_on_the_cuda_backend_runs_torch(monkeypatch):

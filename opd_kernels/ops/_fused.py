@@ -328,7 +328,7 @@ def fl_rows(models, targets, spec: RowSpec, group=None):
     ``targets`` are local ids (``parallel.Shard.local``)."""
     if group is not None:
         main, ent, _ = _FusedRowsOverShards.apply(*models, targets, spec, group)
-    elif decision(backend(spec.impl), models, spec)[0].keep:
+    elif not torch.compiler.is_compiling() and decision(backend(spec.impl), models, spec)[0].keep:  # rule 4
         main, ent, _ = fl_rows_kept_op(*models, targets, spec=spec)
     else:
         main, ent, _ = fl_rows_op(*models, targets, spec=spec)
