@@ -124,6 +124,10 @@ def summary(data: dict) -> str:
             f"fresh process. Command: `{m['command']}`."]
     failed = [f"{e['op']} N={e['N']} V={e['V']}: {s['provider']} ({s['phase']}: {s['reason']})"
               for e in data["cases"] for s in e["skipped"] if s["phase"] != "plan"]
+    if m.get("notes"):
+        tail.append(f"Notes: {m['notes']}.")
+    if m.get("stopped"):
+        tail.append(f"Stopped: {m['stopped']}.")
     if skipped:
         tail.append("Not offered: " + "; ".join(skipped) + ".")
     if failed:
