@@ -17,6 +17,7 @@ import json
 import statistics
 from pathlib import Path
 
+import table as table_md
 from peers import PEERS
 
 OURS = "torch"
@@ -135,16 +136,6 @@ def summary(data: dict) -> str:
     return "\n".join(head + rows + [""] + "\n\n".join(tail).split("\n"))
 
 
-def update_readme(readme: Path, run_dir: str, text: str) -> None:
-    """Replace the body of README's existing ``<!-- race: run_dir -->`` block with ``text``."""
-    start, end = f"<!-- race: {run_dir} -->\n", "<!-- race: end -->"
-    body = readme.read_text()
-    if start not in body or end not in body.split(start, 1)[1]:
-        raise SystemExit(f"{readme}: no block '{start.strip()} ... {end}' to replace")
-    before, rest = body.split(start, 1)
-    readme.write_text(before + start + text + "\n" + end + rest.split(end, 1)[1])
-
-
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("dir", type=Path, help="folder holding race.json")
@@ -152,6 +143,6 @@ if __name__ == "__main__":
     a = ap.parse_args()
     table = summary(json.loads((a.dir / "race.json").read_text()))
     if a.readme:
-        update_readme(a.readme, a.dir.as_posix().rstrip("/"), table)
+        table_md.update_readme(a.readme, a.dir.as_posix().rstrip("/"), table, tag="race")
     else:
         print(table)

@@ -114,9 +114,6 @@ def _order(provider: str) -> int:
     return PROVIDER_ORDER.index(provider) if provider in PROVIDER_ORDER else len(PROVIDER_ORDER)
 
 
-END = "<!-- bench-table: end -->"
-
-
 def readme_blocks(text: str, tag: str = "bench-table") -> list[tuple[str, str]]:
     """``(name, body)`` of every ``<!-- TAG: NAME -->`` ... ``<!-- TAG: end -->`` block of a README."""
     out, end = [], f"<!-- {tag}: end -->"
@@ -127,13 +124,14 @@ def readme_blocks(text: str, tag: str = "bench-table") -> list[tuple[str, str]]:
     return out
 
 
-def update_readme(readme: Path, run_dir: str, table: str) -> None:
-    start = f"<!-- bench-table: {run_dir} -->\n"
+def update_readme(readme: Path, run_dir: str, table: str, tag: str = "bench-table") -> None:
+    """Replace the body of README's existing ``<!-- TAG: run_dir -->`` ... ``<!-- TAG: end -->`` block."""
+    start, end = f"<!-- {tag}: {run_dir} -->\n", f"<!-- {tag}: end -->"
     text = readme.read_text()
-    if start not in text or END not in text.split(start, 1)[1]:
-        raise SystemExit(f"{readme}: no block '{start.strip()} ... {END}' to replace")
+    if start not in text or end not in text.split(start, 1)[1]:
+        raise SystemExit(f"{readme}: no block '{start.strip()} ... {end}' to replace")
     before, rest = text.split(start, 1)
-    readme.write_text(before + start + table + "\n" + END + rest.split(END, 1)[1])
+    readme.write_text(before + start + table + "\n" + end + rest.split(end, 1)[1])
 
 
 if __name__ == "__main__":
