@@ -166,18 +166,21 @@ def pass_rows(V: int) -> int:
     return max(8, PASS_BYTES // (4 * max(1, V)))
 
 
-def _call(want, s, t, r, y, g, rs, spec):
-    """The compiled ``_chunk`` over ``pass_rows`` rows at a time; per-row outputs concatenated."""
+def _call(want, s, t, r, y, g, rs, spec, out=None):
+    """The compiled ``_chunk`` over ``pass_rows`` rows at a time; per-row outputs concatenated,
+    a ``"grad"`` written into ``out``."""
     fn, step = _compiled(spec.kind, want), pass_rows(s.shape[1])
     outs = []
     for i in range(0, max(1, s.shape[0]), step):  # one call even for no rows
         j = min(s.shape[0], i + step)
-        outs.append(fn(s[i:j], *(None if x is None else x[i:j] for x in (t, r, y, g, rs)), spec.kind, want,
-                       spec.inv_temp, spec.reward_scale, spec.beta, spec.entropy, *spec.tf))
-    if want == "grad_":
-        return None
-    if want == "grad":
-        return outs[0] if len(outs) == 1 else torch.cat(outs)
+        res = fn(s[i:j], *(None if x is None else x[i:j] for x in (t, r, y, g, rs)), spec.kind, want,
+                 spec.inv_temp, spec.reward_scale, spec.beta, spec.entropy, *spec.tf)
+        if want == "grad":
+            out[i:j] = res
+        elif want != "grad_":
+            outs.append(res)
+    if want in ("grad", "grad_"):
+        return out
     return tuple(x[0] if len(outs) == 1 else torch.cat(x) for x in zip(*outs))
 
 
@@ -187,9 +190,10 @@ def rows(s, t, r, y, spec):
     return _call("rows", s, t, r, y, None, None, spec)
 
 
-def grad(s, t, r, y, rs, g, spec):
-    """``d(sum_i g_i . (main_i, H_i)) / ds`` of one chunk (fp32 ``[c, V]``) from the saved ``rs``."""
-    return _call("grad", s, t, r, y, g, rs, spec)
+def grad(s, t, r, y, rs, g, spec, out):
+    """``d(sum_i g_i . (main_i, H_i)) / ds`` of one chunk from the saved ``rs``, written into ``out``
+    (``[c, V]``; ``s`` is the caller's and stays as it is)."""
+    return _call("grad", s, t, r, y, g, rs, spec, out)
 
 
 def grad_(s, t, r, y, rs, g, spec):

@@ -70,8 +70,8 @@ def _backward_impl(s, t, r, targets, rs, g, spec):
         return rows_backward(backend(run.backend), s, t, r, targets, rs, g, spec)
     ds = torch.empty_like(s)
     for i, j in row_ranges(*s.shape):
-        ds[i:j] = _compiled.grad(s[i:j], row_slice(t, i, j), row_slice(r, i, j), row_slice(targets, i, j), rs[i:j],
-                                      g[i:j], spec)
+        _compiled.grad(s[i:j], row_slice(t, i, j), row_slice(r, i, j), row_slice(targets, i, j), rs[i:j], g[i:j],
+                       spec, out=ds[i:j])
     return ds
 
 
