@@ -250,17 +250,6 @@ def race(entry, base, racers, rounds, args, race_cache, skip, log) -> None:
 
 # ----------------------------------------------------------------------------- meta, main
 
-def git_sha() -> str | None:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True,
-                             check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "opd_kernels", "csrc", "benchmarks/*.py"],
-                               cwd=HERE.parent, capture_output=True, text=True).stdout.strip()
-        return sha + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
 def _version(pkg: str) -> str | None:
     try:
         return importlib.metadata.version(pkg)
@@ -273,7 +262,7 @@ def meta(args, argv: list[str]) -> dict:
     return {"device": run.device_name("cpu"), **{p: _version(p) for p in PACKAGES},
             "python": platform.python_version(),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "git_sha": git_sha(), "command": " ".join(["python", "benchmarks/race.py", *argv]), "rounds": args.rounds,
+            "git_sha": run.git_sha(), "command": " ".join(["python", "benchmarks/race.py", *argv]), "rounds": args.rounds,
             "default_rounds": "5 at V <= 32000, else 3", "dtype": "float32", "notes": args.note,
             "loadavg_start": [round(v, 2) for v in os.getloadavg()], "memory": MEMORY, "cold_cache": COLD_CACHE,
             "timeout_s": args.timeout, "race_timeout_s": args.race_timeout}

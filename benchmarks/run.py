@@ -216,24 +216,28 @@ def device_name(device: str) -> str:
     return f"{model} ({os.cpu_count()} logical cores, {torch.get_num_threads()} torch threads)"
 
 
+def git_sha() -> str | None:
+    """Short HEAD, with ``-dirty`` when the kernels or the benchmark scripts have uncommitted changes."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True,
+                             text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "opd_kernels", "csrc", "benchmarks/*.py"],
+                               cwd=HERE.parent, capture_output=True, text=True).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
 def meta(args, device) -> dict:
     try:
         import triton
         triton_version = triton.__version__
     except Exception:  # noqa: BLE001
         triton_version = None
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True,
-                             text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "opd_kernels", "csrc", "benchmarks/*.py"],
-                               cwd=HERE.parent, capture_output=True, text=True).stdout.strip()
-        sha += "-dirty" if dirty else ""
-    except (OSError, subprocess.CalledProcessError):
-        sha = None
     return {
         "device": device_name(device), "torch": torch.__version__, "triton": triton_version,
         "python": platform.python_version(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "git_sha": sha, "mode": "quick" if args.quick else "default", "providers": args.providers, "warmup": args.warmup,
+        "git_sha": git_sha(), "mode": "quick" if args.quick else "default", "providers": args.providers, "warmup": args.warmup,
         "repeat": args.repeat, "command": " ".join(sys.argv), "notes": args.note,
         "loadavg_start": [round(v, 2) for v in os.getloadavg()],  # other jobs on the machine
         "memory": "CUDA allocator peak over the inputs" if device.startswith("cuda") else
