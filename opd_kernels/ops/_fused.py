@@ -65,8 +65,7 @@ def fl_forward(be, models, targets, spec: RowSpec, group=None, run: Decision | N
     if run.path == "fused_kernels":
         stats = be.fused_row_stats(*models, targets, **spec.stats_kw(be))
         return rows_from_stats(stats, lambda AB: be.fused_jsd_sums(*models[:6], AB, **spec.jsd_kw()), spec, group)
-    prep, rng = G.prepared(models), G.ranges(models, spec)
-    bufs = G.workspace(prep, rng)
+    prep, rng, bufs = G.plan(models, spec)
     if run.compiled:
         outs = [_compiled.rows(*G.chunk_logits(prep, i, j, bufs), row_slice(targets, i, j), spec) for i, j in rng]
         return tuple(torch.cat(x) for x in zip(*outs))
@@ -92,8 +91,8 @@ def fl_backward(be, models, targets, rs, g, spec: RowSpec, need, group=None, run
         tg, g = spec.grad_inputs(targets, g)
         dh, dw, db = be.fused_grad(*models, tg, rs, g, need_dw=need[1], need_db=need[2], **spec.grad_kw())
     else:
-        prep, rng = G.prepared(models), G.ranges(models, spec)
-        bufs, grads = G.workspace(prep, rng), G.grad_buffers(models, need, overwrite=True)
+        prep, rng, bufs = G.plan(models, spec)
+        grads = G.grad_buffers(models, need, overwrite=True)
         for n, (i, j) in enumerate(rng):
             s, t, r = G.chunk_logits(prep, i, j, bufs)
             if run.compiled:  # ds in place of the logits
@@ -114,8 +113,8 @@ def fl_loss_with_grads(be, models, targets, g, spec: RowSpec, need):
         main, ent, rs = fl_forward(be, models, targets, spec, run=run)
         grads = fl_backward(be, models, targets, rs, g, spec, need, run=run) if any(need) else (None, None, None)
         return main, ent, grads
-    prep, rng = G.prepared(models), G.ranges(models, spec)
-    bufs, grads = G.workspace(prep, rng), G.grad_buffers(models, need, overwrite=True)
+    prep, rng, bufs = G.plan(models, spec)
+    grads = G.grad_buffers(models, need, overwrite=True)
     mains, ents = [g.new_zeros(0)], [g.new_zeros(0)]
     for n, (i, j) in enumerate(rng):
         s, t, r = G.chunk_logits(prep, i, j, bufs)

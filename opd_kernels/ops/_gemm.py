@@ -43,18 +43,25 @@ def workspace(prepared, ranges) -> list:
     return [None if h is None else h.new_empty(rows, w.shape[0], dtype=w.dtype) for h, w, _ in prepared]
 
 
-def chunk_logits(prepared, i, j, bufs=None):
-    """Logits of rows ``i:j`` for each prepared model (None where a model is absent), in the GEMM
-    dtype: bf16/fp16 on CUDA -- the row kernels read them and do fp32 math, and a bf16 GEMM rounds
-    its output to bf16 anyway, so an fp32 copy would only add memory and traffic -- and fp32/fp64
-    on CPU; into ``bufs`` (``workspace``) when given, else new tensors. The bias is added inside
+def plan(models, spec: RowSpec):
+    """``(prepared, ranges, workspace)`` of one call of the chunk loop."""
+    prep = prepared(models)
+    rng = ranges(models, spec)
+    return prep, rng, workspace(prep, rng)
+
+
+def chunk_logits(prepared, i, j, bufs):
+    """Logits of rows ``i:j`` for each prepared model (None where a model is absent), written into
+    the first ``j - i`` rows of ``bufs`` (``workspace``), in the GEMM dtype: bf16/fp16 on CUDA -- the
+    row kernels read them and do fp32 math, and a bf16 GEMM rounds its output to bf16 anyway, so an
+    fp32 copy would only add memory and traffic -- and fp32/fp64 on CPU. The bias is added inside
     the GEMM (``addmm``: one rounding)."""
     out = []
-    for k, (h, w, b) in enumerate(prepared):
+    for (h, w, b), buf in zip(prepared, bufs):
         if h is None:
             out.append(None)
             continue
-        x, o = h[i:j].to(w.dtype), None if bufs is None else bufs[k][: j - i]
+        x, o = h[i:j].to(w.dtype), buf[: j - i]
         out.append(torch.mm(x, w.T, out=o) if b is None else torch.addmm(b.to(w.dtype), x, w.T, out=o))
     return out
 
