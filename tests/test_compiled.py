@@ -112,7 +112,9 @@ def test_fused_token_logprobs_kept_gradient(compiled, monkeypatch, keep_bytes):
     assert compiled == (["both_"] if keep_bytes else ["rows", "grad_"])
 
 
-def test_fused_sparse_log_normalizer(compiled):
+@pytest.mark.parametrize("keep_bytes", [0, 2**30])
+def test_fused_sparse_log_normalizer(compiled, monkeypatch, keep_bytes):
+    monkeypatch.setattr(_decide, "KEEP_BYTES", keep_bytes)
     hs, ws, *_ = _models(ban=False)
     k = 7
     ids = torch.stack([torch.randperm(V)[:k] for _ in range(N)])
@@ -123,7 +125,7 @@ def test_fused_sparse_log_normalizer(compiled):
     out64 = oracle.reduce(oracle.sparse_rows(x64[0] @ x64[1].T, ids, tlp, "jsd"), torch.ones(N, dtype=torch.bool),
                           "mean")
     _check(out32, out64, x32, x64, torch.tensor(0.6, dtype=torch.float64))
-    assert compiled == ["both_"]  # the log-normalizer's unit gradient is kept (rule 4)
+    assert compiled == (["both_"] if keep_bytes else ["rows", "grad_"])  # kept only when opted in (rule 4)
 
 
 def test_logits_level_distill_and_eager_agree(compiled, monkeypatch):

@@ -25,9 +25,12 @@ def test_compiled_from_the_threshold_on_cpu_never_float64(monkeypatch):
 
 
 def test_keep_rule(monkeypatch):
-    """Rule 4: compiled chunked per-token logprob / log-normalizer without entropy, within KEEP_BYTES."""
+    """Rule 4: compiled chunked per-token logprob / log-normalizer without entropy, within KEEP_BYTES
+    (opt-in: 0 by default, so nothing is kept)."""
     monkeypatch.delenv("OPD_TORCH_COMPILE", raising=False)
     rows, vocab = _decide.COMPILE_MIN_ELEMENTS // 4, 4
+    assert _decide.KEEP_BYTES == 0 and not ok.explain(rows=rows, vocab=vocab, hidden=8).keep
+    monkeypatch.setattr(_decide, "KEEP_BYTES", 2**30)
     assert ok.explain(rows=rows, vocab=vocab, hidden=8) == ok.Decision("torch", "chunked", True, True)
     assert ok.explain(rows=rows, vocab=vocab, hidden=8, kind="log_normalizer").keep
     assert not ok.explain(rows=rows, vocab=vocab, hidden=8, entropy=True).keep  # dH is not linear in one g

@@ -17,7 +17,8 @@
    value per row (kinds ``logprob`` and ``log_normalizer``, no entropy) keeps that gradient for a
    unit upstream, ``[N, V]`` fp32, from forward to backward when it fits ``KEEP_BYTES``:
    backward is then two GEMMs on it (3 GEMM passes in all instead of 4, no logits recomputed),
-   at the memory of one ``[N, V]`` fp32 buffer (``ops/_fused.py``, "kept gradient").
+   at the memory of one ``[N, V]`` fp32 buffer (``ops/_fused.py``, "kept gradient"). Opt-in
+   (``OPD_KEEP_BYTES``, default 0): the contract (shared/DESIGN.md) is no ``[N, V]`` buffer.
 
 The public ops ask ``decide`` for the backend before the custom-op boundary (its *name* crosses it,
 ``backend_name`` keeps it constant under ``torch.compile``); the op bodies ask it once
@@ -33,7 +34,7 @@ Triton interpreter switch)::
     OPD_TORCH_COMPILE         1        per call  0: never the compiled chunk math
     OPD_COMPILE_MIN_ELEMENTS  2**21    import    logits per call from which the chunk math is compiled
     OPD_CHUNK_BYTES           64 MiB   import    CPU chunk budget: one fp32 [rows, V] buffer (_chunks)
-    OPD_KEEP_BYTES            1 GiB    import    rule 4: largest [N, V] fp32 gradient kept for backward (0: never)
+    OPD_KEEP_BYTES            0        import    rule 4: largest [N, V] fp32 gradient kept for backward (0: never)
     OPD_CUDA_CHUNK_BYTES      1 GiB    import    CUDA chunk budget: all logits buffers of a chunk (_chunks)
     OPD_TRITON_AUTOTUNE       0        import    1: autotune the fused Triton kernels (backends/triton_backend.py)
 """
@@ -49,7 +50,7 @@ from .._dispatch import resolve
 from ._route import use_fused_kernels
 
 COMPILE_MIN_ELEMENTS = int(os.environ.get("OPD_COMPILE_MIN_ELEMENTS", 2**21))
-KEEP_BYTES = int(os.environ.get("OPD_KEEP_BYTES", 2**30))
+KEEP_BYTES = int(os.environ.get("OPD_KEEP_BYTES", 0))  # opt-in: the default keeps no [N, V] buffer
 KEEP_KINDS = ("logprob", "log_normalizer")  # d main / d logits linear in one upstream value per row
 PATHS = ("logits", "fused_kernels", "chunked")
 

@@ -1,5 +1,5 @@
 """Row losses fused with the lm_head: ``logits = h @ W.T + b`` is not materialized as ``[N, V]``
-(except, within ``OPD_KEEP_BYTES``, as the kept gradient of the per-token ops on CPU: rule 4).
+(unless ``OPD_KEEP_BYTES`` opts in to the kept gradient of the per-token ops on CPU: rule 4).
 
 ``models`` is the flat 9-tuple ``(hs, ws, bs, ht, wt, bt, hr, wr, br)`` of student, teacher and
 reference (None where absent). Two paths, chosen per call by ``_route.use_fused_kernels`` (a
