@@ -33,7 +33,8 @@ from peers import PEERS, Unavailable  # noqa: F401 (Unavailable: cases.Unavailab
 OPS = ("token_logprobs", "distill_loss", "gopd_loss",
        "fused_linear_token_logprobs", "fused_linear_distill_loss", "fused_linear_gopd_loss")
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
-PROVIDERS = ("naive", "naive_compile", "torch", "triton", "cuda") + PEERS
+KEPT = "torch_kept"  # ours with _decide rule 4 opted in (OPD_KEEP_BYTES): fused-linear token logprobs only
+PROVIDERS = ("naive", "naive_compile", "torch", KEPT, "triton", "cuda") + PEERS
 COMPILED = ("naive_compile",) + peers.COMPILED  # first call compiles: reported, never timed
 PASSES = ("fwd", "bwd", "fwd+bwd")
 
@@ -156,6 +157,26 @@ def _ours(op, divergence, impl):
     return fn
 
 
+def _kept(op, divergence):
+    """Ours with rule 4 of ``_decide`` opted in for the call (as ``OPD_KEEP_BYTES=1099511627776``
+    would): forward keeps the ``[N, V]`` fp32 unit gradient of the per-token logprobs for backward
+    (3 GEMM passes instead of 4; outside the design contract's memory rule, hence opt-in)."""
+    from opd_kernels.ops import _decide
+
+    if op != "fused_linear_token_logprobs":
+        raise Unavailable("rule 4 keeps a gradient for the per-token ops only (fused-linear token logprobs)")
+    fn = _ours(op, divergence, "torch")
+
+    def run(x):
+        old, _decide.KEEP_BYTES = _decide.KEEP_BYTES, 1 << 40
+        try:
+            return fn(x)
+        finally:
+            _decide.KEEP_BYTES = old
+
+    return run
+
+
 def _compiled(op, divergence):
     fn = torch.compile(naive_fn(op, divergence))
 
@@ -174,6 +195,8 @@ def build(op, divergence, provider, device):
         return naive_fn(op, divergence)
     if provider == "naive_compile":
         return _compiled(op, divergence)
+    if provider == KEPT:
+        return _kept(op, divergence)
     if provider in ("torch", "triton", "cuda"):
         fn = _ours(op, divergence, provider)
         if provider != "torch" and torch.device(device).type != "cuda":

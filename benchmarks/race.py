@@ -57,7 +57,7 @@ RACE_OPS = {"reverse_kl": ("fused_linear_distill_loss", "reverse_kl"),
             "forward_kl": ("fused_linear_distill_loss", "forward_kl"),
             "jsd": ("fused_linear_distill_loss", "jsd"),
             "logprobs": ("fused_linear_token_logprobs", None)}
-PROVIDERS = ("torch", "naive", "liger_chunked", "liger_chunked_eager", "cce", "trl", "trl_chunked")
+PROVIDERS = ("torch", cases.KEPT, "naive", "liger_chunked", "liger_chunked_eager", "cce", "trl", "trl_chunked")
 SHAPES = ((2048, 32000, 256), (4096, 32000, 256), (1024, 151936, 896))
 PACKAGES = ("torch", "triton", "liger-kernel", "cut-cross-entropy", "trl")
 TAG = "@@race@@ "
@@ -203,7 +203,8 @@ def run_case(name: str, shape: tuple, providers: list[str], rounds: int, args, r
 
     racers = []
     for p in providers:
-        why = peers.missing(op, p, "cpu") if p in peers.PEERS else None
+        why = peers.missing(op, p, "cpu") if p in peers.PEERS else \
+            "rule 4 keeps a gradient for token logprobs only" if p == cases.KEPT and name != "logprobs" else None
         if why:
             skip(p, "plan", why)
             continue

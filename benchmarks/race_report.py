@@ -21,6 +21,7 @@ import table as table_md
 from peers import PEERS
 
 OURS = "torch"
+KEPT = "torch_kept"  # ours with rule 4 opted in (cases.KEPT): reported beside the table, never as a peer
 FLOOR = "floor"
 FLOOR_TARGET = {"jsd": 1.4}  # ours / GEMM floor; every other op: DEFAULT_FLOOR_TARGET
 DEFAULT_FLOOR_TARGET = 1.2
@@ -92,6 +93,16 @@ def _num(x, fmt: str, scale: float = 1.0) -> str:
     return "n/a" if x is None else format(x / scale, fmt)
 
 
+def _kept_line(e: dict) -> str:
+    """One race entry's ``torch_kept`` figures: ms, ÷ fastest peer, ÷ floor, MB."""
+    provs, kept = e["providers"], e["providers"][KEPT]
+    peer = provs.get(e["fastest_peer"], {}) if e["fastest_peer"] else {}
+    floor = per_round_ratio(kept, provs[FLOOR]) if totals(provs.get(FLOOR, {})) else None
+    return (f"{e['op']} N={e['N']} V={e['V']}: {_num(kept.get('median_ms'), '.0f')} ms, "
+            f"{_num(per_round_ratio(kept, peer) if peer else None, '.2f')}× `{e['fastest_peer']}`, "
+            f"{_num(floor, '.2f')}× floor, {_num(kept.get('peak_mem_mb'), '.0f')} MB")
+
+
 def summary(data: dict) -> str:
     """The README's race table (``<!-- race: DIR -->``): one row per shape x op, then the machine."""
     head = ["| N, V, d | op | ours ms | fastest peer | peer ms | ours ÷ peer time | MB ours / peer | ours ÷ floor "
@@ -125,6 +136,11 @@ def summary(data: dict) -> str:
             f"fresh process. Command: `{m['command']}`."]
     failed = [f"{e['op']} N={e['N']} V={e['V']}: {s['provider']} ({s['phase']}: {s['reason']})"
               for e in data["cases"] for s in e["skipped"] if s["phase"] != "plan"]
+    kept = [_kept_line(e) for e in data["cases"] if totals(e["providers"].get(KEPT, {}))]
+    if kept:
+        tail.append("Opt-in kept gradient (`torch_kept`: ours with `OPD_KEEP_BYTES` set, which keeps one [N, V] fp32 "
+                    "buffer from forward to backward, outside the design's memory rule; not the default): "
+                    + "; ".join(kept) + ".")
     if m.get("notes"):
         tail.append(f"Notes: {m['notes']}.")
     if m.get("stopped"):

@@ -84,7 +84,7 @@ def test_rotation_starts_round_k_at_provider_k(monkeypatch):
 
 def test_race_end_to_end_tiny(tmp_path):
     out = tmp_path / "race.json"
-    provs = ["torch", "naive", "trl", "trl_chunked", "liger_chunked_eager", "cce"]
+    provs = ["torch", "torch_kept", "naive", "trl", "trl_chunked", "liger_chunked_eager", "cce"]
     data = race.main(["--out", str(out), "--shapes", "64,512,32", "--ops", "jsd", "logprobs", "--rounds", "1",
                       "--providers", *provs])
     m = data["meta"]
@@ -92,18 +92,33 @@ def test_race_end_to_end_tiny(tmp_path):
             "memory", "cold_cache", "command"} <= set(m) and "partial" not in m
     by = {e["op"]: e for e in data["cases"]}
     assert set(by) == {"jsd", "logprobs"}
-    for op, absent in (("jsd", "cce"), ("logprobs", "liger_chunked_eager")):
+    for op, absent in (("jsd", {"torch_kept", "cce"}), ("logprobs", {"liger_chunked_eager"})):
         e = by[op]
-        assert [s["provider"] for s in e["skipped"]] == [absent], e["skipped"]
-        assert e["skipped"][0]["phase"] == "plan"
-        assert set(e["providers"]) == set(provs) - {absent} | {"floor"}
+        assert {s["provider"] for s in e["skipped"]} == absent, e["skipped"]
+        assert {s["phase"] for s in e["skipped"]} == {"plan"}
+        assert set(e["providers"]) == set(provs) - absent | {"floor"}
         for p, v in e["providers"].items():
             assert len(v["rounds_ms"]) == 1 and v["median_ms"] > 0, (op, p)
             if p != "floor":
                 assert v["first_call_ms"] > 0 and v["peak_mem_mb"] is not None, (op, p)
-        assert e["floor_ms"] > 0 and e["fastest_peer"] in set(provs) - {"torch", "naive"}
+        assert e["floor_ms"] > 0 and e["fastest_peer"] in set(provs) - {"torch", "torch_kept", "naive"}
         assert set(e["verdicts"]) == set(race_report.TARGETS)
     assert by["jsd"]["ours"]["floor_target"] == 1.4
     table = race_report.summary(data)
     assert table.count("| 64, 512, 32 |") == 2 and m["device"] in table
     assert "cce (cut-cross-entropy has no fused_linear_distill_loss" in table
+    assert "Opt-in kept gradient" in table and "logprobs N=64 V=512: " in table
+
+
+def test_torch_kept_opts_in_to_rule_4_for_the_call_only(monkeypatch):
+    import cases
+    import opd_kernels as ok
+    from opd_kernels.ops import _decide
+    seen = []
+    monkeypatch.setattr(ok, "fused_linear_token_logprobs", lambda *a, **k: seen.append(_decide.KEEP_BYTES))
+    before = _decide.KEEP_BYTES
+    cases.build("fused_linear_token_logprobs", None, "torch_kept", "cpu")(
+        dict(student_hidden=None, student_weight=None, targets=None))
+    assert seen == [1 << 40] and _decide.KEEP_BYTES == before
+    with pytest.raises(cases.Unavailable, match="per-token ops only"):
+        cases.build("fused_linear_distill_loss", "jsd", "torch_kept", "cpu")

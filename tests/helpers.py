@@ -231,9 +231,10 @@ def check_grad_in_place(be, dtype, device=DEV):
     return got, torch_backend_ref.grad_logits(*d64(s, t), None, None, rs, g.double(), **kw)
 
 
-def output_bytes(fn):
+def output_bytes(fn, views: bool = True):
     """Run ``fn()`` and return the byte sizes of every tensor any aten op produced meanwhile (to
-    assert that no ``[N, V]`` buffer is ever allocated)."""
+    assert that no ``[N, V]`` buffer is ever allocated); ``views=False`` leaves out the outputs of
+    view ops (``detach``, ``view``), which allocate nothing."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     sizes = []
@@ -241,6 +242,8 @@ def output_bytes(fn):
     class Record(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, a=(), kw=None):
             out = func(*a, **(kw or {}))
+            if not views and func.is_view:
+                return out
             sizes.extend(o.nbytes for o in torch.utils._pytree.tree_leaves(out) if isinstance(o, torch.Tensor))
             return out
 

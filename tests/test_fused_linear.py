@@ -197,6 +197,22 @@ def test_chunked_path_allocates_no_NxV(monkeypatch, kind, beta):
     assert max(sizes) == 64 * V * 4 < N * V * 4, max(sizes)
 
 
+def test_scalar_loss_backward_copies_nothing_when_upstream_is_one():
+    """fl_loss computes its gradients in forward; a backward with upstream 1 on CPU hands them over
+    as they are (no ``dW * 1`` copy, no zero-filled gradients for the non-differentiable outputs):
+    no aten op of that backward outputs a ``[V, d]`` tensor. Any other upstream still scales them."""
+    from helpers import output_bytes
+    N, V, d = 64, 1000, 16
+    hs, ws, ht, wt = rand(N, d, grad=True), rand(V, d, grad=True), rand(N, d), rand(V, d)
+    loss = ok.fused_linear_distill_loss(hs, ws, ht, wt, impl="torch")
+    sizes = output_bytes(loss.backward, views=False)
+    assert ws.grad is not None and max(sizes, default=0) < V * d * 4, max(sizes)
+    g1 = ws.grad.clone()
+    ws.grad = None
+    (2.5 * ok.fused_linear_distill_loss(hs, ws, ht, wt, impl="torch")).backward()
+    torch.testing.assert_close(ws.grad, 2.5 * g1)
+
+
 def test_hf_model_distill_matches_naive():
     """A tiny config-built Llama distilled through the fused op: same loss and parameter grads
     as the naive full-logits loss."""
