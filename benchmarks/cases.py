@@ -157,14 +157,21 @@ def _ours(op, divergence, impl):
     return fn
 
 
+def kept_missing(op) -> str | None:
+    """Why ``torch_kept`` has no ``op`` (None: it has it): rule 4 covers the per-token ops only."""
+    if op != "fused_linear_token_logprobs":
+        return "rule 4 keeps a gradient for the per-token ops only (fused-linear token logprobs)"
+    return None
+
+
 def _kept(op, divergence):
     """Ours with rule 4 of ``_decide`` opted in for the call (as ``OPD_KEEP_BYTES=1099511627776``
     would): forward keeps the ``[N, V]`` fp32 unit gradient of the per-token logprobs for backward
     (3 GEMM passes instead of 4; outside the design contract's memory rule, hence opt-in)."""
     from opd_kernels.ops import _decide
 
-    if op != "fused_linear_token_logprobs":
-        raise Unavailable("rule 4 keeps a gradient for the per-token ops only (fused-linear token logprobs)")
+    if kept_missing(op):
+        raise Unavailable(kept_missing(op))
     fn = _ours(op, divergence, "torch")
 
     def run(x):

@@ -203,8 +203,7 @@ def run_case(name: str, shape: tuple, providers: list[str], rounds: int, args, r
 
     racers = []
     for p in providers:
-        why = peers.missing(op, p, "cpu") if p in peers.PEERS else \
-            "rule 4 keeps a gradient for token logprobs only" if p == cases.KEPT and name != "logprobs" else None
+        why = peers.missing(op, p, "cpu") if p in peers.PEERS else cases.kept_missing(op) if p == cases.KEPT else None
         if why:
             skip(p, "plan", why)
             continue
